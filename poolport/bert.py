@@ -1,0 +1,115 @@
+"""BERT-RPC conventions: request shapes, reply and error terms. Pure, no IO.
+
+Requests (BERT-RPC):   ``{call, M, F, Args}``, ``{cast, M, F, Args}``, ``{info, Command, Options}``.
+Bare mode (the seed):  ``{Name, Arg1, ...}`` calls ``bare_module.Name(Arg1, ...)``.
+
+Errors are ``{error, {Type, Code, Class, Detail, Backtrace}}`` (bare mode:
+``{error, {Type, Class, Detail}}``); the codes below are poolport's contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+from .terms import Atom
+
+PROTOCOL, SERVER, USER = Atom("protocol"), Atom("server"), Atom("user")
+CALL, CAST, INFO, REPLY, NOREPLY, ERROR = (
+    Atom(a) for a in ("call", "cast", "info", "reply", "noreply", "error")
+)
+
+# protocol error codes
+BAD_FRAME = 1  # frame over max_frame_bytes, or not a frame at all
+BAD_REQUEST = 2  # not decodable ETF, or not a request of the configured protocol
+# server error codes
+NO_SUCH_MODULE = 1  # not in the allowlist, or not importable
+NO_SUCH_FUNCTION = 2  # missing, private (leading underscore) or not callable
+TIMEOUT = 3  # the call ran past its timeout; its worker was replaced
+WORKER_CRASHED = 4  # the worker process died while running this call
+# user errors: the handler raised (or returned something unencodable)
+USER_ERROR = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded call: ``kind`` is ``"call"`` or ``"cast"``."""
+
+    kind: str
+    module: str
+    function: str
+    args: list[Any]
+
+
+def parse_request(term: Any) -> Request:
+    """Validate a BERT-RPC ``call``/``cast`` term."""
+    if not (type(term) is tuple and len(term) == 4 and term[0] in (CALL, CAST)):
+        raise ProtocolError(f"expected {{call|cast, Module, Function, Args}}, got {_show(term)}")
+    kind, module, function, args = term
+    if not isinstance(module, Atom):
+        raise ProtocolError(f"Module must be an atom, got {_show(module)}")
+    if not isinstance(function, Atom):
+        raise ProtocolError(f"Function must be an atom, got {_show(function)}")
+    if type(args) is not list:
+        raise ProtocolError(f"Args must be a proper list, got {_show(args)}")
+    return Request(str(kind), str(module), str(function), args)
+
+
+def parse_bare_request(term: Any) -> Request:
+    """Validate a seed-style ``{Name, Arg...}`` term."""
+    if not (type(term) is tuple and term and isinstance(term[0], Atom)):
+        raise ProtocolError(f"expected {{Name, Arg...}} with an atom Name, got {_show(term)}")
+    return Request("call", "", str(term[0]), list(term[1:]))
+
+
+def info_timeout(term: Any) -> int | None:
+    """The timeout in ms carried by ``{info, timeout, [{ms, Ms}]}`` (or ``{info, timeout, Ms}``).
+
+    Returns ``None`` for any other ``info`` packet: BERT-RPC says unknown ones are ignored.
+    """
+    if not (type(term) is tuple and len(term) == 3 and term[0] == INFO and term[1] == "timeout"):
+        return None
+    options = term[2]
+    if type(options) is int and options >= 0:
+        return options
+    if type(options) is list:
+        for option in options:
+            if type(option) is tuple and len(option) == 2 and option[0] == "ms":
+                if type(option[1]) is int and option[1] >= 0:
+                    return option[1]
+    return None
+
+
+_INFO_ATOMS = (b"w\x04info", b"s\x04info", b"d\x00\x04info", b"v\x00\x04info")
+
+
+def is_info(data: bytes | memoryview, start: int = 0) -> bool:
+    """Byte-level test for an ``{info, ...}`` packet at ``data[start:]`` (payload, no header).
+
+    Lets the dispatcher keep an info packet with the call it precedes without
+    decoding anything: calls are 4-tuples, info packets the only 3-tuples.
+    """
+    return (data[start + 1 : start + 3] == b"h\x03"
+            and bytes(data[start + 3 : start + 10]).startswith(_INFO_ATOMS))
+
+
+def reply(result: Any) -> tuple[Any, ...]:
+    return (REPLY, result)
+
+
+def noreply() -> tuple[Any, ...]:
+    return (NOREPLY,)
+
+
+def error(kind: Atom, code: int, cls: str, detail: str, backtrace: list[str] | None = None,
+          bare: bool = False) -> tuple[Any, ...]:
+    """The BERT-RPC error term (or the bare-mode one); text goes out as UTF-8 binaries."""
+    if bare:
+        return (ERROR, (kind, cls.encode(), detail.encode()))
+    return (ERROR, (kind, code, cls.encode(), detail.encode(), [line.encode() for line in backtrace or ()]))
+
+
+def _show(term: Any, limit: int = 120) -> str:
+    text = repr(term)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

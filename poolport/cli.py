@@ -1,0 +1,127 @@
+"""Command line: ``poolport serve`` (the port program), ``poolport demo``, ``poolport check``.
+
+The only module that opens files and touches the process's standard streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from .config import Config, load_config
+from .errors import ConfigError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="YAML", help="configuration file (default: built-in defaults)")
+    p.add_argument("--workers", help="worker processes: a number or 'auto' (= cores)")
+    p.add_argument("--packet", type=int, choices=(1, 2, 4), help="{packet,N} length header size")
+    p.add_argument("--protocol", choices=("bert", "bare"))
+    p.add_argument("--bare-module", help="module whose functions answer bare {Name, Arg...} requests")
+    p.add_argument("--module", "-m", action="append", dest="modules", metavar="MODULE",
+                   help="allow this module (repeatable; adds to the config's list)")
+    p.add_argument("--python-path", action="append", metavar="DIR",
+                   help="prepend to sys.path in workers (repeatable; adds to the config's list)")
+    p.add_argument("--timeout-ms", type=int, help="default per-call timeout, 0 = none")
+    p.add_argument("--max-in-flight", type=int)
+    p.add_argument("--max-frame-bytes", type=int)
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+
+
+def read_config(args: argparse.Namespace) -> Config:
+    """The config file (if any) with the command-line flags applied on top."""
+    data, base, source = b"", os.getcwd(), "defaults"
+    if args.config:
+        try:
+            with open(args.config, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {args.config!r}: {exc.strerror}") from None
+        base, source = os.path.dirname(os.path.abspath(args.config)), args.config
+    overrides: dict[str, Any] = {
+        "packet": args.packet, "protocol": args.protocol, "bare_module": args.bare_module,
+        "timeout_ms": args.timeout_ms, "max_in_flight": args.max_in_flight,
+        "max_frame_bytes": args.max_frame_bytes, "log_level": args.log_level,
+    }
+    if args.workers is not None:
+        overrides["workers"] = args.workers if args.workers == "auto" else _int_flag("--workers", args.workers)
+    config = load_config(data, base, overrides, source)
+    extra_modules = args.modules or []
+    extra_paths = [os.path.abspath(p) for p in args.python_path or []]
+    if extra_modules or extra_paths:
+        import msgspec
+
+        config = msgspec.structs.replace(
+            config, modules=[*config.modules, *extra_modules],
+            python_path=[*extra_paths, *config.python_path])
+        config = msgspec.convert(msgspec.to_builtins(config), Config)  # re-validate names
+    return config
+
+
+def _int_flag(flag: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be a number or 'auto', got {value!r}") from None
+
+
+def serve(config: Config) -> int:
+    """Run the dispatcher on this process's stdin/stdout (the Erlang port)."""
+    from .dispatcher import Dispatcher
+
+    # Keep the port's pipes on private descriptors; fd 0 becomes /dev/null and
+    # fd 1 a copy of stderr, so nothing else (a print(), a child process, a C
+    # library) can read requests or write into the reply stream.
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    log = logging.getLogger("poolport")
+    log.info("serving %s protocol, {packet,%d}, %d worker(s), modules %s",
+             config.protocol, config.packet, config.worker_count, config.modules or "(none)")
+    try:
+        return Dispatcher(config, in_fd, out_fd).run()
+    finally:
+        os.close(in_fd)
+        os.close(out_fd)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s poolport[%(process)d] %(levelname)s %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poolport", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run as an Erlang port program (frames on stdin/stdout)")
+    _add_config_flags(p_serve)
+    p_check = sub.add_parser("check", help="validate a configuration and print it")
+    _add_config_flags(p_check)
+    p_demo = sub.add_parser("demo", help="Erlang calls a CPU-heavy function: 1 worker vs N")
+    p_demo.add_argument("--calls", type=int, default=200, help="calls per measurement")
+    p_demo.add_argument("--steps", type=int, default=200_000, help="loop steps per call")
+    p_demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(calls=args.calls, steps=args.steps, workers=args.workers)
+    try:
+        config = read_config(args)
+    except ConfigError as exc:
+        print(f"poolport: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(config)).decode())
+        return 0
+    _setup_logging(config.log_level)
+    return serve(config)

@@ -1,0 +1,86 @@
+"""Configuration schema (msgspec Structs) and pure loading from YAML bytes.
+
+Only the CLI opens files; :func:`load_config` takes the bytes and the directory
+they came from, so relative ``python_path`` entries resolve next to the YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class FunctionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Per-function overrides, keyed ``"module.function"`` (or ``"module"`` for a whole module)."""
+
+    timeout_ms: Union[NonNegativeInt, None] = None
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Everything ``poolport serve`` can be told; every key has a default, so ``{}`` is valid."""
+
+    workers: Union[PositiveInt, Literal["auto"]] = "auto"
+    packet: Literal[1, 2, 4] = 4
+    protocol: Literal["bert", "bare"] = "bert"
+    modules: list[ModuleName] = []
+    python_path: list[str] = []
+    bare_module: Union[ModuleName, None] = None
+    timeout_ms: NonNegativeInt = 0  # 0 = no limit unless the call or `functions` sets one
+    functions: dict[str, FunctionSettings] = {}
+    max_frame_bytes: PositiveInt = 64 * 1024 * 1024
+    max_in_flight: PositiveInt = 10_000
+    max_term_depth: PositiveInt = 512
+    shutdown_grace_ms: NonNegativeInt = 5_000
+    none_atom: str = "undefined"
+    log_level: LogLevel = "INFO"
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
+
+    def allowed(self, module: str) -> bool:
+        """True if ``module`` is an allowlisted module or one of its submodules."""
+        return any(module == m or module.startswith(m + ".") for m in self.modules)
+
+    def timeout_for(self, module: str, function: str) -> int:
+        """Configured timeout in ms for a function (0 = none): function, then module, then global."""
+        for key in (f"{module}.{function}", module):
+            settings = self.functions.get(key)
+            if settings is not None and settings.timeout_ms is not None:
+                return settings.timeout_ms
+        return self.timeout_ms
+
+
+def load_config(data: bytes | str, base_dir: str = ".", overrides: dict[str, Any] | None = None,
+                source: str = "config") -> Config:
+    """Parse YAML ``data`` into a validated :class:`Config`; ``overrides`` (CLI flags) win."""
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if config.protocol == "bare" and config.bare_module is None:
+        raise ConfigError(f"{source}: protocol 'bare' needs `bare_module` - at `$.bare_module`")
+    paths = [os.path.normpath(os.path.join(base_dir, p)) for p in config.python_path]
+    modules = list(config.modules)
+    if config.bare_module and not config.allowed(config.bare_module):
+        modules.append(config.bare_module)
+    return msgspec.structs.replace(config, python_path=paths, modules=modules)

@@ -1,0 +1,216 @@
+"""What runs inside a pool process: decode requests, call handlers, encode replies.
+
+A worker is one long-lived loky task. It connects back to the dispatcher over
+the link socket, then loops: receive a run of request frames, answer each one
+(decode, resolve, call, encode, frame), and send the replies back in chunks.
+A chunk is flushed at the end of the run or as soon as ``FLUSH_AFTER_S`` has
+passed since the last one, so the dispatcher always knows which call is
+running (for timeouts and crash blame) within a millisecond.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from . import bert, etf
+from .config import Config
+from .errors import DecodeError, EncodeError, ProtocolError
+from .framing import frame, split_frames
+from .link import HEADER, recv_exact, send_message
+from .progress import Progress
+
+FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
+BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
+
+log = logging.getLogger("poolport.worker")
+
+
+class _NoProgress:
+    """Stands in for shared-memory progress when a Worker is used in-process (tests)."""
+
+    def begin(self) -> None: ...
+
+    def set_timeout(self, timeout_ms: int) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class Handlers:
+    """Resolves ``module:function`` names to callables, enforcing the allowlist.
+
+    Only public names of allowlisted modules (or their submodules) resolve, and
+    only to callables defined in such a module: a name a handler module merely
+    imported (``os.system``) is not callable through a request.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._cache: dict[tuple[str, str], Callable[..., Any]] = {}
+
+    def resolve(self, module: str, function: str) -> Callable[..., Any] | tuple[int, str, str]:
+        """The callable, or ``(server_code, class, detail)`` saying why not."""
+        key = (module, function)
+        fn = self._cache.get(key)
+        if fn is not None:
+            return fn
+        if not self.config.allowed(module) or any(p.startswith("_") for p in module.split(".")):
+            return (bert.NO_SUCH_MODULE, "ModuleNotAllowed", f"module {module!r} is not in the allowlist")
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure is "no such module"
+            return (bert.NO_SUCH_MODULE, type(exc).__name__, f"cannot import {module!r}: {exc}")
+        fn = getattr(mod, function, None) if not function.startswith("_") else None
+        if fn is None or not callable(fn):
+            return (bert.NO_SUCH_FUNCTION, "NoSuchFunction", f"{module}.{function} is not a public function")
+        owner = getattr(fn, "__module__", None)
+        if not (isinstance(owner, str) and self.config.allowed(owner)):
+            return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
+                    f"{module}.{function} is defined in {owner!r}, which is not allowlisted")
+        self._cache[key] = fn
+        return fn
+
+
+class Worker:
+    """Turns one request payload into one reply payload; never raises."""
+
+    def __init__(self, config: Config, info: dict[str, Any] | None = None,
+                 progress: Progress | None = None) -> None:
+        self.config = config
+        self.progress = progress or _NoProgress()
+        self._next_timeout: int | None = None  # from an {info, timeout, ...} packet
+        self.handlers = Handlers(config)
+        self.bare = config.protocol == "bare"
+        self.info = dict(info or {}, worker_pid=os.getpid())
+        self._none = config.none_atom
+
+    def handle(self, payload: bytes | memoryview) -> bytes | None:
+        """The framed-less reply to one request, or ``None`` for an ``info`` packet (no reply)."""
+        if not self.bare and bert.is_info(payload):
+            self._take_info(payload)
+            return None
+        self.progress.begin()
+        try:
+            return self._answer(payload)
+        finally:
+            self.progress.end()
+
+    def _take_info(self, payload: bytes | memoryview) -> None:
+        try:
+            timeout = bert.info_timeout(etf.decode(payload, none_atom=self._none, max_depth=8))
+        except DecodeError as exc:
+            log.warning("ignoring undecodable info packet: %s", exc)
+            return
+        if timeout is not None:
+            self._next_timeout = timeout
+
+    def _answer(self, payload: bytes | memoryview) -> bytes:
+        timeout, self._next_timeout = self._next_timeout, None
+        try:
+            term = etf.decode(payload, none_atom=self._none, max_depth=self.config.max_term_depth,
+                              max_inflated=self.config.max_frame_bytes)
+        except DecodeError as exc:
+            return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "DecodeError", str(exc))
+        try:
+            request = bert.parse_bare_request(term) if self.bare else bert.parse_request(term)
+        except ProtocolError as exc:
+            return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", str(exc))
+        if request.module == BUILTIN_MODULE and request.function == "info":
+            return self._encode_reply(self.info)
+        module = self.config.bare_module if self.bare else request.module
+        fn = self.handlers.resolve(module, request.function)
+        if type(fn) is tuple:
+            return self._error(bert.SERVER, *fn)
+        self.progress.set_timeout(self.config.timeout_for(module, request.function)
+                                  if timeout is None else timeout)
+        try:
+            result = fn(*request.args)  # type: ignore[operator]
+        except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
+            if request.kind == "cast":
+                log.warning("cast %s.%s raised %s", request.module, request.function, "".join(trace))
+                return self._encode(bert.noreply())
+            return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__, str(exc),
+                               "".join(trace).splitlines())
+        if request.kind == "cast":
+            return self._encode(bert.noreply())
+        return self._encode_reply(result)
+
+    def _encode_reply(self, result: Any) -> bytes:
+        try:
+            return etf.encode(result if self.bare else bert.reply(result), none_atom=self._none)
+        except EncodeError as exc:
+            return self._error(bert.USER, bert.USER_ERROR, "EncodeError", f"the result cannot be sent: {exc}")
+
+    def _encode(self, term: Any) -> bytes:
+        return etf.encode(term, none_atom=self._none)
+
+    def _error(self, kind: Any, code: int, cls: str, detail: str, trace: list[str] | None = None) -> bytes:
+        return self._encode(bert.error(kind, code, cls, detail, trace, bare=self.bare))
+
+
+def serve_run(worker: Worker, run: bytes, packet: int, flush: Callable[[int, bytes], None]) -> None:
+    """Answer every frame of ``run``, calling ``flush(count, framed_replies)`` as progress is made."""
+    out: list[bytes] = []
+    last = time.perf_counter()
+    for payload in split_frames(run, packet):
+        answer = worker.handle(payload)
+        if answer is None:
+            continue
+        out.append(frame(answer, packet))
+        now = time.perf_counter()
+        if now - last >= FLUSH_AFTER_S:
+            flush(len(out), b"".join(out))
+            out.clear()
+            last = time.perf_counter()
+    if out:
+        flush(len(out), b"".join(out))
+
+
+def _isolate_stdout() -> None:
+    """Point fd 1 at stderr so a handler's print() can never reach the port."""
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def worker_main(address: str, progress_path: str, slot: int, config: Config,
+                info: dict[str, Any]) -> None:
+    """Entry point of a pool process (submitted once to its loky executor)."""
+    _isolate_stdout()
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s poolport[worker {slot} pid {os.getpid()}] %(levelname)s %(message)s")
+    for path in reversed(config.python_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    worker = Worker(config, info, Progress(progress_path))
+    for module in config.modules:  # warm up; failures are reported per call, not fatal
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cannot import allowlisted module %r: %s", module, exc)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    sock.sendall(HEADER.pack(slot, os.getpid()))
+
+    def flush(count: int, data: bytes) -> None:
+        send_message(sock, count, data)
+
+    while True:
+        header = recv_exact(sock, HEADER.size)
+        if header is None:
+            break
+        size, _count = HEADER.unpack(header)
+        run = recv_exact(sock, size)
+        if run is None:
+            break
+        serve_run(worker, run, config.packet, flush)
+    os._exit(0)  # the dispatcher is gone: leave at once, whatever threads a handler started

@@ -1,0 +1,69 @@
+"""Handlers used by the test-suite (allowlisted as `pp_handlers` in the tests' configs)."""
+
+import os
+import sys
+import time
+from os import getcwd  # noqa: F401 - imported name: must NOT be callable through a request
+
+
+def echo(x):
+    return x
+
+
+def twice(x):
+    return 2 * x
+
+
+def add(a, b):
+    return a + b
+
+
+def fail(message=b"boom"):
+    raise ValueError(message.decode() if isinstance(message, bytes) else str(message))
+
+
+def sleep_ms(ms, tag=None):
+    time.sleep(ms / 1000)
+    return tag
+
+
+def work(ms, tag):
+    """Sleep, then say who did it and when (pid, start, end) so tests can see overlap."""
+    start = time.time()
+    time.sleep(ms / 1000)
+    return (tag, os.getpid(), start, time.time())
+
+
+def getpid():
+    return os.getpid()
+
+
+def burn(steps):
+    acc = 0
+    for i in range(steps):
+        acc = (acc * 31 + i) % 1000003
+    return acc
+
+
+def chatty(x):
+    print("this goes to stderr, never to the port", x)
+    sys.stdout.write("more noise\n")
+    sys.stdout.flush()
+    os.write(1, b"raw noise on fd 1\n")
+    return x
+
+
+def die(code=3):
+    os._exit(code)
+
+
+def unencodable():
+    return object()
+
+
+def _private():
+    return "secret"
+
+
+class Thing:
+    pass

@@ -1,0 +1,98 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from poolport.cli import main
+from poolport.config import Config, load_config
+from poolport.errors import ConfigError
+
+
+def test_empty_file_gives_defaults():
+    config = load_config(b"")
+    assert config == Config()
+    assert config.worker_count == os.cpu_count()
+    assert (config.packet, config.protocol, config.none_atom) == (4, "bert", "undefined")
+
+
+def test_full_example_config_is_valid():
+    path = os.path.join(os.path.dirname(__file__), "..", "config", "poolport.yaml")
+    with open(path, "rb") as fh:
+        config = load_config(fh.read(), os.path.dirname(path))
+    assert config.modules
+    assert all(os.path.isabs(p) for p in config.python_path)
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        pytest.param(b"wrokers: 2", "unknown field `wrokers`", id="unknown-key"),
+        pytest.param(b"workers: 0", "`$.workers`", id="workers-zero"),
+        pytest.param(b"workers: many", "`$.workers`", id="workers-word"),
+        pytest.param(b"packet: 3", "`$.packet`", id="packet"),
+        pytest.param(b"protocol: json", "`$.protocol`", id="protocol"),
+        pytest.param(b"modules: [os.system()]", "`$.modules[0]`", id="module-name"),
+        pytest.param(b"timeout_ms: -1", "`$.timeout_ms`", id="negative-timeout"),
+        pytest.param(b"max_in_flight: lots", "`$.max_in_flight`", id="max-in-flight"),
+        pytest.param(b"functions: {m.f: {timeout: 1}}", "unknown field `timeout`", id="function-key"),
+        pytest.param(b"protocol: bare", "`$.bare_module`", id="bare-without-module"),
+        pytest.param(b"- a list", "expected a mapping", id="not-a-mapping"),
+        pytest.param(b"workers: [", "not valid YAML", id="bad-yaml"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(yaml, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("$", r"\$")
+                       .replace("(", r"\(").replace(")", r"\)")):
+        load_config(yaml, source="test.yaml")
+
+
+def test_relative_python_path_resolves_next_to_the_file():
+    config = load_config(b"python_path: [handlers, /abs]", "/srv/app")
+    assert config.python_path == ["/srv/app/handlers", "/abs"]
+
+
+def test_allowlist_covers_submodules_only():
+    config = load_config(b"modules: [pkg.sub]")
+    assert config.allowed("pkg.sub") and config.allowed("pkg.sub.deeper")
+    assert not config.allowed("pkg") and not config.allowed("pkg.subway")
+
+
+def test_bare_module_is_allowlisted_implicitly():
+    config = load_config(b"protocol: bare\nbare_module: seedmod")
+    assert config.allowed("seedmod")
+
+
+def test_function_timeouts_override_module_and_global():
+    config = load_config(b"timeout_ms: 100\nfunctions: {m: {timeout_ms: 50}, m.slow: {timeout_ms: 9000}}")
+    assert config.timeout_for("m", "slow") == 9000
+    assert config.timeout_for("m", "fast") == 50
+    assert config.timeout_for("other", "f") == 100
+
+
+def test_cli_flags_override_the_file(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("workers: 4\npacket: 2\nmodules: [a]\n")
+    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b"]) == 0
+    out = capsys.readouterr().out
+    assert '"workers": 3' in out and '"packet": 2' in out
+    assert '"a"' in out and '"b"' in out
+
+
+@pytest.mark.parametrize(
+    ("content", "flags", "message"),
+    [
+        pytest.param("workrs: 2\n", [], "unknown field `workrs`", id="unknown-key"),
+        pytest.param("", ["--workers", "x"], "--workers must be a number", id="bad-flag"),
+        pytest.param(None, [], "cannot read config file", id="missing-file"),
+    ],
+)
+def test_serve_exits_at_start_with_a_message(tmp_path, content, flags, message):
+    cfg = tmp_path / "p.yaml"
+    if content is not None:
+        cfg.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "poolport", "serve", "--config", str(cfg), *flags],
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stdout == b""  # stdout is the port: never text
+    assert message in proc.stderr.decode()
