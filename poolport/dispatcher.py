@@ -233,7 +233,7 @@ class Dispatcher:
                     f"frame of {item.size} bytes is over max_frame_bytes={self.config.max_frame_bytes}",
                     bare=self.config.protocol == "bare"), held)
                 held = b""
-            elif item[p + 1] == 104 and item[p + 2] == 3 and bert.is_info(item, p):
+            elif bert.is_info(item, p):
                 held += item  # type: ignore[operator]
             else:
                 pending.append((self.next_seq, held + item if held else item))  # type: ignore[operator]
@@ -280,7 +280,7 @@ class Dispatcher:
         if not ready:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
-        share = max(1, -(-len(pending) // len(ready)))
+        share = max(1, -(-len(pending) // len(self.slots)))  # starting slots get their share later
         size = min(by_cost, share, MAX_RUN_FRAMES)
         pipeline = self.cost < PIPELINE_COST_S
         for slot in sorted(ready, key=lambda s: len(s.runs)):

@@ -25,6 +25,7 @@ from .errors import DecodeError, EncodeError, ProtocolError
 from .framing import frame, split_frames
 from .link import HEADER, recv_exact, send_message
 from .progress import Progress
+from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
@@ -87,7 +88,8 @@ class Worker:
         self._next_timeout: int | None = None  # from an {info, timeout, ...} packet
         self.handlers = Handlers(config)
         self.bare = config.protocol == "bare"
-        self.info = dict(info or {}, worker_pid=os.getpid())
+        info = dict(info or {}, worker_pid=os.getpid())
+        self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
         self._none = config.none_atom
 
     def handle(self, payload: bytes | memoryview) -> bytes | None:

@@ -84,8 +84,14 @@ class PortClient:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                self.proc.wait()
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            self.log.close()
 
     def stderr_text(self) -> str:
+        if self.log.closed:
+            return "(closed)"
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 

@@ -1,0 +1,199 @@
+"""End to end: a real ``poolport serve`` process driven over pipes like an Erlang port."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from poolport import etf
+from poolport.framing import frame
+from portclient import A, PortClient, call
+
+OK = A("reply")
+ERROR = A("error")
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def server():
+    with PortClient("--workers", "2", "-m", "pp_handlers") as client:
+        yield client
+
+
+def test_call_reply_and_errors(server):
+    assert server.request(call("pp_handlers", "twice", 21)) == (OK, 42)
+    kind, (typ, code, cls, detail, trace) = server.request(call("pp_handlers", "fail", b"bad thing"))
+    assert (kind, typ, code, cls, detail) == (ERROR, A("user"), 0, b"ValueError", b"bad thing")
+    assert trace[-1] == b"ValueError: bad thing" and all(type(line) is bytes for line in trace)
+    assert server.request((A("cast"), A("pp_handlers"), A("echo"), [1])) == (A("noreply"),)
+
+
+@pytest.mark.parametrize(
+    ("module", "function", "code"),
+    [
+        pytest.param("os", "getcwd", 1, id="module-not-allowed"),
+        pytest.param("pp_handlers_nope", "x", 1, id="module-missing"),
+        pytest.param("pp_handlers", "nope", 2, id="no-function"),
+        pytest.param("pp_handlers", "_private", 2, id="private"),
+        pytest.param("pp_handlers", "__class__", 2, id="dunder"),
+        pytest.param("pp_handlers", "getcwd", 2, id="imported-name"),
+        pytest.param("pp_handlers", "os", 2, id="imported-module"),
+    ],
+)
+def test_server_errors(server, module, function, code):
+    kind, (typ, got_code, *_rest) = server.request(call(module, function))
+    assert (kind, typ, got_code) == (ERROR, A("server"), code)
+
+
+def test_module_outside_allowlist_is_never_imported(tmp_path):
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef f(): return 1\n")
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--python-path", str(tmp_path)) as c:
+        assert c.request(call("evil_mod", "f"))[1][:2] == (A("server"), 1)
+    assert not marker.exists()
+
+
+def test_replies_stay_in_request_order_under_random_durations(server):
+    rnd = random.Random(1234)
+    n = 2000
+    terms = [call("pp_handlers", "sleep_ms", rnd.choice([0, 0, 0, 1, 3]), i) for i in range(n)]
+    server.send(*terms)
+    assert [server.recv() for _ in range(n)] == [(OK, i) for i in range(n)]
+
+
+def test_two_workers_really_run_two_calls_at_once(server):
+    server.send(*[call("pp_handlers", "work", 300, i) for i in range(4)])
+    results = [server.recv()[1] for _ in range(4)]
+    assert [r[0] for r in results] == [0, 1, 2, 3]
+    assert len({r[1] for r in results}) == 2, "both worker processes served calls"
+    spans = sorted((r[2], r[3]) for r in results)
+    assert any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), \
+        "some calls overlapped in time"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"\x83garbage", id="not-etf"),
+        pytest.param(b"\x84a\x01", id="wrong-version"),
+        pytest.param(b"\x83\xff", id="unknown-tag"),
+        pytest.param(b"\x83m\xff\xff\xff\xffabc", id="binary-length-beyond-frame"),
+        pytest.param(b"\x83l\x7f\xff\xff\xffj", id="list-length-beyond-frame"),
+        pytest.param(b"\x83h\x04w\x04call", id="truncated"),
+        pytest.param(b"", id="empty-frame"),
+        pytest.param(etf.encode((A("call"), b"m", A("f"), [])), id="binary-module"),
+        pytest.param(etf.encode((A("call"), A("m"), A("f"), A("notalist"))), id="args-not-list"),
+        pytest.param(etf.encode(42), id="not-a-request"),
+        pytest.param(b"\x83" + b"l\x00\x00\x00\x01" * 100_000 + b"jj", id="deep-nesting"),
+    ],
+)
+def test_bad_input_gets_a_protocol_error_and_serving_goes_on(server, raw):
+    server.send_raw(frame(raw))
+    kind, (typ, code, *_rest) = server.recv()
+    assert (kind, typ, code) == (ERROR, A("protocol"), 2)
+    assert server.request(call("pp_handlers", "twice", 2)) == (OK, 4)
+
+
+def test_oversized_frame_is_skipped_with_a_protocol_error():
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--max-frame-bytes", "1000") as c:
+        c.send(call("pp_handlers", "echo", b"x" * 5000), call("pp_handlers", "echo", b"small"))
+        kind, (typ, code, cls, *_rest) = c.recv()
+        assert (kind, typ, code, cls) == (ERROR, A("protocol"), 1, b"FrameTooLarge")
+        assert c.recv() == (OK, b"small")
+
+
+def test_print_in_a_handler_never_reaches_the_port(server):
+    assert server.request(call("pp_handlers", "chatty", 7)) == (OK, 7)
+    assert server.request(call("pp_handlers", "twice", 1)) == (OK, 2)
+
+
+def test_unencodable_result_is_a_clear_error(server):
+    kind, (typ, _code, cls, detail, _trace) = server.request(call("pp_handlers", "unencodable"))
+    assert (kind, typ, cls) == (ERROR, A("user"), b"EncodeError")
+    assert b"object" in detail
+
+
+def test_info_timeout_stops_the_call_and_the_pool_carries_on(server):
+    timeout = (A("info"), A("timeout"), [(A("ms"), 200)])
+    server.send(timeout, call("pp_handlers", "sleep_ms", 30_000, b"late"),
+                call("pp_handlers", "twice", 5))
+    kind, (typ, code, cls, *_rest) = server.recv(timeout=20)
+    assert (kind, typ, code, cls) == (ERROR, A("server"), 3, b"Timeout")
+    assert server.recv() == (OK, 10)
+    assert server.request(call("pp_handlers", "twice", 6)) == (OK, 12)
+
+
+def test_config_timeout_applies_per_function(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("functions: {pp_handlers.sleep_ms: {timeout_ms: 200}}\n")
+    with PortClient("--workers", "1", "-m", "pp_handlers", config=str(cfg)) as c:
+        c.send(call("pp_handlers", "sleep_ms", 30_000), call("pp_handlers", "work", 0, 1))
+        assert c.recv(timeout=20)[1][:3] == (A("server"), 3, b"Timeout")
+        assert c.recv()[1][0] == 1
+
+
+def test_worker_crash_blames_one_call_and_reruns_the_others(server):
+    pids = {server.request(call("pp_handlers", "getpid"))[1] for _ in range(20)}
+    server.send(*[call("pp_handlers", "sleep_ms", 50, i) for i in range(6)],
+                call("pp_handlers", "die"),
+                *[call("pp_handlers", "sleep_ms", 50, i) for i in range(6, 12)])
+    replies = [server.recv(timeout=60) for _ in range(13)]
+    assert replies[:6] == [(OK, i) for i in range(6)]
+    kind, (typ, code, cls, *_rest) = replies[6]
+    assert (kind, typ, code, cls) == (ERROR, A("server"), 4, b"WorkerCrashed")
+    assert replies[7:] == [(OK, i) for i in range(6, 12)]
+    assert server.request(call("pp_handlers", "twice", 4)) == (OK, 8)
+    assert any(gone(pid, 0.5) for pid in pids) or len(pids) == 1
+
+
+def test_stdin_eof_finishes_in_flight_calls_then_exits_0_leaving_no_workers(server):
+    pids = set()
+    for _ in range(30):
+        pids.add(server.request(call("pp_handlers", "getpid"))[1])
+    server.send(*[call("pp_handlers", "sleep_ms", 100, i) for i in range(4)])
+    assert server.proc.stdin is not None
+    server.proc.stdin.close()
+    assert [server.recv() for _ in range(4)] == [(OK, i) for i in range(4)]
+    assert server.proc.wait(30) == 0
+    assert all(gone(pid) for pid in pids), "worker processes left behind"
+
+
+def test_sigterm_exits_quickly_and_cleanly(server):
+    pid = server.request(call("pp_handlers", "getpid"))[1]
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert gone(pid)
+
+
+@pytest.mark.parametrize("packet", [1, 2, 4])
+def test_every_packet_size(packet):
+    with PortClient("--workers", "1", "-m", "pp_handlers", packet=packet) as c:
+        assert c.request(call("pp_handlers", "echo", b"x" * 100)) == (OK, b"x" * 100)
+
+
+def test_builtin_info_call(server):
+    kind, info = server.request(call("$poolport", "info"))
+    assert kind == OK and info[A("workers")] == 2 and info[A("os_pid")] == server.proc.pid
+
+
+def test_bare_mode_speaks_the_seed_protocol():
+    with PortClient("--protocol", "bare", "--bare-module", "pp_bare", "--workers", "1", packet=2) as c:
+        assert c.request((A("twice"), 21)) == 42
+        assert c.request((A("sum"), 1, 2)) == 3
+        assert c.request((A("hello"), list(b"World"))) == b"Hello, World"
+        assert c.request((A("nope"), 1)) == (ERROR, (A("server"), b"NoSuchFunction",
+                                                     b"pp_bare.nope is not a public function"))
