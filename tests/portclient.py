@@ -15,6 +15,9 @@ from poolport.framing import FrameBuffer, frame
 from poolport.terms import Atom
 
 HANDLERS = str(Path(__file__).parent / "handlers")
+ROOT = Path(__file__).resolve().parent.parent
+SEED_DIR = ROOT / "examples" / "seed"
+SEED_CONFIG = str(SEED_DIR / "seed.yaml")
 
 
 def A(name: str) -> Atom:

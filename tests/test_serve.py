@@ -11,7 +11,7 @@ import pytest
 
 from poolport import etf
 from poolport.framing import frame
-from portclient import A, PortClient, call
+from portclient import SEED_CONFIG, A, PortClient, call
 
 OK = A("reply")
 ERROR = A("error")
@@ -191,9 +191,9 @@ def test_builtin_info_call(server):
 
 
 def test_bare_mode_speaks_the_seed_protocol():
-    with PortClient("--protocol", "bare", "--bare-module", "pp_bare", "--workers", "1", packet=2) as c:
+    with PortClient(config=SEED_CONFIG, packet=2) as c:
         assert c.request((A("twice"), 21)) == 42
         assert c.request((A("sum"), 1, 2)) == 3
         assert c.request((A("hello"), list(b"World"))) == b"Hello, World"
         assert c.request((A("nope"), 1)) == (ERROR, (A("server"), b"NoSuchFunction",
-                                                     b"pp_bare.nope is not a public function"))
+                                                     b"seed_handlers.nope is not a public function"))

@@ -1,4 +1,4 @@
-"""The seed's three handlers, for bare-mode tests (`protocol: bare`)."""
+"""The seed's three handlers, served in bare mode to the seed's unchanged porttest.erl."""
 
 
 def twice(x):

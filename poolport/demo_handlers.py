@@ -1,0 +1,24 @@
+"""Handlers for ``poolport demo`` and the benchmark (allowlisted as ``poolport.demo_handlers``)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def burn(steps: int) -> int:
+    """Pure-Python CPU work: the kind of call poolport spreads over cores."""
+    acc = 0
+    for i in range(steps):
+        acc = (acc * 31 + i) % 1000003
+    return acc
+
+
+def whoami(sleep_ms: int = 0) -> int:
+    """The worker's OS pid (after an optional pause, so calls spread over workers)."""
+    time.sleep(sleep_ms / 1000)
+    return os.getpid()
+
+
+def echo(x: object) -> object:
+    return x
