@@ -4,7 +4,7 @@
 
     Erlang port                    dispatcher (this process)                       pool (loky)
     ───────────                    ─────────────────────────                       ───────────
-    stdin ─▶ FrameBuffer ─▶ pending: deque[(seq, frames)] ─▶ run ══link══▶ Slot 0: worker_main
+    stdin ─▶ FrameBuffer ─▶ pending: deque[Pending] ──────▶ run ══link══▶ Slot 0: worker_main
                                                                   ══link══▶ Slot 1: worker_main ...
     stdout ◀─ ReorderBuffer ◀──── chunks of framed replies ◀═════link════╝
                                     Progress (shared memory) ◀── started / finished / timeout
@@ -37,14 +37,15 @@ import signal
 import socket
 import tempfile
 import time
+from bisect import bisect_right
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 import loky
 
 from . import bert, etf
 from .config import Config
-from .framing import FrameBuffer, Oversized, frame
+from .framing import FrameBuffer, Oversized, Segment, frame
 from .link import HEADER, send_message
 from .progress import Progress
 from .reorder import ReorderBuffer
@@ -62,17 +63,35 @@ COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call av
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
 
 
+class Pending:
+    """Items not yet sent: ``segment`` items from index ``pos`` on, the first numbered ``seq``."""
+
+    __slots__ = ("segment", "pos", "seq")
+
+    def __init__(self, segment: Segment, seq: int, pos: int = 0) -> None:
+        self.segment, self.seq, self.pos = segment, seq, pos
+
+    def __len__(self) -> int:
+        return len(self.segment) - self.pos
+
+
 class Run:
-    """A run of consecutive requests sent to one worker; ``done`` counts answered ones."""
+    """Items ``first .. first + count - 1`` of a segment sent to one worker; ``done`` are answered."""
 
-    __slots__ = ("start", "items", "base", "done", "sent_at")
+    __slots__ = ("start", "segment", "first", "count", "base", "done", "sent_at")
 
-    def __init__(self, items: list[tuple[int, bytes]], base: int, sent_at: float) -> None:
-        self.start = items[0][0]
-        self.items = items
+    def __init__(self, start: int, segment: Segment, first: int, count: int, base: int,
+                 sent_at: float) -> None:
+        self.start = start  # sequence number of the first item
+        self.segment, self.first, self.count = segment, first, count
         self.base = base  # how many requests the slot had received before this run
         self.done = 0
         self.sent_at = sent_at
+
+    def unanswered(self) -> Iterator[tuple[int, int]]:
+        """(sequence number, index in the slot's stream) of every item not answered yet."""
+        for k in range(self.done, self.count):
+            yield self.start + k, self.base + k
 
 
 class Slot:
@@ -108,15 +127,16 @@ class Dispatcher:
         self.config = config
         self.in_fd, self.out_fd = in_fd, out_fd
         self.packet = config.packet
-        self.frames = FrameBuffer(config.packet, config.max_frame_bytes)
+        self.frames = FrameBuffer(config.packet, config.max_frame_bytes,
+                                  attach=None if config.protocol == "bare" else bert.is_info)
         self.reorder = ReorderBuffer()
-        self.pending: deque[tuple[int, bytes]] = deque()
-        self.held_info: bytes = b""  # info packet(s) waiting for the call they precede
+        self.pending: deque[Pending] = deque()
+        self.queued = 0  # items in pending
         self.next_seq = 0
         self.cost = 0.0  # smoothed seconds per call, measured from chunks
         self.closing = False
         self.deadline = math.inf
-        self.sel = selectors.DefaultSelector()
+        self.sel = selectors.PollSelector()  # poll, unlike epoll, also accepts a regular file as stdin
         self.tmpdir = tempfile.mkdtemp(prefix="poolport-")
         self.address = os.path.join(self.tmpdir, "link")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -186,8 +206,8 @@ class Dispatcher:
             self.closing = True
             self.deadline = time.monotonic() + self.config.shutdown_grace_ms / 1000
             self._set_reading(False)
-            if self.held_info:
-                log.warning("input ended after an info packet with no call; ignored")
+            if len(self.frames):
+                log.warning("input ended inside a frame or after an info packet with no call")
 
     def _shutdown(self) -> None:
         for slot in self.slots:
@@ -224,29 +244,17 @@ class Dispatcher:
             self._close_input()
             return
         self.frames.feed(data)
-        p = self.packet
-        pending, held = self.pending, self.held_info
-        for item in self.frames.drain():
-            if type(item) is Oversized:
-                self._answer_now(bert.error(
+        for segment in self.frames.segments():
+            if type(segment) is Oversized:
+                self.reorder.add(self.next_seq, 1, frame(etf.encode(bert.error(
                     bert.PROTOCOL, bert.BAD_FRAME, "FrameTooLarge",
-                    f"frame of {item.size} bytes is over max_frame_bytes={self.config.max_frame_bytes}",
-                    bare=self.config.protocol == "bare"), held)
-                held = b""
-            elif bert.is_info(item, p):
-                held += item  # type: ignore[operator]
-            else:
-                pending.append((self.next_seq, held + item if held else item))  # type: ignore[operator]
+                    f"frame of {segment.size} bytes is over max_frame_bytes="
+                    f"{self.config.max_frame_bytes}", bare=self.config.protocol == "bare")), self.packet))
                 self.next_seq += 1
-                held = b""
-        self.held_info = held
-
-    def _answer_now(self, term: Any, info: bytes) -> None:
-        """Reply from the dispatcher itself (oversized frame): takes a sequence number like a call."""
-        if info:
-            log.debug("dropping info packet attached to an oversized frame")
-        self.reorder.add(self.next_seq, 1, frame(etf.encode(term), self.packet))
-        self.next_seq += 1
+            else:
+                self.pending.append(Pending(segment, self.next_seq))  # type: ignore[arg-type]
+                self.next_seq += len(segment)  # type: ignore[arg-type]
+                self.queued += len(segment)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ output
 
@@ -273,50 +281,43 @@ class Dispatcher:
     # ------------------------------------------------------------------ scheduling
 
     def _schedule(self, now: float) -> None:
-        pending = self.pending
-        if not pending:
+        if not self.queued:
             return
-        ready = [s for s in self.slots if s.ready]
+        ready = [s for s in self.slots if s.ready and len(s.runs) < 2]
         if not ready:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
-        share = max(1, -(-len(pending) // len(self.slots)))  # starting slots get their share later
+        share = -(-self.queued // len(self.slots))  # starting slots get their share later
         size = min(by_cost, share, MAX_RUN_FRAMES)
         pipeline = self.cost < PIPELINE_COST_S
-        for slot in sorted(ready, key=lambda s: len(s.runs)):
-            if not pending:
+        ready.sort(key=lambda s: len(s.runs))
+        for slot in ready:
+            if not self.pending:
                 break
-            if slot.runs and not (pipeline and len(slot.runs) < 2):
+            if slot.runs and not pipeline:
                 continue
-            items = self._take_run(size, PIPELINE_BYTES if slot.runs else MAX_RUN_BYTES)
-            if not items:
-                break
-            self._send_run(slot, items, now)
+            self._send_run(slot, size, PIPELINE_BYTES if slot.runs else MAX_RUN_BYTES, now)
 
-    def _take_run(self, size: int, max_bytes: int) -> list[tuple[int, bytes]]:
-        """Pop up to ``size`` items with consecutive sequence numbers and at most ``max_bytes``."""
-        pending = self.pending
-        first = pending[0]
-        if len(first[1]) > max_bytes and max_bytes < MAX_RUN_BYTES:
-            return []  # too big to queue behind a busy worker's run
-        items = [pending.popleft()]
-        total, seq = len(first[1]), first[0]
-        while pending and len(items) < size:
-            nseq, data = pending[0]
-            if nseq != seq + 1 or total + len(data) > max_bytes:
-                break
-            items.append(pending.popleft())
-            total += len(data)
-            seq = nseq
-        return items
-
-    def _send_run(self, slot: Slot, items: list[tuple[int, bytes]], now: float) -> None:
-        run = Run(items, slot.sent, now)
-        slot.sent += len(items)
+    def _send_run(self, slot: Slot, size: int, max_bytes: int, now: float) -> None:
+        """Send up to ``size`` items (at most ``max_bytes``, but at least one) from the queue head."""
+        head = self.pending[0]
+        seg, i = head.segment, head.pos
+        bounds = seg.bounds
+        j = min(i + size, len(bounds) - 1)
+        if bounds[j] - bounds[i] > max_bytes:
+            j = max(i + 1, bisect_right(bounds, bounds[i] + max_bytes, i + 1, j) - 1)
+            if bounds[j] - bounds[i] > max_bytes and max_bytes < MAX_RUN_BYTES:
+                return  # too big to queue behind a busy worker's run
+        count = j - i
+        run = Run(head.seq, seg, i, count, slot.sent, now)
+        head.pos, head.seq = j, head.seq + count
+        if head.pos == len(bounds) - 1:
+            self.pending.popleft()
+        self.queued -= count
+        slot.sent += count
         slot.runs.append(run)
-        payload = items[0][1] if len(items) == 1 else b"".join([data for _, data in items])
         try:
-            send_message(slot.sock, len(items), payload)  # type: ignore[arg-type]
+            send_message(slot.sock, count, seg.data[bounds[i] : bounds[j]])  # type: ignore[arg-type]
         except OSError as exc:
             self._on_death(slot, f"link lost while sending: {exc}")
 
@@ -353,6 +354,10 @@ class Dispatcher:
             return
         conn.settimeout(None)
         index, pid = HEADER.unpack(hello)
+        if pid == 0:  # -- the worker's worker_init raised (poolport.handler): stop serving at once
+            conn.close()
+            log.critical("worker_init failed in worker %d (traceback above)", index)
+            raise SystemExit(3)
         if not 0 <= index < len(self.slots) or self.slots[index].sock is not None:
             log.warning("unexpected link connection (slot %d, pid %d)", index, pid)
             conn.close()
@@ -400,10 +405,10 @@ class Dispatcher:
         self.reorder.add(run.start + run.done, count, data)
         run.done += count
         slot.failures = 0
-        if run.done == len(run.items):
+        if run.done == run.count:
             slot.runs.popleft()
             elapsed = time.monotonic() - run.sent_at
-            per_call = elapsed / len(run.items)
+            per_call = elapsed / run.count
             self.cost = per_call if self.cost <= 0 else (
                 COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
 
@@ -436,8 +441,8 @@ class Dispatcher:
     def _seq_of(self, slot: Slot, index: int) -> int | None:
         """Sequence number of the ``index``-th request sent to the slot's current process."""
         for run in slot.runs:
-            if run.base <= index < run.base + len(run.items):
-                return run.items[index - run.base][0]
+            if run.base <= index < run.base + run.count:
+                return run.start + index - run.base
         return None
 
     def _kill(self, slot: Slot, why: str) -> None:
@@ -471,19 +476,21 @@ class Dispatcher:
         slot.executor = slot.future = None
         snap = slot.progress.read() if slot.progress is not None else None
         culprit = snap.started - 1 if snap is not None and snap.running else -1
-        requeue: list[tuple[int, bytes]] = []
+        requeue: list[Pending] = []
         for run in slot.runs:
-            for i in range(run.done, len(run.items)):
-                seq, data = run.items[i]
-                if run.base + i == culprit:
-                    self.reorder.add(seq, 1, frame(etf.encode(self._crash_error(slot, seq, snap, reason)),
-                                                   self.packet))
-                else:
-                    requeue.append((seq, data))
+            bounds = run.segment.bounds
+            for seq, index in run.unanswered():
+                item = run.first + seq - run.start
+                if index == culprit:
+                    error = self._crash_error(slot, seq, snap, reason)
+                    self.reorder.add(seq, 1, frame(etf.encode(error), self.packet))
+                else:  # one pending entry per item: rare, and keeps the bookkeeping trivial
+                    requeue.append(Pending(Segment(run.segment.data, bounds[item : item + 2]), seq))
         slot.runs.clear()
         if requeue:
             log.info("re-running %d call(s) that were queued on worker %d", len(requeue), slot.index)
             self.pending.extendleft(reversed(requeue))
+            self.queued += len(requeue)
         served = slot.sent > 0
         slot.failures = 0 if served else slot.failures + 1
         if slot.killed is None:

@@ -8,7 +8,9 @@ arrives, so the stream stays in sync and memory stays bounded.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import FrameError
 
@@ -30,63 +32,128 @@ class Oversized:
     size: int
 
 
-class FrameBuffer:
-    """Accumulate bytes with :meth:`feed`; take every complete frame with :meth:`drain`.
+_HEADERS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I")}
 
-    Frames are returned *with* their length header, exactly as they were on
-    the wire, so a run of them can be forwarded by concatenation; a frame over
-    ``max_frame`` comes out as :class:`Oversized` once its body has been skipped.
+Attach = Callable[[bytes, int], bool]
+"""``attach(data, payload_start)``: True if this frame belongs with the frame after it."""
+
+
+class Segment:
+    """Complete *items* sharing one buffer: item ``k`` is ``data[bounds[k]:bounds[k + 1]]``.
+
+    An item is one frame, plus any frames ``attach`` said go with it (an
+    ``{info, ...}`` packet travels with the call it precedes). Items are
+    referenced, never copied, until a run of them is sent on.
     """
 
-    def __init__(self, packet: int = 4, max_frame: int = 64 * 1024 * 1024) -> None:
+    __slots__ = ("data", "bounds")
+
+    def __init__(self, data: bytes, bounds: list[int]) -> None:
+        self.data = data
+        self.bounds = bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def items(self) -> list[bytes]:
+        b, d = self.bounds, self.data
+        return [d[b[k] : b[k + 1]] for k in range(len(b) - 1)]
+
+
+class FrameBuffer:
+    """Accumulate bytes with :meth:`feed`; take complete items with :meth:`segments`.
+
+    Frames keep their length header, exactly as they were on the wire, so a
+    run of them is forwarded with one slice. A frame over ``max_frame`` comes
+    out as :class:`Oversized` once its body has been skipped, and is never
+    buffered. Bytes arriving for a big frame are joined once, when complete.
+    """
+
+    def __init__(self, packet: int = 4, max_frame: int = 64 * 1024 * 1024,
+                 attach: Attach | None = None) -> None:
         if packet not in PACKET_SIZES:
             raise FrameError(f"packet must be one of {PACKET_SIZES}, got {packet!r}")
         self.packet = packet
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self.attach = attach
+        self._header = _HEADERS[packet]
+        self._parts: list[bytes] = []
+        self._have = 0  # bytes in _parts
+        self._need = packet  # bytes needed before scanning can make progress
         self._skip = 0  # bytes of an oversized frame still to discard
         self._skipped = 0  # declared size of the oversized frame being discarded
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return self._have
 
     def wanted(self) -> int:
-        """Bytes still missing for the frame in progress (0 if unknown): lets readers size reads."""
-        p, buf = self.packet, self._buf
-        if self._skip or len(buf) < p:
-            return self._skip
-        return max(0, p + int.from_bytes(buf[:p], "big") - len(buf))
+        """Bytes still missing before the next item can complete: lets readers size reads."""
+        return self._skip or max(0, self._need - self._have)
 
     def feed(self, data: bytes) -> None:
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
-        self._buf += data
+        if data:
+            self._parts.append(bytes(data))
+            self._have += len(data)
 
-    def drain(self) -> list[bytes | Oversized]:
-        out: list[bytes | Oversized] = []
+    def segments(self) -> list[Segment | Oversized]:
+        out: list[Segment | Oversized] = []
         if self._skip:
             return out
         if self._skipped:
             out.append(Oversized(self._skipped))
             self._skipped = 0
-        p, limit, buf = self.packet, self.max_frame, self._buf
-        n, pos = len(buf), 0
+        if self._have < self._need:
+            return out
+        buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        p, limit, attach, unpack = self.packet, self.max_frame, self.attach, self._header.unpack_from
+        n = len(buf)
+        pos = item = 0  # scan position; start of the item in progress
+        bounds = [0]
         while n - pos >= p:
-            size = int.from_bytes(buf[pos : pos + p], "big")
+            size = unpack(buf, pos)[0]
             end = pos + p + size
             if size > limit:
+                if len(bounds) > 1:
+                    out.append(Segment(buf, bounds))
                 if end > n:
                     self._skip, self._skipped, pos = end - n, size, n
+                else:
+                    out.append(Oversized(size))
+                    pos = end
+                item = pos  # info frames waiting for this call are dropped with it
+                bounds = [pos]
+                if self._skip:
                     break
-                out.append(Oversized(size))
-            elif end > n:
+                continue
+            if end > n:
                 break
-            else:
-                out.append(bytes(buf[pos:end]))
+            if attach is None or not attach(buf, pos + p):
+                bounds.append(end)
+                item = end
             pos = end
-        del buf[:pos]
+        if len(bounds) > 1:
+            out.append(Segment(buf, bounds))
+        rest = buf[item:] if item < n else b""
+        self._parts = [rest] if rest else []
+        self._have = len(rest)
+        if n - pos >= p:
+            self._need = (pos - item) + p + unpack(buf, pos)[0]
+        else:
+            self._need = (pos - item) + p
+        return out
+
+    def drain(self) -> list[bytes | Oversized]:
+        """Every complete item as one ``bytes`` (header included), or :class:`Oversized`."""
+        out: list[bytes | Oversized] = []
+        for seg in self.segments():
+            if type(seg) is Oversized:
+                out.append(seg)
+            else:
+                out.extend(seg.items())  # type: ignore[union-attr]
         return out
 
 

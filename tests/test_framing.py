@@ -68,3 +68,46 @@ def test_split_frames():
 def test_any_split_of_the_stream_gives_the_same_frames(payloads, step, packet):
     wire = b"".join(frame(p, packet) for p in payloads)
     assert feed_all(FrameBuffer(packet), wire, step) == [frame(p, packet) for p in payloads]
+
+
+def _attach_if_starts_with_i(data: bytes, start: int) -> bool:
+    return data[start : start + 1] == b"i"
+
+
+@pytest.mark.parametrize("step", [None, 1, 5])
+def test_attached_frames_travel_with_the_next_frame(step):
+    frames = [frame(b"ia", 2), frame(b"call1", 2), frame(b"call2", 2), frame(b"ib", 2),
+              frame(b"ic", 2), frame(b"call3", 2), frame(b"id", 2)]
+    buf = FrameBuffer(2, attach=_attach_if_starts_with_i)
+    items = feed_all(buf, b"".join(frames), step)
+    assert items == [frames[0] + frames[1], frames[2], frames[3] + frames[4] + frames[5]]
+    assert len(buf) == len(frames[6])  # a trailing info frame waits for its call
+    buf.feed(frame(b"call4", 2))
+    assert buf.drain() == [frames[6] + frame(b"call4", 2)]
+
+
+def test_segments_share_one_buffer_and_know_their_bounds():
+    buf = FrameBuffer(4)
+    buf.feed(frame(b"a") + frame(b"bb") + frame(b"ccc")[:3])
+    (seg,) = buf.segments()
+    assert len(seg) == 2 and seg.bounds == [0, 5, 11]
+    assert seg.items() == [frame(b"a"), frame(b"bb")]
+    assert buf.wanted() == 1  # the rest of the next header
+
+
+def test_big_frame_parts_are_joined_once_complete():
+    buf = FrameBuffer(4)
+    payload = bytes(range(256)) * 4000
+    wire = frame(payload)
+    for i in range(0, len(wire), 65536):
+        buf.feed(wire[i : i + 65536])
+        if i + 65536 < len(wire):
+            assert buf.segments() == []
+            assert buf.wanted() == len(wire) - min(len(wire), i + 65536)
+    assert buf.drain() == [wire]
+
+
+def test_info_frames_before_an_oversized_frame_are_dropped_with_it():
+    buf = FrameBuffer(4, max_frame=10, attach=_attach_if_starts_with_i)
+    buf.feed(frame(b"ia") + frame(b"x" * 50) + frame(b"ok"))
+    assert buf.drain() == [Oversized(50), frame(b"ok")]
