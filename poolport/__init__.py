@@ -1,6 +1,7 @@
 """poolport: call CPU-heavy Python from Erlang/Elixir in parallel through one port."""
 
 from .errors import (
+    ArgumentError,
     ConfigError,
     DecodeError,
     EncodeError,
@@ -8,11 +9,13 @@ from .errors import (
     PoolportError,
     ProtocolError,
 )
+from .handler import handler, worker_state  # `poolport.handler` is the decorator, not the module
 from .terms import Atom, BitString, Fun, ImproperList, Opaque, Pid, Port, Ref, Reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "Atom",
     "BitString",
     "ConfigError",
@@ -29,4 +32,6 @@ __all__ = [
     "Ref",
     "Reference",
     "__version__",
+    "handler",
+    "worker_state",
 ]

@@ -18,6 +18,8 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+InitSpec = Annotated[str, msgspec.Meta(  # worker_init: "module:function" (see poolport.handler)
+    pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class FunctionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -41,8 +43,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     max_in_flight: PositiveInt = 10_000
     max_term_depth: PositiveInt = 512
     shutdown_grace_ms: NonNegativeInt = 5_000
+    max_worker_memory_mb: NonNegativeInt = 0  # address-space limit per worker (RLIMIT_AS); 0 = none
     none_atom: str = "undefined"
     log_level: LogLevel = "INFO"
+    worker_init: Union[InitSpec, None] = None  # "module:function" run once per worker; its result
+    worker_init_args: list[Any] = []  # is poolport.worker_state(); called as function(*args)
 
     @property
     def worker_count(self) -> int:
@@ -52,13 +57,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
         """True if ``module`` is an allowlisted module or one of its submodules."""
         return any(module == m or module.startswith(m + ".") for m in self.modules)
 
-    def timeout_for(self, module: str, function: str) -> int:
-        """Configured timeout in ms for a function (0 = none): function, then module, then global."""
+    def timeout_for(self, module: str, function: str, handler_ms: int | None = None) -> int:
+        """Timeout in ms for a function (0 = none): the config's entry for the function, then
+        for its module, then ``handler_ms`` (``@poolport.handler(timeout_ms=...)``), then global."""
         for key in (f"{module}.{function}", module):
             settings = self.functions.get(key)
             if settings is not None and settings.timeout_ms is not None:
                 return settings.timeout_ms
-        return self.timeout_ms
+        return self.timeout_ms if handler_ms is None else handler_ms
 
 
 def load_config(data: bytes | str, base_dir: str = ".", overrides: dict[str, Any] | None = None,

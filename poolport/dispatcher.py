@@ -46,14 +46,14 @@ import loky
 from . import bert, etf
 from .config import Config
 from .framing import FrameBuffer, Oversized, Segment, frame
-from .link import HEADER, send_message
+from .link import HEADER, Buffer, MessageReader, send_message, tune
 from .progress import Progress
 from .reorder import ReorderBuffer
 from .worker import worker_main
 
 log = logging.getLogger("poolport")
 
-READ_SIZE = 1 << 20  # bytes asked of stdin per read (more when a big frame is in progress)
+READ_SIZE = 1 << 20  # bytes asked of stdin per read (the pipe is enlarged to this, see cli)
 RUN_TARGET_S = 0.002  # aim for runs of about this much work: long enough to amortise IPC
 MAX_RUN_FRAMES = 2048  # never more calls than this in one run
 MAX_RUN_BYTES = 4 << 20  # nor more bytes (a bigger single frame still goes alone)
@@ -98,7 +98,7 @@ class Slot:
     """One worker process: its loky executor, link socket, progress record and runs."""
 
     __slots__ = ("index", "executor", "future", "sock", "pid", "progress", "runs", "sent",
-                 "rbuf", "killed", "failures", "restart_at", "progress_path")
+                 "reader", "killed", "failures", "restart_at", "progress_path")
 
     def __init__(self, index: int, progress_path: str) -> None:
         self.index = index
@@ -110,7 +110,7 @@ class Slot:
         self.progress: Progress | None = None
         self.runs: deque[Run] = deque()
         self.sent = 0  # requests sent to the current process
-        self.rbuf = bytearray()
+        self.reader = MessageReader()
         self.killed: str | None = None  # why we killed it, if we did
         self.failures = 0  # deaths in a row without serving anything
         self.restart_at = 0.0
@@ -184,7 +184,7 @@ class Dispatcher:
                 elif tag == "wake":
                     self._on_wake()
                 else:
-                    self._read_slot(tag)
+                    self._read_slot(tag, key.fileobj)
             now = time.monotonic()
             self._check_timeouts(now)
             self._restart_due(now)
@@ -235,7 +235,7 @@ class Dispatcher:
 
     def _read_stdin(self) -> None:
         try:
-            data = os.read(self.in_fd, max(READ_SIZE, self.frames.wanted()))
+            data = os.read(self.in_fd, READ_SIZE)
         except OSError as exc:
             log.error("cannot read stdin: %s", exc)
             data = b""
@@ -363,8 +363,9 @@ class Dispatcher:
             conn.close()
             return
         slot = self.slots[index]
+        tune(conn)
         slot.sock, slot.pid, slot.sent = conn, pid, 0
-        slot.rbuf.clear()
+        slot.reader = MessageReader()
         slot.progress = Progress(slot.progress_path)
         self.sel.register(conn, selectors.EVENT_READ, slot)
         log.debug("worker %d ready (pid %d)", index, pid)
@@ -378,29 +379,21 @@ class Dispatcher:
             if slot.future is not None and slot.future.done():
                 self._on_death(slot, _describe_exit(slot.future))
 
-    def _read_slot(self, slot: Slot) -> None:
+    def _read_slot(self, slot: Slot, sock: Any) -> None:
+        if sock is not slot.sock:
+            return  # this socket's worker died earlier in the same batch of events
         try:
-            data = slot.sock.recv(max(READ_SIZE, _missing(slot.rbuf)))  # type: ignore[union-attr]
+            messages = slot.reader.read_from(slot.sock)  # type: ignore[arg-type]
         except OSError as exc:
-            data, reason = b"", f"link error: {exc}"
-        else:
-            reason = "link closed"
-        if not data:
-            self._on_death(slot, reason)
+            self._on_death(slot, f"link error: {exc}")
             return
-        buf = slot.rbuf
-        buf += data
-        pos, n = 0, len(buf)
-        while n - pos >= HEADER.size:
-            size, count = HEADER.unpack_from(buf, pos)
-            end = pos + HEADER.size + size
-            if end > n:
-                break
-            self._on_chunk(slot, count, bytes(buf[pos + HEADER.size : end]))
-            pos = end
-        del buf[:pos]
+        if messages is None:
+            self._on_death(slot, "link closed")
+            return
+        for count, data in messages:
+            self._on_chunk(slot, count, data)
 
-    def _on_chunk(self, slot: Slot, count: int, data: bytes) -> None:
+    def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         run = slot.runs[0]
         self.reorder.add(run.start + run.done, count, data)
         run.done += count
@@ -521,14 +514,6 @@ class Dispatcher:
         for slot in self.slots:
             if slot.restart_at and now >= slot.restart_at and not self.closing:
                 self._start(slot)
-
-
-def _missing(buf: bytearray) -> int:
-    """Bytes still missing for the link message at the head of ``buf``."""
-    if len(buf) < HEADER.size:
-        return 0
-    size, _ = HEADER.unpack_from(buf)
-    return HEADER.size + size - len(buf)
 
 
 def _describe_exit(future: Any) -> str:

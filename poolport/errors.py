@@ -25,3 +25,15 @@ class ProtocolError(PoolportError):
 
 class ConfigError(PoolportError):
     """Raised when the configuration file or flags are invalid; the message names the key."""
+
+
+class ArgumentError(PoolportError, TypeError):
+    """Raised when a typed handler's argument does not fit its annotation (see poolport.typed).
+
+    The message names the argument and what was expected, msgspec-style:
+    ``Expected int, got binary - at age``; ``argument`` is the parameter's name.
+    """
+
+    def __init__(self, message: str, argument: str | None = None) -> None:
+        super().__init__(message)
+        self.argument = argument

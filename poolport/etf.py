@@ -65,6 +65,8 @@ appends parts to a list joined once.
 
 from __future__ import annotations
 
+import hashlib
+import operator
 import re
 import struct
 import zlib
@@ -84,7 +86,7 @@ from poolport.terms import (
     Reference,
 )
 
-__all__ = ["decode", "encode", "canonical"]
+__all__ = ["canonical", "decode", "encode"]
 
 VERSION = 131
 DEFAULT_MAX_DEPTH = 512  # container nesting levels accepted by decode
@@ -108,14 +110,38 @@ _MISSING: Any = object()
 _OLD_FLOAT = re.compile(rb" *[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 _TAG_NAMES = {
-    70: "NEW_FLOAT_EXT", 77: "BIT_BINARY_EXT", 80: "COMPRESSED", 82: "ATOM_CACHE_REF",
-    88: "NEW_PID_EXT", 89: "NEW_PORT_EXT", 90: "NEWER_REFERENCE_EXT", 97: "SMALL_INTEGER_EXT",
-    98: "INTEGER_EXT", 99: "FLOAT_EXT", 100: "ATOM_EXT", 101: "REFERENCE_EXT",
-    102: "PORT_EXT", 103: "PID_EXT", 104: "SMALL_TUPLE_EXT", 105: "LARGE_TUPLE_EXT",
-    106: "NIL_EXT", 107: "STRING_EXT", 108: "LIST_EXT", 109: "BINARY_EXT",
-    110: "SMALL_BIG_EXT", 111: "LARGE_BIG_EXT", 112: "NEW_FUN_EXT", 113: "EXPORT_EXT",
-    114: "NEW_REFERENCE_EXT", 115: "SMALL_ATOM_EXT", 116: "MAP_EXT", 117: "FUN_EXT",
-    118: "ATOM_UTF8_EXT", 119: "SMALL_ATOM_UTF8_EXT", 120: "V4_PORT_EXT", 121: "LOCAL_EXT",
+    70: "NEW_FLOAT_EXT",
+    77: "BIT_BINARY_EXT",
+    80: "COMPRESSED",
+    82: "ATOM_CACHE_REF",
+    88: "NEW_PID_EXT",
+    89: "NEW_PORT_EXT",
+    90: "NEWER_REFERENCE_EXT",
+    97: "SMALL_INTEGER_EXT",
+    98: "INTEGER_EXT",
+    99: "FLOAT_EXT",
+    100: "ATOM_EXT",
+    101: "REFERENCE_EXT",
+    102: "PORT_EXT",
+    103: "PID_EXT",
+    104: "SMALL_TUPLE_EXT",
+    105: "LARGE_TUPLE_EXT",
+    106: "NIL_EXT",
+    107: "STRING_EXT",
+    108: "LIST_EXT",
+    109: "BINARY_EXT",
+    110: "SMALL_BIG_EXT",
+    111: "LARGE_BIG_EXT",
+    112: "NEW_FUN_EXT",
+    113: "EXPORT_EXT",
+    114: "NEW_REFERENCE_EXT",
+    115: "SMALL_ATOM_EXT",
+    116: "MAP_EXT",
+    117: "FUN_EXT",
+    118: "ATOM_UTF8_EXT",
+    119: "SMALL_ATOM_UTF8_EXT",
+    120: "V4_PORT_EXT",
+    121: "LOCAL_EXT",
 }
 
 
@@ -172,18 +198,6 @@ def _pid_end(data: bytes, pos: int) -> int:
     raise DecodeError(f"expected a pid at byte {pos}, found tag {tag}")
 
 
-def _improper(items: list[Any], tail: Any) -> Any:
-    """Build ``[items | tail]`` in canonical form (a list tail just extends the list)."""
-    if type(tail) is list:
-        items.extend(tail)
-        return items
-    if not items:
-        return tail
-    if type(tail) is ImproperList:
-        return ImproperList(items + tail.items, tail.tail)
-    return ImproperList(items, tail)
-
-
 _EXACT_KEY_TYPES = frozenset({int, Atom, bytes, type(None), BitString, Pid, Port, Reference, Fun})
 
 
@@ -203,12 +217,8 @@ def _hashable(key: Any) -> bool:
     return True
 
 
-def _map_with_wrapped_keys(
-    keys: list[Any], values: list[Any], pos: int, n: int
-) -> dict[Any, Any]:
+def _map_with_wrapped_keys(keys: list[Any], values: list[Any], pos: int) -> dict[Any, Any]:
     """The rare map that a plain dict cannot hold as is; see "map keys" above."""
-    if len(keys) != n:  # atom keys that already merged in the fast path
-        raise DecodeError(f"map at byte {pos} has duplicate keys")
     wrapped = [k if _hashable(k) else MapKey(k) for k in keys]
     result = dict(zip(wrapped, values))
     if len(result) == len(keys):
@@ -302,8 +312,9 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             result: dict[Any, Any] = {}
             for i in range(n):
                 t = data[pos]
-                # Atom keys can only clash with atoms (a real duplicate, caught below);
-                # any other key is checked first, see "map keys" in the module docstring.
+                # An Atom key can only equal another Atom (a real duplicate, caught below);
+                # any other key, true/false/None included, is checked for a clash first,
+                # see "map keys" in the module docstring.
                 if t == 119:
                     end = pos + 2 + data[pos + 1]
                     x = utf8_atoms.get(data[pos + 2 : end], _MISSING)
@@ -318,12 +329,13 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                     pos = end
                 else:
                     x, pos = dec(data, pos, depth)
+                if type(x) is not Atom:
                     try:
                         clash = x in result
                     except TypeError:  # unhashable: a list, map, ... key
                         clash = True
                     if clash:
-                        return map_slow(data, pos, depth, result, x, n - i, start)
+                        return map_slow(data, pos, depth, result, x, n - i, start, n)
                 t = data[pos]
                 if t == 97:
                     result[x] = data[pos + 1]
@@ -347,41 +359,50 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                 raise DecodeError(f"map at byte {start} has duplicate keys")
             return result, pos
         if tag == 108:  # LIST_EXT
-            n = _u32(data, pos + 1)[0]
-            start = pos
-            pos += 5
-            if n >= len(data) - pos:  # n elements and a tail
-                raise _claims("list", start, n, "elements", len(data) - pos)
             if not depth:
-                raise _too_deep(start)
+                raise _too_deep(pos)
             depth -= 1
             items: list[Any] = []
             put = items.append
-            for _ in range(n):
+            while True:  # a LIST_EXT tail continues the same list (in a loop, not recursion)
+                n = _u32(data, pos + 1)[0]
+                start = pos
+                pos += 5
+                if n >= len(data) - pos:  # n elements and a tail
+                    raise _claims("list", start, n, "elements", len(data) - pos)
+                for _ in range(n):
+                    t = data[pos]
+                    if t == 97:
+                        put(data[pos + 1])
+                        pos += 2
+                    elif t == 119:
+                        end = pos + 2 + data[pos + 1]
+                        x = utf8_atoms.get(data[pos + 2 : end], _MISSING)
+                        if x is _MISSING:
+                            x = new_atom(data, pos, pos + 2, end, True)
+                        put(x)
+                        pos = end
+                    elif t == 109:
+                        end = pos + 5 + _u32(data, pos + 1)[0]
+                        if end > len(data):
+                            raise _claims(
+                                "binary", pos, end - pos - 5, "bytes", len(data) - pos - 5
+                            )
+                        put(data[pos + 5 : end])
+                        pos = end
+                    else:
+                        x, pos = dec(data, pos, depth)
+                        put(x)
                 t = data[pos]
-                if t == 97:
-                    put(data[pos + 1])
-                    pos += 2
-                elif t == 119:
-                    end = pos + 2 + data[pos + 1]
-                    x = utf8_atoms.get(data[pos + 2 : end], _MISSING)
-                    if x is _MISSING:
-                        x = new_atom(data, pos, pos + 2, end, True)
-                    put(x)
-                    pos = end
-                elif t == 109:
-                    end = pos + 5 + _u32(data, pos + 1)[0]
-                    if end > len(data):
-                        raise _claims("binary", pos, end - pos - 5, "bytes", len(data) - pos - 5)
-                    put(data[pos + 5 : end])
-                    pos = end
-                else:
-                    x, pos = dec(data, pos, depth)
-                    put(x)
-            if data[pos] == 106:
-                return items, pos + 1
+                if t == 106:
+                    return items, pos + 1
+                if t != 108:
+                    break
             tail, pos = dec(data, pos, depth)
-            return _improper(items, tail), pos
+            if type(tail) is list:  # a STRING_EXT tail
+                items.extend(tail)
+                return items, pos
+            return (ImproperList(items, tail) if items else tail), pos
         if tag == 104 or tag == 105:  # SMALL_TUPLE_EXT, LARGE_TUPLE_EXT
             start = pos
             if tag == 104:
@@ -511,7 +532,9 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             p = _pid_end(data, _int_end(data, _int_end(data, _atom_end(data, pos + 30))))
             p = _skip_terms(data, p, _u32(data, pos + 26)[0], depth - 1, "fun", pos)
             if p != end:
-                raise DecodeError(f"fun at byte {pos} has size {size} but its fields take {p - pos - 1}")
+                raise DecodeError(
+                    f"fun at byte {pos} has size {size} but its fields take {p - pos - 1}"
+                )
             cls = Fun
         elif tag == 117:  # FUN_EXT (pre-R8 funs; still decodable by Erlang)
             if not depth:
@@ -530,12 +553,21 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
         return cls(data[pos:end]), end
 
     def map_slow(
-        data: bytes, pos: int, depth: int, done: dict[Any, Any], key: Any, left: int, start: int
+        data: bytes,
+        pos: int,
+        depth: int,
+        done: dict[Any, Any],
+        key: Any,
+        left: int,
+        start: int,
+        n: int,
     ) -> tuple[Any, int]:
         """Finish a map whose ``key`` (value at ``pos``) a plain dict cannot take as is.
 
         ``done`` holds the pairs before it, ``left`` counts the pairs from ``key`` on.
         """
+        if len(done) != n - left:  # two equal atom keys merged before we got here
+            raise DecodeError(f"map at byte {start} has duplicate keys")
         keys = list(done)
         values = list(done.values())
         for _ in range(left):
@@ -545,7 +577,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             value, pos = dec(data, pos, depth)
             values.append(value)
             key = _MISSING
-        return _map_with_wrapped_keys(keys, values, start, len(done) + left), pos
+        return _map_with_wrapped_keys(keys, values, start), pos
 
     def _skip_terms(data: bytes, pos: int, n: int, depth: int, what: str, at: int) -> int:
         """Validate ``n`` terms (a fun's free variables) and return where they end."""
@@ -575,11 +607,20 @@ def _inflate(data: bytes, max_inflated: int) -> bytes:
         body = inflater.decompress(data[6:], size + 1)  # one spare byte detects overflow
     except zlib.error as exc:
         raise DecodeError(f"compressed term at byte 1 is corrupt: {exc}") from None
-    if len(body) != size or not inflater.eof:
-        got = f"more than {size}" if len(body) > size else f"{len(body)} bytes and no stream end"
-        raise DecodeError(f"compressed term at byte 1 declares {size} inflated bytes but inflates to {got}")
+    if len(body) > size:
+        raise DecodeError(
+            f"compressed term at byte 1 declares {size} inflated bytes but inflates to more"
+        )
+    if not inflater.eof:
+        raise DecodeError("compressed data starting at byte 6 is truncated")
+    if len(body) != size:
+        raise DecodeError(
+            f"compressed term at byte 1 declares {size} inflated bytes but inflates to {len(body)}"
+        )
     if inflater.unused_data:
-        raise DecodeError(f"trailing bytes after the compressed data ({len(inflater.unused_data)} bytes)")
+        raise DecodeError(
+            f"trailing bytes after the compressed data ({len(inflater.unused_data)} bytes)"
+        )
     return body
 
 
@@ -609,6 +650,7 @@ def decode(
     if data[0] != VERSION:
         raise DecodeError(f"bad version byte {data[0]} at byte 0 (expected {VERSION})")
     where = ""
+    max_depth = max(max_depth, 0)
     try:
         if data[1] == 80:  # COMPRESSED
             data = _inflate(data, max_inflated)
@@ -618,16 +660,16 @@ def decode(
         else:
             term, end = dec(data, 1, max_depth)
     except (IndexError, struct.error):
-        raise DecodeError(f"truncated input: the term runs past byte {size}{where}") from None
+        raise DecodeError(f"truncated input: the term goes on past byte {size}{where}") from None
     except RecursionError:
         raise DecodeError("term nested too deeply for the Python stack") from None
     except DecodeError as exc:
         if where:
-            raise DecodeError(f"{exc} (offset{where})") from None
+            raise DecodeError(f"{exc} (offsets are into the inflated data)") from None
         raise
     if end != size:
         if end > size:
-            raise DecodeError(f"truncated input: the term runs past byte {size}{where}")
+            raise DecodeError(f"truncated input: the term goes on past byte {size}{where}")
         raise DecodeError(f"trailing bytes: the term ends at byte {end}{where} of {size}")
     return term
 
@@ -637,6 +679,7 @@ def decode(
 _SMALL_INTS = [bytes((97, i)) for i in range(256)]
 _SMALL_TUPLES = [bytes((104, i)) for i in range(256)]
 _NIL = b"j"
+_JUST_INT = {int}
 _TRUE = b"w\x04true"
 _FALSE = b"w\x05false"
 _ATOM_BYTES: dict[str, bytes] = {}  # atom name -> its encoding (bounded, see _atom)
@@ -670,12 +713,6 @@ def _bignum(x: int) -> bytes:
     if n < 256:
         return bytes((110, n, sign)) + digits
     return _pack_tag_u32(111, n) + bytes((sign,)) + digits
-
-
-def _float(x: float) -> bytes:
-    if x - x:
-        raise EncodeError(f"cannot encode {x!r}: Erlang floats are finite")
-    return _pack_tag_f64(70, x)
 
 
 def _bitstring(x: BitString) -> list[bytes]:
@@ -734,7 +771,13 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
             if not x:
                 put(_NIL)
                 return
-            if type(x[0]) is int and len(x) < 0x10000 and set(map(type, x)) == {int}:
+            first = x[0]
+            if (
+                type(first) is int
+                and 0 <= first <= 255
+                and len(x) < 0x10000
+                and set(map(type, x)) == _JUST_INT  # no bools: bytes() would take them
+            ):
                 try:
                     chars = bytes(x)
                 except ValueError:  # some int is outside 0..255
@@ -847,7 +890,8 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> b
     """Encode ``term`` as ETF (version byte 131 first).
 
     ``None`` becomes the atom ``none_atom``; ``compressed`` (0..9) is the zlib
-    level of ``term_to_binary(T, [{compressed, N}])``, 0 meaning uncompressed.
+    level of ``term_to_binary(T, [{compressed, N}])``, 0 meaning uncompressed
+    (``True`` means 6, like the bare ``compressed`` option).
     Raises EncodeError for values with no Erlang counterpart.
     """
     enc = _ENCODERS.get(none_atom) or _encoder(none_atom)
@@ -862,6 +906,8 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> b
         raise EncodeError(f"str is not valid Unicode: {exc.reason} at index {exc.start}") from None
     if not compressed:
         return b"".join(parts)
+    if compressed is True:  # like the bare `compressed` option
+        compressed = 6
     if type(compressed) is not int or not 0 <= compressed <= 9:
         raise EncodeError(f"compressed must be an int in 0..9, got {compressed!r}")
     body = b"".join(parts[1:])
@@ -874,13 +920,21 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> b
 def canonical(term: Any) -> bytes:
     """Bytes that are equal exactly when two terms are the same Erlang term (=:=).
 
-    Used by ``terms.MapKey`` to hash and compare map keys. Map entries and set
-    elements are sorted by their own canonical bytes, lists are always
-    LIST_EXT, and ``None`` gets a private marker so it never equals an atom.
+    Used by ``terms.MapKey`` to hash and compare map keys; not valid ETF. It is
+    the encoding with lists always as LIST_EXT, ``None`` as a private marker (so
+    it never equals an atom), set elements sorted, and map keys replaced by a
+    BLAKE2b-256 digest of their own canonical form with entries sorted by it.
     """
     parts: list[bytes] = []
     _canonical(term, parts.append, _encoder("undefined"))
     return b"".join(parts)
+
+
+def _digest(key: Any) -> bytes:
+    return hashlib.blake2b(canonical(key), digest_size=32).digest()
+
+
+_first = operator.itemgetter(0)
 
 
 def _canonical(x: Any, put: Callable[[bytes], Any], enc: Callable[[Any, Any], None]) -> None:
@@ -889,11 +943,13 @@ def _canonical(x: Any, put: Callable[[bytes], Any], enc: Callable[[Any, Any], No
     elif isinstance(x, MapKey):
         _canonical(x.term, put, enc)
     elif isinstance(x, Mapping):
-        pairs = sorted((canonical(k), canonical(v)) for k, v in x.items())
-        put(_pack_tag_u32(116, len(pairs)))
-        for k, v in pairs:
-            put(k)
-            put(v)
+        # Each key stands as a digest of its canonical form: entries get an order of their
+        # own, and keys nested inside keys are hashed once, so hostile input stays linear.
+        entries = sorted(((_digest(k), v) for k, v in x.items()), key=_first)
+        put(_pack_tag_u32(116, len(entries)))
+        for key, value in entries:
+            put(key)
+            _canonical(value, put, enc)
     elif isinstance(x, tuple):
         n = len(x)
         put(_SMALL_TUPLES[n] if n < 256 else _pack_tag_u32(105, n))

@@ -119,7 +119,7 @@ class MapKey:
     ``term`` once the key is in a dict.
     """
 
-    __slots__ = ("term", "_canonical")
+    __slots__ = ("_canonical", "term")
 
     def __init__(self, term: Any) -> None:
         self.term = term

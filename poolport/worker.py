@@ -15,19 +15,23 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
 
 from . import bert, etf
+from . import typed  # typed handlers, @poolport.handler, worker_init:
+from .handler import aliases, exposed_name, run_worker_init, settings_of
 from .config import Config
-from .errors import DecodeError, EncodeError, ProtocolError
+from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import frame, split_frames
-from .link import HEADER, recv_exact, send_message
+from .link import HEADER, MessageReader, send_message, tune
 from .progress import Progress
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
+PARENT_CHECK_S = 0.5  # how often a worker checks that its dispatcher is still alive
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
 
 log = logging.getLogger("poolport.worker")
@@ -54,6 +58,7 @@ class Handlers:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._cache: dict[tuple[str, str], Callable[..., Any]] = {}
+        self.timeouts: dict[tuple[str, str], int] = {}  # @poolport.handler(timeout_ms=...) by name
 
     def resolve(self, module: str, function: str) -> Callable[..., Any] | tuple[int, str, str]:
         """The callable, or ``(server_code, class, detail)`` saying why not."""
@@ -67,13 +72,25 @@ class Handlers:
             mod = importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - any import failure is "no such module"
             return (bert.NO_SUCH_MODULE, type(exc).__name__, f"cannot import {module!r}: {exc}")
-        fn = getattr(mod, function, None) if not function.startswith("_") else None
+        fn = None
+        if not function.startswith("_"):
+            # -- @poolport.handler(name=...): an alias wins; a renamed function only answers to it
+            fn = aliases(mod).get(function)
+            if fn is None:
+                fn = getattr(mod, function, None)
+                if exposed_name(fn) not in (None, function):
+                    fn = None
         if fn is None or not callable(fn):
             return (bert.NO_SUCH_FUNCTION, "NoSuchFunction", f"{module}.{function} is not a public function")
         owner = getattr(fn, "__module__", None)
         if not (isinstance(owner, str) and self.config.allowed(owner)):
             return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
                     f"{module}.{function} is defined in {owner!r}, which is not allowlisted")
+        # -- typed arguments (poolport.typed): fn itself when it has no annotated parameters
+        settings = settings_of(fn)
+        if settings is not None and settings.timeout_ms is not None:
+            self.timeouts[key] = settings.timeout_ms
+        fn = typed.wrap(fn, self.config.none_atom)
         self._cache[key] = fn
         return fn
 
@@ -129,10 +146,19 @@ class Worker:
         fn = self.handlers.resolve(module, request.function)
         if type(fn) is tuple:
             return self._error(bert.SERVER, *fn)
-        self.progress.set_timeout(self.config.timeout_for(module, request.function)
-                                  if timeout is None else timeout)
+        if timeout is None:  # the config's entry, then the decorator's, then the global one
+            timeouts = self.handlers.timeouts
+            handler_ms = timeouts.get((module, request.function)) if timeouts else None
+            timeout = self.config.timeout_for(module, request.function, handler_ms)
+        self.progress.set_timeout(timeout)
         try:
             result = fn(*request.args)  # type: ignore[operator]
+        except ArgumentError as exc:  # typed arguments did not fit: no traceback from the wrapper
+            if request.kind == "cast":
+                log.warning("cast %s.%s: %s", request.module, request.function, exc)
+                return self._encode(bert.noreply())
+            return self._error(bert.USER, bert.USER_ERROR, "ArgumentError", str(exc),
+                               [f"ArgumentError: {exc}"])
         except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -150,7 +176,14 @@ class Worker:
         try:
             return etf.encode(result if self.bare else bert.reply(result), none_atom=self._none)
         except EncodeError as exc:
-            return self._error(bert.USER, bert.USER_ERROR, "EncodeError", f"the result cannot be sent: {exc}")
+            error = exc
+        try:  # -- Structs, dataclasses, Enums (poolport.typed.to_term), if plain encoding failed
+            term = typed.to_term(result)
+            return etf.encode(term if self.bare else bert.reply(term), none_atom=self._none)
+        except EncodeError as exc:
+            error = exc
+        return self._error(bert.USER, bert.USER_ERROR, "EncodeError",
+                           f"the result cannot be sent: {error}")
 
     def _encode(self, term: Any) -> bytes:
         return etf.encode(term, none_atom=self._none)
@@ -159,7 +192,8 @@ class Worker:
         return self._encode(bert.error(kind, code, cls, detail, trace, bare=self.bare))
 
 
-def serve_run(worker: Worker, run: bytes, packet: int, flush: Callable[[int, bytes], None]) -> None:
+def serve_run(worker: Worker, run: bytes, packet: int,
+              flush: Callable[[int, list[bytes]], None]) -> None:
     """Answer every frame of ``run``, calling ``flush(count, framed_replies)`` as progress is made."""
     out: list[bytes] = []
     last = time.perf_counter()
@@ -170,11 +204,21 @@ def serve_run(worker: Worker, run: bytes, packet: int, flush: Callable[[int, byt
         out.append(frame(answer, packet))
         now = time.perf_counter()
         if now - last >= FLUSH_AFTER_S:
-            flush(len(out), b"".join(out))
-            out.clear()
+            flush(len(out), out)
+            out = []
             last = time.perf_counter()
     if out:
-        flush(len(out), b"".join(out))
+        flush(len(out), out)
+
+
+def _limit_memory(megabytes: int) -> None:
+    """Cap this worker's address space: a runaway handler gets MemoryError, not the OOM killer."""
+    if megabytes:
+        import resource
+
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = megabytes * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
 
 
 def _isolate_stdout() -> None:
@@ -188,6 +232,7 @@ def worker_main(address: str, progress_path: str, slot: int, config: Config,
                 info: dict[str, Any]) -> None:
     """Entry point of a pool process (submitted once to its loky executor)."""
     _isolate_stdout()
+    _limit_memory(config.max_worker_memory_mb)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format=f"%(asctime)s poolport[worker {slot} pid {os.getpid()}] %(levelname)s %(message)s")
     for path in reversed(config.python_path):
@@ -199,20 +244,47 @@ def worker_main(address: str, progress_path: str, slot: int, config: Config,
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001
             log.warning("cannot import allowlisted module %r: %s", module, exc)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(address)
-    sock.sendall(HEADER.pack(slot, os.getpid()))
+    init_failed = False  # -- worker_init (poolport.handler): once per worker, before serving
+    if config.worker_init:
+        try:
+            run_worker_init(config.worker_init, config.worker_init_args)
+        except BaseException:  # noqa: BLE001 - any failure stops start-up, loudly
+            log.critical("worker_init %r failed:\n%s", config.worker_init, traceback.format_exc())
+            init_failed = True
+    _exit_with_parent(os.getppid())
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address)
+        tune(sock)
+        if init_failed:  # hello with pid 0: the dispatcher stops `poolport serve` (exit status 3)
+            sock.sendall(HEADER.pack(slot, 0))
+            os._exit(78)
+        sock.sendall(HEADER.pack(slot, os.getpid()))
 
-    def flush(count: int, data: bytes) -> None:
-        send_message(sock, count, data)
+        def flush(count: int, data: list[bytes]) -> None:
+            send_message(sock, count, data)
 
-    while True:
-        header = recv_exact(sock, HEADER.size)
-        if header is None:
-            break
-        size, _count = HEADER.unpack(header)
-        run = recv_exact(sock, size)
-        if run is None:
-            break
-        serve_run(worker, run, config.packet, flush)
-    os._exit(0)  # the dispatcher is gone: leave at once, whatever threads a handler started
+        reader = MessageReader()
+        while True:
+            messages = reader.read_from(sock)
+            if messages is None:
+                break
+            for _count, run in messages:
+                serve_run(worker, run if type(run) is bytes else bytes(run), config.packet, flush)
+    except OSError as exc:
+        log.info("link to the dispatcher lost: %s", exc)
+    finally:
+        # Never return to loky: the dispatcher is gone or done with us, and a
+        # worker idling on loky's task queue would outlive it.
+        os._exit(0)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Leave as soon as the dispatcher dies, even in the middle of a long call."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="poolport-parent-watch", daemon=True).start()

@@ -67,3 +67,26 @@ def _private():
 
 class Thing:
     pass
+
+
+def segfault():
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def sigkill_self():
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def close_stdout(x):
+    os.close(1)
+    print("printing after fd 1 was closed must not break anything")
+    return x
+
+
+def hog_memory(mb):
+    block = bytearray(mb * 1024 * 1024)
+    return len(block)

@@ -1,0 +1,195 @@
+%% @doc Call Python functions in parallel through one Erlang port.
+%%
+%% A pool is a {@link poolport_server} process that owns one port to
+%% `python -m poolport serve'. Any number of Erlang processes may call
+%% through the same pool at once: every request is written to the port as
+%% soon as it arrives (pipelining) and the replies, which Python sends back
+%% strictly in request order, are matched to the callers by a FIFO queue.
+%%
+%% ```
+%% {ok, Pool} = poolport:start_link(#{config => "config/poolport.yaml",
+%%                                    name => my_pool}),
+%% {ok, 42} = poolport:call(my_pool, demo, twice, [21]),
+%% {error, {user, 0, <<"ValueError">>, _, _}} = poolport:call(my_pool, demo, fail, []),
+%% ok = poolport:stop(my_pool).
+%% '''
+-module(poolport).
+
+%% API.
+-export([start_link/1]).
+-export([start/1]).
+-export([child_spec/1]).
+-export([call/4]).
+-export([call/5]).
+-export([cast/4]).
+-export([info/1]).
+-export([stop/1]).
+
+-type opts() :: #{
+    config => file:filename_all() | undefined,
+    python => file:filename_all(),
+    name => atom(),
+    packet => 1 | 2 | 4,
+    args => [string() | binary()],
+    env => [{string() | binary(), string() | binary() | false}],
+    cd => file:filename_all(),
+    max_restarts => non_neg_integer(),
+    restart_period => pos_integer(),
+    start_timeout => pos_integer(),
+    stop_timeout => non_neg_integer()
+}.
+%% Pool options; every key is optional.
+%% <dl>
+%% <dt>`config'</dt><dd>Path of the YAML configuration passed as
+%%   `--config'; relative paths are resolved against the current directory
+%%   of the Erlang node. Default `"config/poolport.yaml"'; `undefined'
+%%   passes no `--config' at all.</dd>
+%% <dt>`python'</dt><dd>Interpreter, a path or a name looked up in `PATH'.
+%%   Default: the application environment key `python', else `"python3"'.</dd>
+%% <dt>`name'</dt><dd>Register the pool locally under this name.</dd>
+%% <dt>`packet'</dt><dd>`{packet, N}' framing, 1, 2 or 4 (default 4); also
+%%   passed to Python as `--packet N'.</dd>
+%% <dt>`args'</dt><dd>Extra command line arguments appended after
+%%   `serve --config C --packet N'.</dd>
+%% <dt>`env'</dt><dd>Extra environment variables for the Python process
+%%   (`false' as value unsets one).</dd>
+%% <dt>`cd'</dt><dd>Working directory of the Python process.</dd>
+%% <dt>`max_restarts', `restart_period'</dt><dd>If the Python process dies
+%%   more than `max_restarts' times (default 5) within `restart_period'
+%%   seconds (default 10) the pool stops and its supervisor takes over.</dd>
+%% <dt>`start_timeout'</dt><dd>ms to wait for Python's first answer when
+%%   the pool starts (default 15000).</dd>
+%% <dt>`stop_timeout'</dt><dd>ms {@link stop/1} waits for the Python process
+%%   to exit after closing its stdin, before it sends SIGTERM and then
+%%   SIGKILL (to it and its child processes) (default 10000; keep it above
+%%   Python's `shutdown_grace_ms', 5000 by default).</dd>
+%% </dl>
+
+-type pool() :: pid() | atom().
+%% A pool: its pid or its registered name.
+
+-type error_type() :: protocol | server | user.
+-type bert_error() :: {error_type(), integer(), binary(), binary(), [binary()]}.
+%% The BERT-RPC error tuple `{Type, Code, Class, Detail, Backtrace}' sent by
+%% Python.
+
+-type reason() :: bert_error() | timeout | port_closed.
+%% Why a call failed: an error reported by Python, the call's timeout
+%% (whichever side noticed it first), or the Python process is gone (it
+%% died while the call was pending, or it is being restarted).
+
+-export_type([opts/0]).
+-export_type([pool/0]).
+-export_type([error_type/0]).
+-export_type([bert_error/0]).
+-export_type([reason/0]).
+
+%% API.
+
+%% @doc Start a pool linked to the calling process.
+%%
+%% Opens the port to Python and waits (at most `start_timeout' ms) for its
+%% first answer, so `{ok, Pid}' means Python is up. For use in your own
+%% supervision tree, see {@link child_spec/1}. Invalid options, a missing
+%% interpreter or a missing config file give `{error, Reason}' without
+%% starting anything.
+-spec start_link(opts()) -> {ok, pid()} | {error, term()}.
+start_link(Opts) ->
+    case poolport_server:prepare(Opts) of
+        {ok, Cfg} -> poolport_server:start_link(Cfg);
+        {error, _} = Error -> Error
+    end.
+
+%% @doc Start a pool under the application's supervisor (`poolport_sup').
+%%
+%% The pool is restarted if it crashes; {@link stop/1} removes it. Starts
+%% the `poolport' application if needed.
+-spec start(opts()) -> {ok, pid()} | {error, term()}.
+start(Opts) ->
+    case application:ensure_all_started(poolport) of
+        {ok, _} ->
+            case poolport_server:prepare(Opts) of
+                {ok, Cfg} -> poolport_sup:start_pool(Cfg);
+                {error, _} = Error -> Error
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc A child specification for a pool in your own supervisor.
+%%
+%% The id is the `name' option if given, else `poolport'. Raises
+%% `error({badarg, Reason})' if the options are invalid.
+-spec child_spec(opts()) -> supervisor:child_spec().
+child_spec(Opts) ->
+    case poolport_server:check_opts(Opts) of
+        {ok, Cfg} ->
+            #{id => maps:get(name, Opts, poolport),
+              start => {poolport, start_link, [Opts]},
+              restart => permanent,
+              shutdown => poolport_server:shutdown_timeout(Cfg),
+              type => worker,
+              modules => [poolport, poolport_server]};
+        {error, Reason} ->
+            erlang:error({badarg, Reason}, [Opts])
+    end.
+
+%% @doc Call `Module.Function(*Args)' in Python with the default timeout.
+%%
+%% The timeout is the application environment key `default_timeout' (ms,
+%% default 5000).
+-spec call(pool(), atom(), atom(), list()) -> {ok, term()} | {error, reason()}.
+call(Pool, Module, Function, Args) ->
+    call(Pool, Module, Function, Args, default_timeout()).
+
+%% @doc Call `Module.Function(*Args)' in Python, waiting at most `Timeout' ms.
+%%
+%% An integer timeout is also sent to Python, which stops the call when it
+%% expires. After `{error, timeout}' no late reply ever reaches the caller's
+%% mailbox: the pool drops it.
+-spec call(pool(), atom(), atom(), list(), timeout()) -> {ok, term()} | {error, reason()}.
+call(Pool, Module, Function, Args, Timeout)
+  when is_atom(Module), is_atom(Function), is_list(Args),
+       (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
+    poolport_server:call(Pool, poolport_server:encode_call(Module, Function, Args), Timeout);
+call(Pool, Module, Function, Args, Timeout) ->
+    erlang:error(badarg, [Pool, Module, Function, Args, Timeout]).
+
+%% @doc Run `Module.Function(*Args)' in Python without waiting for it.
+%%
+%% Returns at once. Python still runs the function, in request order with
+%% the calls; an error it reports is logged and counted in `errors'.
+-spec cast(pool(), atom(), atom(), list()) -> ok.
+cast(Pool, Module, Function, Args)
+  when is_atom(Module), is_atom(Function), is_list(Args) ->
+    poolport_server:cast(Pool, poolport_server:encode_cast(Module, Function, Args));
+cast(Pool, Module, Function, Args) ->
+    erlang:error(badarg, [Pool, Module, Function, Args]).
+
+%% @doc Counters and state of a pool.
+%%
+%% Keys: `workers' (Python worker processes, `undefined' until Python told),
+%% `in_flight' (requests written to Python and not yet answered), `waiting'
+%% (callers waiting for a reply), `calls', `casts', `errors' (calls and
+%% casts that ended in an error), `timeouts', `dropped' (late replies
+%% thrown away), `restarts' (times the port was reopened), `os_pid' (of
+%% the Python process, `undefined' while restarting), `status' (`running'
+%% or `restarting'), `packet', `python', `config' and `server' (the map
+%% Python returned for `'$poolport':info()').
+-spec info(pool()) -> map().
+info(Pool) ->
+    gen_server:call(Pool, info).
+
+%% @doc Stop a pool: close the port and wait until the Python process exited.
+%%
+%% Pending callers get `{error, port_closed}'. If Python does not exit within
+%% `stop_timeout' ms it is sent SIGTERM, then SIGKILL.
+-spec stop(pool()) -> ok.
+stop(Pool) ->
+    gen_server:stop(Pool, normal, infinity).
+
+%% Internal.
+
+-spec default_timeout() -> timeout().
+default_timeout() ->
+    application:get_env(poolport, default_timeout, 5000).

@@ -1,0 +1,485 @@
+%% End-to-end tests: a real `python -m poolport serve' behind the port.
+%%
+%% The interpreter is $POOLPORT_PYTHON (default python3). If the repository's
+%% Python package sits next to erlang/, it is put first on PYTHONPATH, so the
+%% tests also run from a plain checkout; in CI it is pip-installed.
+%% Handlers: test/fixtures/pp_handlers.py, config: test/fixtures/poolport_test.yaml.
+%%
+%% Tests wait on monitors and messages; where only the pool's counters can
+%% tell (wait_until/2), they poll them. Timeouts are generous: their only job
+%% is to catch deadlocks.
+-module(poolport_e2e_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+-define(M, pp_handlers).
+%% Upper bound for anything that should take well under a second.
+-define(DEADLOCK, 30000).
+
+%% Fixtures.
+
+shared_pool_test_() ->
+    {setup, fun start_shared/0, fun stop_pool/1,
+     fun(Pool) ->
+         [{Title, {timeout, 120, fun() -> Test(Pool) end}} || {Title, Test} <- [
+             {"results of calls", fun results/1},
+             {"terms round-trip", fun round_trip/1},
+             {"300 concurrent callers get their own answers", fun concurrent/1},
+             {"Python exception is a user error", fun user_error/1},
+             {"unknown module and function are server errors", fun server_errors/1},
+             {"cast returns ok, has run when a later call is answered", fun cast/1},
+             {"timeout: {error, timeout}, late reply dropped, no stray message", fun timeout/1},
+             {"caller-side timeout: alias drops the late reply", fun caller_timeout/1},
+             {"dead caller's reply is discarded", fun dead_caller/1},
+             {"infinity timeout", fun infinity/1},
+             {"info/1 fields", fun info/1}
+         ]]
+     end}.
+
+own_pool_test_() ->
+    [{Title, {timeout, 120, Test}} || {Title, Test} <- [
+        {"kill -9 of Python: pending get port_closed, pool recovers", fun kill_recover/0},
+        {"kill -9 of Python leaves no orphan processes", fun kill_no_orphans/0},
+        {"Python keeps dying: pool stops with restart_intensity", fun intensity/0},
+        {"stop/1 leaves no OS process", fun stop_clean/0},
+        {"stop/1 with a pending call", fun stop_pending/0},
+        {"start/1 under poolport_sup, name, packet 2", fun start_supervised/0},
+        {"start errors", fun start_errors/0},
+        {"pools from the application environment", fun app_env_pools/0},
+        {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0}
+    ]].
+
+start_shared() ->
+    {ok, Pool} = poolport:start_link(opts(#{})),
+    unlink(Pool),
+    Pool.
+
+stop_pool(Pool) ->
+    ok = poolport:stop(Pool).
+
+%% Shared-pool tests.
+
+results(Pool) ->
+    ?assertEqual({ok, 42}, poolport:call(Pool, ?M, twice, [21])),
+    ?assertEqual({ok, 42}, poolport:call(Pool, ?M, twice, [21], 5000)),
+    ?assertEqual({ok, 332833500}, poolport:call(Pool, ?M, burn, [1000])),
+    ?assertMatch({ok, N} when is_integer(N), poolport:call(Pool, ?M, getpid, [])).
+
+round_trip(Pool) ->
+    Terms = [0, -1, 255, 256, 1 bsl 100, -(1 bsl 70), 1.5, -0.25, true, false, undefined,
+             some_atom, 'Ünïcode', <<>>, <<"bytes">>, <<1, 2, 3>>, [], [1, 2, 3],
+             "charlist", [a, [b, <<"c">>]], {}, {1, two, <<"3">>}, #{a => 1, <<"k">> => [x]},
+             lists:duplicate(1000, {x, 1.0}), binary:copy(<<7>>, 1000000)],
+    [?assertEqual({ok, T}, poolport:call(Pool, ?M, echo, [T])) || T <- Terms].
+
+concurrent(Pool) ->
+    N = 300,
+    Self = self(),
+    Pids = [spawn_monitor(fun() ->
+                Payload = {I, integer_to_binary(I), [I, I + 1]},
+                R1 = poolport:call(Pool, ?M, echo, [Payload], ?DEADLOCK),
+                R2 = poolport:call(Pool, ?M, twice, [I], ?DEADLOCK),
+                Self ! {answer, I, R1, R2}
+            end) || I <- lists:seq(1, N)],
+    Answers = [receive {answer, I, R1, R2} -> {I, R1, R2} after ?DEADLOCK -> error(deadlock) end
+               || _ <- Pids],
+    [receive {'DOWN', MRef, process, Pid, normal} -> ok after ?DEADLOCK -> error(deadlock) end
+     || {Pid, MRef} <- Pids],
+    ?assertEqual([{I, {ok, {I, integer_to_binary(I), [I, I + 1]}}, {ok, 2 * I}}
+                  || I <- lists:seq(1, N)],
+                 lists:sort(Answers)).
+
+user_error(Pool) ->
+    #{errors := E0} = poolport:info(Pool),
+    ?assertMatch({error, {user, _, <<"ValueError">>, <<"no good">>, _}},
+                 poolport:call(Pool, ?M, fail, [<<"no good">>])),
+    {error, {user, _, _, _, Trace}} = poolport:call(Pool, ?M, fail, []),
+    ?assert(is_list(Trace)),
+    ?assert(lists:all(fun is_binary/1, Trace)),
+    ?assertMatch(#{errors := E} when E =:= E0 + 2, poolport:info(Pool)),
+    ?assertEqual({ok, 2}, poolport:call(Pool, ?M, twice, [1])).
+
+server_errors(Pool) ->
+    ?assertMatch({error, {server, 1, _, _, _}}, poolport:call(Pool, os, getcwd, [])),
+    ?assertMatch({error, {server, 2, _, _, _}}, poolport:call(Pool, ?M, no_such_fun, [])).
+
+cast(Pool) ->
+    File = filename:join(tmp_dir(), "poolport_cast_" ++ os:getpid() ++ ".txt"),
+    _ = file:delete(File),
+    Path = list_to_binary(File),
+    [?assertEqual(ok, poolport:cast(Pool, ?M, append, [Path, integer_to_binary(I)]))
+     || I <- lists:seq(1, 5)],
+    %% Replies come in request order: once this call is answered, the casts
+    %% before it have run (in parallel on the workers, so in any order).
+    ?assertEqual({ok, done}, poolport:call(Pool, ?M, echo, [done])),
+    {ok, Content} = file:read_file(File),
+    ?assertEqual([<<"1">>, <<"2">>, <<"3">>, <<"4">>, <<"5">>],
+                 lists:sort(binary:split(Content, <<"\n">>, [global, trim_all]))),
+    ok = file:delete(File).
+
+timeout(Pool) ->
+    #{dropped := D0, timeouts := T0} = poolport:info(Pool),
+    Start = erlang:monotonic_time(millisecond),
+    {Result, Mailbox} = in_fresh_process(fun() ->
+        R = poolport:call(Pool, ?M, sleep_ms, [3000], 200),
+        %% Python's own timeout answer arrives later and must be dropped.
+        wait_until(fun() -> maps:get(dropped, poolport:info(Pool)) > D0 end, ?DEADLOCK),
+        R
+    end),
+    Elapsed = erlang:monotonic_time(millisecond) - Start,
+    ?assertEqual({error, timeout}, Result),
+    ?assertEqual([], Mailbox),
+    %% Python stopped the call at ~200 ms instead of sleeping 3 s.
+    ?assert(Elapsed < 2500),
+    ?assertMatch(#{dropped := D, timeouts := T, in_flight := 0, waiting := 0}
+                   when D =:= D0 + 1 andalso T =:= T0 + 1,
+                 poolport:info(Pool)),
+    ?assertEqual({ok, 3}, poolport:call(Pool, ?M, echo, [3])).
+
+caller_timeout(Pool) ->
+    %% With the pool suspended the server cannot answer: the caller gives
+    %% up on its own (gen_server:call timeout). When the pool resumes, it
+    %% sends the request and replies to the caller's dead alias.
+    #{calls := C0} = poolport:info(Pool),
+    {Result, Mailbox} = in_fresh_process(fun() ->
+        ok = sys:suspend(Pool),
+        R = poolport:call(Pool, ?M, echo, [late], 10),
+        ok = sys:resume(Pool),
+        wait_until(fun() ->
+            #{calls := C, in_flight := F} = poolport:info(Pool),
+            C > C0 andalso F =:= 0
+        end, ?DEADLOCK),
+        R
+    end),
+    ?assertEqual({error, timeout}, Result),
+    ?assertEqual([], Mailbox).
+
+dead_caller(Pool) ->
+    #{dropped := D0} = poolport:info(Pool),
+    {Pid, MRef} = spawn_monitor(fun() -> poolport:call(Pool, ?M, sleep_ms, [300], ?DEADLOCK) end),
+    wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) =:= 1 end, ?DEADLOCK),
+    exit(Pid, kill),
+    receive {'DOWN', MRef, process, Pid, killed} -> ok end,
+    wait_until(fun() -> maps:get(in_flight, poolport:info(Pool)) =:= 0 end, ?DEADLOCK),
+    ?assertMatch(#{dropped := D, waiting := 0} when D =:= D0 + 1, poolport:info(Pool)).
+
+infinity(Pool) ->
+    ?assertEqual({ok, 10}, poolport:call(Pool, ?M, sleep_ms, [10], infinity)).
+
+info(Pool) ->
+    Info = poolport:info(Pool),
+    [?assert(maps:is_key(K, Info))
+     || K <- [workers, in_flight, calls, errors, restarts, os_pid, casts, timeouts,
+              dropped, waiting, status]],
+    #{workers := 2, in_flight := 0, restarts := 0, os_pid := OsPid, status := running,
+      calls := Calls, packet := 4} = Info,
+    ?assert(is_integer(OsPid) andalso os_alive(OsPid)),
+    ?assertEqual({ok, 1}, poolport:call(Pool, ?M, echo, [1])),
+    ?assertMatch(#{calls := C} when C =:= Calls + 1, poolport:info(Pool)),
+    ?assertError(badarg, poolport:call(Pool, "m", f, [])),
+    ?assertError(badarg, poolport:call(Pool, m, f, not_a_list)).
+
+%% Tests with their own pool.
+
+kill_recover() ->
+    {ok, Pool} = poolport:start_link(opts(#{name => pp_kill})),
+    #{os_pid := OsPid, restarts := 0} = poolport:info(Pool),
+    Children = children(OsPid),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                   Self ! {pending, self(), poolport:call(pp_kill, ?M, sleep_ms, [20000], 60000)}
+               end) || _ <- lists:seq(1, 4)],
+    wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) =:= 4 end, ?DEADLOCK),
+    Killed = erlang:monotonic_time(millisecond),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    [receive {pending, C, R} -> ?assertEqual({error, port_closed}, R) after ?DEADLOCK -> error(deadlock) end
+     || C <- Callers],
+    ?assert(erlang:monotonic_time(millisecond) - Killed < 5000),
+    %% Recovery: same process, same name, a new Python.
+    wait_until(fun() -> maps:get(status, poolport:info(Pool)) =:= running end, ?DEADLOCK),
+    ?assertEqual(Pool, whereis(pp_kill)),
+    ?assertEqual({ok, 42}, poolport:call(pp_kill, ?M, twice, [21])),
+    #{os_pid := OsPid2, restarts := 1, workers := 2, errors := Errors} = poolport:info(Pool),
+    ?assertNotEqual(OsPid, OsPid2),
+    ?assert(Errors >= 4),
+    ?assertNot(os_alive(OsPid)),
+    unlink(Pool),
+    ok = poolport:stop(Pool),
+    kill_orphans(Children).
+
+kill_no_orphans() ->
+    %% Python's side of "no OS process left behind": once the dispatcher is
+    %% gone, its workers (busy or idle) must exit on their own.
+    {ok, Pool} = poolport:start_link(opts(#{})),
+    unlink(Pool),
+    #{os_pid := OsPid} = poolport:info(Pool),
+    Children = children(OsPid),
+    ?assertNotEqual([], Children),
+    Self = self(),
+    _ = spawn_link(fun() -> Self ! {pending, poolport:call(Pool, ?M, sleep_ms, [1000], 60000)} end),
+    wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) =:= 1 end, ?DEADLOCK),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    receive {pending, R} -> ?assertEqual({error, port_closed}, R) after ?DEADLOCK -> error(deadlock) end,
+    ok = poolport:stop(Pool),
+    Left = try
+               wait_until(fun() -> not lists:any(fun os_alive/1, Children) end, 15000),
+               []
+           catch
+               error:wait_until_timeout -> [{C, ps_cmd(C)} || C <- Children, os_alive(C)]
+           end,
+    %% Do not leave them running (they hold the test run's stdout open).
+    kill_orphans([C || {C, _} <- Left]),
+    ?assertEqual({orphans_after_15s, []}, {orphans_after_15s, Left}).
+
+intensity() ->
+    {ok, Pool} = poolport:start_link(opts(#{max_restarts => 1, restart_period => 60})),
+    unlink(Pool),
+    MRef = monitor(process, Pool),
+    #{os_pid := OsPid1} = poolport:info(Pool),
+    Children1 = children(OsPid1),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid1)),
+    %% Reopened: a new os pid (the status alone could still show the old port).
+    wait_until(fun() ->
+        #{os_pid := P} = poolport:info(Pool),
+        is_integer(P) andalso P =/= OsPid1
+    end, ?DEADLOCK),
+    ?assertEqual({ok, 1}, poolport:call(Pool, ?M, echo, [1])),
+    #{os_pid := OsPid2, restarts := 1} = poolport:info(Pool),
+    Children2 = children(OsPid2),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid2)),
+    receive
+        {'DOWN', MRef, process, Pool, Reason} ->
+            ?assertMatch({restart_intensity, #{last_exit := {exit_status, _},
+                                               max_restarts := 1, restart_period := 60}},
+                         Reason)
+    after ?DEADLOCK -> error(deadlock)
+    end,
+    kill_orphans(Children1 ++ Children2).
+
+stop_clean() ->
+    {ok, Pool} = poolport:start_link(opts(#{})),
+    unlink(Pool),
+    #{os_pid := OsPid} = poolport:info(Pool),
+    %% Worker pids: enough concurrent calls to reach both workers.
+    Workers = lists:usort(
+        [Pid || {ok, Pid} <- pmap(fun(_) -> poolport:call(Pool, ?M, getpid, []) end,
+                                   lists:seq(1, 20))]),
+    ?assertNotEqual([], Workers),
+    MRef = monitor(process, Pool),
+    ?assertEqual(ok, poolport:stop(Pool)),
+    receive {'DOWN', MRef, process, Pool, _} -> ok after ?DEADLOCK -> error(deadlock) end,
+    %% stop/1 returns after the Python process exited.
+    ?assertNot(os_alive(OsPid)),
+    %% Its workers follow on their own.
+    [wait_until(fun() -> not os_alive(W) end, 10000) || W <- Workers, W =/= OsPid].
+
+stop_pending() ->
+    {ok, Pool} = poolport:start_link(opts(#{stop_timeout => 1000})),
+    unlink(Pool),
+    #{os_pid := OsPid} = poolport:info(Pool),
+    Children = children(OsPid),
+    Self = self(),
+    Caller = spawn_link(fun() ->
+        Self ! {pending, self(), poolport:call(Pool, ?M, sleep_ms, [20000], 60000)}
+    end),
+    wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) =:= 1 end, ?DEADLOCK),
+    ?assertEqual(ok, poolport:stop(Pool)),
+    receive {pending, Caller, R} -> ?assertEqual({error, port_closed}, R)
+    after ?DEADLOCK -> error(deadlock)
+    end,
+    ?assertNot(os_alive(OsPid)),
+    wait_until(fun() -> not lists:any(fun os_alive/1, Children) end, 10000).
+
+start_supervised() ->
+    {ok, Pool} = poolport:start(opts(#{name => pp_sup, packet => 2})),
+    ?assertEqual(Pool, whereis(pp_sup)),
+    ?assert(lists:keymember(Pool, 2, supervisor:which_children(poolport_sup))),
+    ?assertEqual({ok, <<"hi">>}, poolport:call(pp_sup, ?M, echo, [<<"hi">>])),
+    ?assertMatch(#{packet := 2}, poolport:info(pp_sup)),
+    %% A request that does not fit {packet, 2} is refused, the pool carries on.
+    ?assertMatch({error, {protocol, _, <<"FrameTooLarge">>, _, _}},
+                 poolport:call(pp_sup, ?M, echo, [binary:copy(<<0>>, 70000)])),
+    ?assertEqual({ok, 2}, poolport:call(pp_sup, ?M, twice, [1])),
+    %% A crash of the pool process is repaired by the supervisor.
+    MRef = monitor(process, Pool),
+    exit(Pool, kill),
+    receive {'DOWN', MRef, process, Pool, killed} -> ok end,
+    wait_until(fun() -> is_pid(whereis(pp_sup)) end, ?DEADLOCK),
+    ?assertEqual({ok, 4}, poolport:call(pp_sup, ?M, twice, [2])),
+    #{os_pid := OsPid} = poolport:info(pp_sup),
+    ok = poolport:stop(pp_sup),
+    ?assertEqual(undefined, whereis(pp_sup)),
+    ?assertNot(os_alive(OsPid)),
+    ?assertNot(lists:any(fun({_, P, _, _}) -> P =:= Pool end,
+                         supervisor:which_children(poolport_sup))).
+
+start_errors() ->
+    ?assertEqual({error, {unknown_option, bogus}}, poolport:start_link(#{bogus => 1})),
+    ?assertEqual({error, {python_not_found, "no-such-python-poolport"}},
+                 poolport:start_link(opts(#{python => "no-such-python-poolport"}))),
+    ?assertMatch({error, {config_not_found, _}},
+                 poolport:start_link(opts(#{config => "no/such/config.yaml"}))),
+    Bad = filename:join(tmp_dir(), "poolport_bad_" ++ os:getpid() ++ ".yaml"),
+    ok = file:write_file(Bad, <<"workers: many\n">>),
+    %% Python refuses the config and exits: start/1 (under the supervisor)
+    %% reports it.
+    ?assertMatch({error, {python_exited, N}} when N =/= 0,
+                 poolport:start(opts(#{config => Bad}))),
+    ok = file:delete(Bad),
+    ?assertError({badarg, {bad_option, packet, 3}}, poolport:child_spec(#{packet => 3})),
+    ?assertMatch(#{id := my_pool, start := {poolport, start_link, [_]}},
+                 poolport:child_spec(#{name => my_pool})).
+
+app_env_pools() ->
+    _ = application:stop(poolport),
+    _ = application:load(poolport),
+    ok = application:set_env(poolport, pools, [{pp_env, maps:to_list(opts(#{}))}]),
+    try
+        {ok, _} = application:ensure_all_started(poolport),
+        Pool = whereis(pp_env),
+        ?assert(is_pid(Pool)),
+        ?assertEqual({ok, 10}, poolport:call(pp_env, ?M, twice, [5])),
+        #{os_pid := OsPid} = poolport:info(pp_env),
+        ok = application:stop(poolport),
+        ?assertEqual(undefined, whereis(pp_env)),
+        ?assertNot(os_alive(OsPid))
+    after
+        ok = application:set_env(poolport, pools, [])
+    end.
+
+alias_semantics() ->
+    %% What poolport's caller-side timeout relies on: after gen_server:call
+    %% times out, a reply sent later never reaches the caller's mailbox.
+    {Result, Mailbox} = in_fresh_process(fun() ->
+        Self = self(),
+        Server = spawn(fun() ->
+            receive {'$gen_call', From, ping} ->
+                receive go -> ok end,
+                gen_server:reply(From, pong),
+                Self ! replied
+            end
+        end),
+        R = try gen_server:call(Server, ping, 10) catch exit:{timeout, _} -> timeout end,
+        Server ! go,
+        %% Had the reply been delivered, it would be in the mailbox before
+        %% 'replied' (same sender, messages stay in order).
+        receive replied -> ok end,
+        R
+    end),
+    ?assertEqual(timeout, Result),
+    ?assertEqual([], Mailbox).
+
+%% Helpers.
+
+opts(Extra) ->
+    maps:merge(#{config => filename:join(fixtures_dir(), "poolport_test.yaml"),
+                 python => os:getenv("POOLPORT_PYTHON", "python3"),
+                 env => python_env()},
+               Extra).
+
+fixtures_dir() ->
+    Candidates = [filename:join(filename:dirname(?FILE), "fixtures"),
+                  filename:join(filename:dirname(code:which(?MODULE)), "fixtures"),
+                  filename:absname("test/fixtures")],
+    case [D || D <- Candidates, filelib:is_regular(filename:join(D, "poolport_test.yaml"))] of
+        [Dir | _] -> Dir;
+        [] -> error({no_fixtures, Candidates})
+    end.
+
+%% Put the repository's Python package first on PYTHONPATH if erlang/ sits
+%% in a checkout of it.
+python_env() ->
+    case repo_root(filename:absname(fixtures_dir())) of
+        undefined ->
+            [];
+        Root ->
+            Path = case os:getenv("PYTHONPATH") of
+                       false -> Root;
+                       "" -> Root;
+                       Old -> Root ++ ":" ++ Old
+                   end,
+            [{"PYTHONPATH", Path}]
+    end.
+
+repo_root("/") ->
+    undefined;
+repo_root(Dir) ->
+    case filelib:is_regular(filename:join([Dir, "poolport", "__init__.py"])) andalso
+         filelib:is_regular(filename:join(Dir, "pyproject.toml")) of
+        true -> Dir;
+        false -> repo_root(filename:dirname(Dir))
+    end.
+
+tmp_dir() ->
+    case os:getenv("TMPDIR") of
+        false -> "/tmp";
+        "" -> "/tmp";
+        Dir -> Dir
+    end.
+
+%% Run Fun in a new process; return its result and what was left in its
+%% mailbox afterwards.
+in_fresh_process(Fun) ->
+    {Pid, MRef} = spawn_monitor(fun() ->
+        Result = Fun(),
+        {messages, Messages} = process_info(self(), messages),
+        exit({done, Result, Messages})
+    end),
+    receive
+        {'DOWN', MRef, process, Pid, {done, Result, Messages}} -> {Result, Messages};
+        {'DOWN', MRef, process, Pid, Other} -> error({test_process_failed, Other})
+    after ?DEADLOCK * 2 -> error(deadlock)
+    end.
+
+children(OsPid) ->
+    Out = os:cmd("pgrep -P " ++ integer_to_list(OsPid)),
+    [list_to_integer(P) || P <- string:lexemes(Out, " \n")].
+
+%% Python processes left behind by a test that killed the dispatcher:
+%% kill_no_orphans/0 reports them, the other tests just remove them.
+kill_orphans(Pids) ->
+    _ = [os:cmd("kill -KILL " ++ integer_to_list(P)) || P <- Pids, os_alive(P)],
+    ok.
+
+ps_cmd(OsPid) ->
+    string:trim(os:cmd("ps -o args= -p " ++ integer_to_list(OsPid))).
+
+pmap(Fun, List) ->
+    Self = self(),
+    Refs = [begin
+                Ref = make_ref(),
+                spawn_link(fun() -> Self ! {Ref, Fun(X)} end),
+                Ref
+            end || X <- List],
+    [receive {Ref, R} -> R after ?DEADLOCK -> error(deadlock) end || Ref <- Refs].
+
+%% Poll Pred every 10 ms until it is true; fail after Timeout ms.
+wait_until(Pred, Timeout) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    wait_until_(Pred, Deadline).
+
+wait_until_(Pred, Deadline) ->
+    case Pred() of
+        true -> ok;
+        false ->
+            case erlang:monotonic_time(millisecond) > Deadline of
+                true -> error(wait_until_timeout);
+                false ->
+                    receive after 10 -> ok end,
+                    wait_until_(Pred, Deadline)
+            end
+    end.
+
+%% kill -0 says whether the OS process exists; a zombie (exited, not yet
+%% reaped by its parent) counts as gone.
+os_alive(OsPid) ->
+    P = integer_to_list(OsPid),
+    case os:cmd("kill -0 " ++ P ++ " 2>/dev/null && echo alive") of
+        "alive\n" ->
+            case string:trim(os:cmd("ps -o stat= -p " ++ P)) of
+                "Z" ++ _ -> false;
+                _ -> true
+            end;
+        _ ->
+            false
+    end.

@@ -1,0 +1,560 @@
+"""``python -m poolport.bench``: poolport against the port a user would otherwise write.
+
+Every end-to-end figure is measured from a real Erlang VM through a real port
+(``bench_driver.escript``), for ``poolport serve`` and for the single-process
+reference ``python -m poolport.bench_reference`` (the 2017 seed's loop: read,
+decode, call, encode, write) driven identically, in the same run and
+interleaved (reference, poolport, reference, poolport, ...; the best figure of
+each side is kept), because the machines are shared and noisy. The codec is
+measured in-process against erlang-py and erlpack (the ``bench`` extra).
+
+Workloads (``--only`` names):
+
+* ``cpu``: ``burn(200000)`` (pure-Python CPU work) from 50 concurrent Erlang
+  processes, each in lock-step, with 1 worker and with N workers; bar: the
+  N-worker throughput is at least 0.9 × N × the 1-worker throughput.
+* ``tiny``: ``echo({I, <<"abc">>})`` pipelined with 512 requests in flight
+  (bar: ≥ 1.0 × the reference) and from one caller in lock-step, every round
+  trip timed (bar: p50 ≤ 3 × the reference's).
+* ``big``: echo of a 1 MB and a 10 MB binary, one caller in lock-step; MB/s is
+  payload bytes (10^6) per second, counted once per round trip (bar: 10 MB at
+  ≥ 200 MB/s).
+* ``codec``: ``poolport.etf`` encode/decode of a realistic nested term and of a
+  1 MB binary, best of several timeit-style loops, against erlang-py
+  (bar: ≥ 1.0× on each) and erlpack (C; shown, no bar).
+
+Progress goes to stderr; the markdown report to stdout (and ``--out FILE``).
+Exit status 0 when every measurement ran (a bar that fails says FAIL in the
+table, it does not change the status), 1 when a measurement could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+DRIVER = Path(__file__).with_name("bench_driver.escript")
+WORKLOADS = ("cpu", "tiny", "big", "codec")
+BURN_STEPS = 200_000
+CALLERS = 50
+WINDOW = 512
+BIG_SIZES = (1_000_000, 10_000_000)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int          # interleaved reference/poolport rounds for tiny and big
+    cpu_rounds: int      # rounds of (1 worker, N workers, reference) for cpu
+    cpu_calls: int       # burn calls per worker (1 worker: this many; N workers: N times)
+    pipe_calls: int
+    lock_calls: int
+    big_calls: tuple[int, int]   # calls of the 1 MB and 10 MB echo
+    codec_repeats: int
+    codec_min_time: float        # seconds per timed loop
+
+
+FULL = Plan(rounds=3, cpu_rounds=2, cpu_calls=60, pipe_calls=100_000, lock_calls=5_000,
+            big_calls=(30, 10), codec_repeats=5, codec_min_time=0.15)
+QUICK = Plan(rounds=1, cpu_rounds=1, cpu_calls=8, pipe_calls=10_000, lock_calls=1_000,
+             big_calls=(5, 3), codec_repeats=3, codec_min_time=0.02)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+_T0 = time.monotonic()
+
+
+# --------------------------------------------------------------------------- driving
+
+@dataclass
+class Phase:
+    calls: int
+    seconds: float
+    p50_us: float | None = None
+    p99_us: float | None = None
+    mean_us: float | None = None
+
+
+def _server_env() -> dict[str, str]:
+    """The environment of the servers: this poolport package importable first."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def poolport_cmd(workers: int) -> list[str]:
+    return [sys.executable, "-m", "poolport", "serve", "--workers", str(workers),
+            "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
+
+
+def reference_cmd() -> list[str]:
+    return [sys.executable, "-m", "poolport.bench_reference"]
+
+
+def drive(phases: list[str], server: list[str], timeout: float = 600) -> dict[str, Phase]:
+    """Run the Erlang driver with these phases against ``server``; results by phase spec.
+
+    The driver (and so the VM and the server it spawns) runs in a session of
+    its own; once the driver has exited, the server gets ``SERVER_EXIT_S`` to
+    exit after its port closed, then that process group is killed, so no
+    server of one measurement is still running during the next.
+    """
+    escript = shutil.which("escript")
+    if escript is None:
+        raise RuntimeError("`escript` not found: install Erlang/OTP (see README)")
+    if not DRIVER.is_file():
+        raise RuntimeError(f"{DRIVER} is missing (run from a source checkout or an editable "
+                           "install, or list bench_driver.escript in the package data)")
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([escript, str(DRIVER), *phases, "--", *server],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=_server_env(), start_new_session=True)
+        try:
+            status = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            status = None
+        ran = time.monotonic() - t0
+        _reap_group(proc.pid, SERVER_EXIT_S if status is not None else 0)
+        if status is None:
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    log(f"    ({server[2] if len(server) > 2 else server[-1]}: driver {ran:.1f} s, "
+        f"server gone {time.monotonic() - t0 - ran:.1f} s later)")
+    results: dict[str, Phase] = {}
+    done = False
+    for line in stdout.splitlines():
+        f = line.split()
+        if f[:1] == ["result"] and len(f) == 12:
+            opt = [None if v == "-" else float(v) for v in (f[7], f[9], f[11])]
+            results[f[1]] = Phase(int(f[3]), int(f[5]) / 1e6, *opt)
+        elif f[:1] == ["done"]:
+            done = True
+    if status != 0 or not done or set(results) != set(phases):
+        why = "timed out" if status is None else f"exit {status}"
+        raise RuntimeError(f"Erlang driver failed ({why}) on {' '.join(server[1:4])}:\n"
+                           f"{stdout[-2000:]}{stderr[-3000:]}")
+    return results
+
+
+SERVER_EXIT_S = 30.0
+
+
+def _reap_group(pgid: int, grace: float) -> None:
+    """Wait up to ``grace`` seconds for process group ``pgid`` to be gone, then kill it."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # only zombies left
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    log(f"    the server had not exited {grace:.0f} s after its port closed: killing it")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            try:
+                os.killpg(pgid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- table
+
+@dataclass
+class Row:
+    workload: str
+    metric: str
+    poolport: float | str | None
+    reference: float | str | None
+    ratio: float | None = None
+    bar: str = "—"
+    ok: bool | None = None       # None: no bar on this row
+    fmt: str = "{:,.0f}"
+
+    def cells(self) -> list[str]:
+        def show(v: Any) -> str:
+            if v is None:
+                return "—"
+            if isinstance(v, str):
+                return v
+            return self.fmt.format(v)
+        ratio = "—" if self.ratio is None else f"{self.ratio:.2f}×"
+        result = "—" if self.ok is None else ("PASS" if self.ok else "**FAIL**")
+        return [self.workload, self.metric, show(self.poolport), show(self.reference), ratio,
+                self.bar, result]
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        log(f"  {row.workload} | {row.metric}: " + " | ".join(row.cells()[2:]))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def _best(values: list[float | None], low: bool = False) -> float | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return min(vals) if low else max(vals)
+
+
+# --------------------------------------------------------------------------- workloads
+
+def run_cpu(plan: Plan, workers: int, report: Report) -> None:
+    spec1 = f"callers:burn:{BURN_STEPS}:{CALLERS}:{plan.cpu_calls}"
+    specn = f"callers:burn:{BURN_STEPS}:{CALLERS}:{plan.cpu_calls * workers}"
+    rate1: list[float] = []
+    raten: list[float] = []
+    rater: list[float] = []
+    for r in range(plan.cpu_rounds):
+        tag = f"cpu round {r + 1}/{plan.cpu_rounds}"
+        log(f"{tag}: reference, burn({BURN_STEPS}) x {plan.cpu_calls}, {CALLERS} callers")
+        p = drive([spec1], reference_cmd())[spec1]
+        rater.append(p.calls / p.seconds)
+        log(f"{tag}: poolport 1 worker, burn x {plan.cpu_calls}")
+        p = drive([spec1], poolport_cmd(1))[spec1]
+        rate1.append(p.calls / p.seconds)
+        log(f"{tag}: poolport {workers} workers, burn x {plan.cpu_calls * workers}")
+        p = drive([specn], poolport_cmd(workers))[specn]
+        raten.append(p.calls / p.seconds)
+    one, many, ref = max(rate1), max(raten), max(rater)
+    w = f"CPU burn({BURN_STEPS}), {CALLERS} callers"
+    fmt = "{:,.1f}"
+    report.add(Row(w, "1 worker, calls/s", one, ref, _ratio(one, ref), fmt=fmt))
+    report.add(Row(w, f"{workers} workers, calls/s", many, ref, _ratio(many, ref), fmt=fmt))
+    scaling = many / (workers * one)
+    report.add(Row(w, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)", scaling, None, None,
+                   "≥ 0.90", scaling >= 0.9, fmt="{:.2f}"))
+
+
+def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report) -> None:
+    phases: list[str] = []
+    pipe = f"pipe:echo:{WINDOW}:{plan.pipe_calls}"
+    lock = f"lock:echo:{plan.lock_calls}"
+    bigs = [f"big:{size}:{calls}" for size, calls in zip(BIG_SIZES, plan.big_calls)]
+    if tiny:
+        phases += [pipe, lock]
+    if big:
+        phases += bigs
+    runs: dict[str, list[dict[str, Phase]]] = {"reference": [], "poolport": []}
+    for r in range(plan.rounds):
+        for side, cmd in (("reference", reference_cmd()), ("poolport", poolport_cmd(workers))):
+            log(f"{'tiny' if tiny else ''}{'+' if tiny and big else ''}{'big' if big else ''} "
+                f"round {r + 1}/{plan.rounds}: {side}")
+            res = drive(phases, cmd)
+            runs[side].append(res)
+            for spec, ph in res.items():
+                extra = ""
+                if ph.p50_us is not None:
+                    extra = f", p50 {ph.p50_us} µs, p99 {ph.p99_us} µs"
+                log(f"    {spec}: {ph.calls / ph.seconds:,.0f} calls/s{extra}")
+
+    def best(side: str, spec: str, get: Callable[[Phase], float | None], low: bool = False):
+        return _best([get(res[spec]) for res in runs[side]], low)
+
+    def rate(ph: Phase) -> float:
+        return ph.calls / ph.seconds
+
+    if tiny:
+        w = "tiny echo({I, <<\"abc\">>})"
+        pp, ref = best("poolport", pipe, rate), best("reference", pipe, rate)
+        r = _ratio(pp, ref)
+        report.add(Row(w, f"pipelined, {WINDOW} in flight, calls/s", pp, ref, r, "ratio ≥ 1.00",
+                       r is not None and r >= 1.0))
+        pp, ref = best("poolport", lock, rate), best("reference", lock, rate)
+        report.add(Row(w, "1 caller lock-step, calls/s", pp, ref, _ratio(pp, ref)))
+        pp = best("poolport", lock, lambda p: p.p50_us, low=True)
+        ref = best("reference", lock, lambda p: p.p50_us, low=True)
+        r = _ratio(pp, ref)
+        report.add(Row(w, "1 caller lock-step, latency p50 µs", pp, ref, r, "ratio ≤ 3.00",
+                       r is not None and r <= 3.0, fmt="{:,.1f}"))
+        pp = best("poolport", lock, lambda p: p.p99_us, low=True)
+        ref = best("reference", lock, lambda p: p.p99_us, low=True)
+        report.add(Row(w, "1 caller lock-step, latency p99 µs", pp, ref, _ratio(pp, ref),
+                       fmt="{:,.1f}"))
+    if big:
+        for size, spec in zip(BIG_SIZES, bigs):
+            def mbps(ph: Phase, size: int = size) -> float:
+                return ph.calls * size / ph.seconds / 1e6
+            pp, ref = best("poolport", spec, mbps), best("reference", spec, mbps)
+            bar, ok = ("—", None)
+            if size == 10_000_000:
+                bar, ok = "≥ 200 MB/s", pp is not None and pp >= 200
+            report.add(Row(f"binary echo {size // 1_000_000} MB, lock-step",
+                           "MB/s (payload, once per round trip)", pp, ref, _ratio(pp, ref), bar,
+                           ok, fmt="{:,.1f}"))
+
+
+def realistic_term() -> Any:
+    """A nested term like an API's reply: maps with atom keys, lists, binaries, ints, floats."""
+    from poolport.terms import Atom as A
+    rng = random.Random(7)
+    items = []
+    for i in range(40):
+        items.append({
+            A("id"): i * 7919,
+            A("name"): b"user-%d" % i,
+            A("email"): b"user%d@example.com" % i,
+            A("score"): rng.random() * 100,
+            A("active"): i % 3 != 0,
+            A("roles"): [A("admin"), A("editor")] if i % 5 == 0 else [A("viewer")],
+            A("created"): (2024, 1 + i % 12, 1 + i % 28),
+            A("balance"): -i * 1_000_003,
+            A("avatar"): rng.randbytes(32),
+            A("counters"): [rng.randrange(1000) for _ in range(5)] + [70_000 + i],
+        })
+    return {A("status"): A("ok"), A("page"): 3, A("total"): 1_234_567_890_123,
+            A("took_ms"): 12.5, A("items"): items, A("tags"): [b"alpha", b"beta", b"gamma"]}
+
+
+def _time_best(fn: Callable[[], Any], min_time: float) -> Callable[[], float]:
+    """A timeit-style timer: calibrated loop count; each call returns seconds per op."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time / 5 or n >= 1 << 20:
+            break
+        n *= 2
+    loops = max(1, int(n * min_time / max(dt, 1e-9)))
+
+    def once() -> float:
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(loops):
+                fn()
+            return (time.perf_counter() - t0) / loops
+        finally:
+            if gc_was:
+                gc.enable()
+    return once
+
+
+def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]] | str]:
+    from poolport import etf
+    libs: dict[str, Any] = {"poolport": (etf.encode, etf.decode)}
+    try:
+        import erlang  # erlang_py
+        libs["erlang_py"] = (erlang.term_to_binary, erlang.binary_to_term)
+    except ImportError:
+        libs["erlang_py"] = "not installed"
+    try:
+        import erlpack
+        libs["erlpack"] = (erlpack.pack, erlpack.unpack)
+    except ImportError:
+        libs["erlpack"] = "not installed"
+    return libs
+
+
+def run_codec(plan: Plan, report: Report) -> None:
+    from poolport import etf
+    libs = _codec_libs()
+    cases = [("nested term", realistic_term()),
+             ("1 MB binary", random.Random(1).randbytes(1_000_000))]
+    for case, term in cases:
+        data = etf.encode(term)
+        timers: dict[tuple[str, str], Callable[[], float]] = {}
+        broken: dict[str, str] = {}
+        for name, lib in libs.items():
+            if isinstance(lib, str):
+                continue
+            enc, dec = lib
+            try:
+                native = dec(data)              # the library's own form of the term
+                again = enc(native)
+                if etf.decode(again) != etf.decode(data):
+                    raise ValueError("re-encoded term differs")
+            except Exception as exc:  # noqa: BLE001 - shown in the table
+                broken[name] = f"error: {type(exc).__name__}"
+                log(f"codec {case}: {name} cannot round-trip it: {exc!r}")
+                continue
+            timers[(name, "encode")] = _time_best(lambda e=enc, x=native: e(x),
+                                                  plan.codec_min_time)
+            timers[(name, "decode")] = _time_best(lambda d=dec: d(data),
+                                                  plan.codec_min_time)
+        log(f"codec {case} ({len(data):,} bytes): {plan.codec_repeats} interleaved repeats "
+            f"of {', '.join(sorted({k[0] for k in timers}))}")
+        best: dict[tuple[str, str], float] = {}
+        for _ in range(plan.codec_repeats):
+            for key, timer in timers.items():
+                t = timer()
+                best[key] = min(best.get(key, t), t)
+
+        def figure(name: str, op: str) -> float | str:
+            lib = libs[name]
+            if isinstance(lib, str):
+                return lib
+            if name in broken:
+                return broken[name]
+            secs = best[(name, op)]
+            return len(data) / secs / 1e6 if case.endswith("binary") else 1 / secs
+
+        unit = "MB/s" if case.endswith("binary") else "terms/s"
+        fmt = "{:,.1f}" if unit == "MB/s" else "{:,.0f}"
+        for op in ("encode", "decode"):
+            pp = figure("poolport", op)
+            for other, with_bar in (("erlang_py", True), ("erlpack", False)):
+                ref = figure(other, op)
+                num = isinstance(pp, float) and isinstance(ref, float)
+                r = pp / ref if num else None
+                bar, ok = "—", None
+                if with_bar:
+                    bar, ok = "ratio ≥ 1.00", (None if r is None else r >= 1.0)
+                report.add(Row(f"codec {case} vs {other}", f"{op}, {unit}", pp, ref, r, bar, ok,
+                               fmt=fmt))
+
+
+# --------------------------------------------------------------------------- main
+
+def otp_release() -> str:
+    erl = shutil.which("erl")
+    if erl is None:
+        return "not found"
+    try:
+        out = subprocess.run([erl, "-noshell", "-eval",
+                              'io:format("~s",[erlang:system_info(otp_release)]),halt().'],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def render(report: Report, header: str, notes: list[str]) -> str:
+    cols = ["workload", "metric", "poolport", "reference", "ratio", "bar", "result"]
+    lines = [header, "", "| " + " | ".join(cols) + " |",
+             "|---|---|---:|---:|---:|---|---|"]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in report.rows]
+    lines.append("")
+    lines += notes
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m poolport.bench",
+                                 description="poolport against the single-process port a user "
+                                 "would otherwise write (see benchmarks/README.md)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small counts (for tests); figures are rough")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="poolport workers for the N-worker figures (default: CPU cores)")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated workloads among {','.join(WORKLOADS)} (default: all)")
+    ap.add_argument("--out", default=None, help="also write the markdown report to this file")
+    args = ap.parse_args(argv)
+
+    only = set(WORKLOADS)
+    if args.only:
+        only = {w.strip() for w in args.only.split(",") if w.strip()}
+    unknown = only - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(sorted(unknown))}; "
+                 f"choose among {', '.join(WORKLOADS)}")
+    cores = os.cpu_count() or 1
+    workers = args.workers or cores
+    if workers < 1:
+        ap.error("--workers must be at least 1")
+    plan = QUICK if args.quick else FULL
+
+    otp = otp_release()
+    pyver = f"{platform.python_implementation()} {platform.python_version()}"
+    when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    header = (f"poolport benchmark{' (--quick: rough figures)' if args.quick else ''}: "
+              f"{cores} CPU cores, {pyver}, Erlang/OTP {otp}, {when}; "
+              f"poolport with {workers} worker(s); load average at start {_load()}")
+    log(header)
+    report = Report()
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if "cpu" in only:
+        steps.append(("cpu", lambda: run_cpu(plan, workers, report)))
+    if "tiny" in only or "big" in only:
+        steps.append(("tiny/big", lambda: run_endtoend(plan, workers, "tiny" in only,
+                                                       "big" in only, report)))
+    if "codec" in only:
+        steps.append(("codec", lambda: run_codec(plan, report)))
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - reported, the other workloads still run
+            report.errors.append(f"{name}: {exc}")
+            log(f"{name} FAILED to run: {exc}")
+
+    failed = [f"{r.workload}: {r.metric}" for r in report.rows if r.ok is False]
+    passed = sum(1 for r in report.rows if r.ok)
+    rounds = f"best of {plan.rounds} interleaved rounds" if plan.rounds > 1 else "1 round"
+    notes = [
+        "poolport = `python -m poolport serve --workers N`; reference = `python -m "
+        "poolport.bench_reference`, a single-process port (read, decode, call, encode, write in "
+        "one loop; buffered reads, batched writes), same handlers (`poolport.demo_handlers`). "
+        "Both driven by the same Erlang VM load generator (`poolport/bench_driver.escript`) "
+        f"through a real `{{packet, 4}}` port; tiny/big: {rounds} "
+        "(reference, poolport, ...), best figure of each side; cpu: reference, 1 worker and N "
+        f"workers in {plan.cpu_rounds} round(s), best of each.",
+        "ratio = poolport ÷ reference (for latency lower is better, elsewhere higher is "
+        "better); codec rows: the reference is the library named in the workload, "
+        f"best of {plan.codec_repeats} timeit-style loops each.",
+        f"Load average at the end: {_load()} (1, 5, 15 min; above {cores} means other work "
+        "shared the cores).",
+        f"Bars: {passed} passed, {len(failed)} failed"
+        + (": " + "; ".join(failed) if failed else "") + ".",
+    ]
+    notes += [f"ERROR (not measured): {e.splitlines()[0]}" for e in report.errors]
+    text = render(report, header, notes)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        log(f"wrote {args.out}")
+    for e in report.errors:
+        print(e, file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
