@@ -10,7 +10,7 @@ from .errors import (
     ProtocolError,
 )
 from .handler import handler, worker_state  # `poolport.handler` is the decorator, not the module
-from .terms import Atom, BitString, Fun, ImproperList, Opaque, Pid, Port, Ref, Reference
+from .terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Ref, Reference
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "FrameError",
     "Fun",
     "ImproperList",
+    "MapKey",
     "Opaque",
     "Pid",
     "Port",

@@ -234,7 +234,8 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
     """Build the recursive decoder whose atom memo maps names to Atom/bool/None.
 
     ``dec(data, pos, depth)`` decodes the term at ``pos`` and returns it with the
-    position after it; ``depth`` is how many more containers may be opened.
+    position after it; ``depth`` is how many more containers may be opened (a
+    container at ``depth <= 0`` is refused).
     Positions may run past the end of ``data`` on truncated input: every later
     read then raises IndexError and ``decode`` checks the final position.
     """
@@ -306,7 +307,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             pos += 5
             if 2 * n > len(data) - pos:
                 raise _claims("map", start, n, "pairs", len(data) - pos)
-            if not depth:
+            if depth <= 0:
                 raise _too_deep(start)
             depth -= 1
             result: dict[Any, Any] = {}
@@ -359,7 +360,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                 raise DecodeError(f"map at byte {start} has duplicate keys")
             return result, pos
         if tag == 108:  # LIST_EXT
-            if not depth:
+            if depth <= 0:
                 raise _too_deep(pos)
             depth -= 1
             items: list[Any] = []
@@ -413,7 +414,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                 pos += 5
                 if n > len(data) - pos:
                     raise _claims("tuple", start, n, "elements", len(data) - pos)
-            if not depth:
+            if depth <= 0:
                 raise _too_deep(start)
             depth -= 1
             items = []
@@ -527,7 +528,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             end = pos + 1 + size
             if end > len(data):
                 raise _claims("fun", pos, size, "bytes", len(data) - pos - 1)
-            if not depth:
+            if depth <= 0:
                 raise _too_deep(pos)
             p = _pid_end(data, _int_end(data, _int_end(data, _atom_end(data, pos + 30))))
             p = _skip_terms(data, p, _u32(data, pos + 26)[0], depth - 1, "fun", pos)
@@ -537,7 +538,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                 )
             cls = Fun
         elif tag == 117:  # FUN_EXT (pre-R8 funs; still decodable by Erlang)
-            if not depth:
+            if depth <= 0:
                 raise _too_deep(pos)
             p = _int_end(data, _int_end(data, _atom_end(data, _pid_end(data, pos + 5))))
             end = _skip_terms(data, p, _u32(data, pos + 1)[0], depth - 1, "fun", pos)
@@ -650,7 +651,6 @@ def decode(
     if data[0] != VERSION:
         raise DecodeError(f"bad version byte {data[0]} at byte 0 (expected {VERSION})")
     where = ""
-    max_depth = max(max_depth, 0)
     try:
         if data[1] == 80:  # COMPRESSED
             data = _inflate(data, max_inflated)
@@ -980,3 +980,22 @@ def _canonical(x: Any, put: Callable[[bytes], Any], enc: Callable[[Any, Any], No
             _canonical(tail, put, enc)
     else:
         enc(x, put)
+
+
+def term_codec(
+    none_atom: str = "undefined",
+) -> tuple[
+    Callable[[bytes, int, int], tuple[Any, int]], Callable[[Any, Callable[[bytes], Any]], None]
+]:
+    """The raw decoder and encoder behind :func:`decode` and :func:`encode`.
+
+    For a caller that walks an envelope itself and must not pay for a second
+    pass (the worker's request fast path): ``dec(data, pos, depth)`` returns
+    ``(term, end)`` and may raise IndexError, struct.error, RecursionError or
+    DecodeError on bad input (callers fall back to :func:`decode` for the
+    message); ``enc(term, put)`` writes the term without the version byte.
+    """
+    dec = _DECODERS.get(none_atom)
+    if dec is None:
+        dec = _DECODERS[none_atom] = _make_decoder(none_atom)
+    return dec, _encoder(none_atom)

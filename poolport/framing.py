@@ -32,7 +32,7 @@ class Oversized:
     size: int
 
 
-_HEADERS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I")}
+HEADERS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I")}
 
 Attach = Callable[[bytes, int], bool]
 """``attach(data, payload_start)``: True if this frame belongs with the frame after it."""
@@ -76,7 +76,7 @@ class FrameBuffer:
         self.packet = packet
         self.max_frame = max_frame
         self.attach = attach
-        self._header = _HEADERS[packet]
+        self._header = HEADERS[packet]
         self._parts: list[bytes] = []
         self._have = 0  # bytes in _parts
         self._need = packet  # bytes needed before scanning can make progress
@@ -155,18 +155,3 @@ class FrameBuffer:
             else:
                 out.extend(seg.items())  # type: ignore[union-attr]
         return out
-
-
-def split_frames(data: bytes | memoryview, packet: int = 4) -> list[memoryview]:
-    """Payloads of a byte string made of complete frames only (what a worker receives)."""
-    view = memoryview(data)
-    out = []
-    pos, n = 0, len(view)
-    while pos < n:
-        size = int.from_bytes(view[pos : pos + packet], "big")
-        start = pos + packet
-        pos = start + size
-        if pos > n:
-            raise FrameError(f"frame at offset {start - packet} claims {size} bytes, {n - start} left")
-        out.append(view[start:pos])
-    return out

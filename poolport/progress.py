@@ -4,7 +4,7 @@ The worker bumps ``started`` before each call and ``finished`` after its reply
 is encoded; the dispatcher reads them without any message passing. That tells
 it exactly which call a dead worker was running (so only that call is blamed
 and the others are re-run), and since when (so timeouts are enforced per call,
-not per batch). Memory writes cost far less than a syscall per call.
+not per batch). A memory write costs far less than a syscall per call.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import time
 from typing import NamedTuple
 
 _LAYOUT = struct.Struct("=QQdQ")  # started, finished, started_at (CLOCK_MONOTONIC s), timeout_ms
-_STARTED = struct.Struct("=Q")
-_STARTED_AT_TIMEOUT = struct.Struct("=dQ")
-_FINISHED_OFFSET, _STARTED_AT_OFFSET, _TIMEOUT_OFFSET = 8, 16, 24
+_STARTED, _FINISHED, _STARTED_AT, _TIMEOUT = 0, 1, 2, 3  # slot indexes (8 bytes each)
 
 
 class Snapshot(NamedTuple):
@@ -43,23 +41,28 @@ class Progress:
             self._map = mmap.mmap(fd, _LAYOUT.size)
         finally:
             os.close(fd)
+        self._ints = memoryview(self._map).cast("Q")  # item writes: no struct packing per call
+        self._floats = memoryview(self._map).cast("d")
         self._started = self._finished = 0
 
-    def begin(self) -> None:
-        """A call starts now (its timeout is not known yet)."""
+    def begin(self, timeout_ms: int = 0) -> None:
+        """A call starts now; ``started`` is written last so readers can trust the rest."""
         self._started += 1
-        _STARTED_AT_TIMEOUT.pack_into(self._map, _STARTED_AT_OFFSET, time.monotonic(), 0)
-        _STARTED.pack_into(self._map, 0, self._started)  # last: readers trust started_at once they see it
+        self._floats[_STARTED_AT] = time.monotonic()
+        self._ints[_TIMEOUT] = timeout_ms
+        self._ints[_STARTED] = self._started
 
     def set_timeout(self, timeout_ms: int) -> None:
-        _STARTED.pack_into(self._map, _TIMEOUT_OFFSET, timeout_ms)
+        self._ints[_TIMEOUT] = timeout_ms
 
     def end(self) -> None:
         self._finished += 1
-        _STARTED.pack_into(self._map, _FINISHED_OFFSET, self._finished)
+        self._ints[_FINISHED] = self._finished
 
     def read(self) -> Snapshot:
         return Snapshot(*_LAYOUT.unpack_from(self._map))
 
     def close(self) -> None:
+        self._ints.release()
+        self._floats.release()
         self._map.close()

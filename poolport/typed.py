@@ -294,7 +294,7 @@ def _positional(norms: list[Normaliser | None]) -> Normaliser | None:
 
     def norm(v: Any) -> Any:
         if isinstance(v, (list, tuple)) and len(v) == len(norms):
-            return [x if n is None else n(x) for n, x in zip(norms, v)]
+            return [x if n is None else n(x) for n, x in zip(norms, v, strict=True)]
         return v
     return norm
 
@@ -406,7 +406,7 @@ def _compile(info: Any) -> Normaliser | None:
 
             def norm_array(v: Any) -> Any:  # optional trailing fields: normalise what is there
                 if isinstance(v, (list, tuple)):
-                    head = [x if n is None else n(x) for n, x in zip(norms, v)]
+                    head = [x if n is None else n(x) for n, x in zip(norms, v, strict=False)]
                     return head + list(v[len(norms):])
                 return v
             return norm_array

@@ -25,7 +25,7 @@ from . import typed  # typed handlers, @poolport.handler, worker_init:
 from .handler import aliases, exposed_name, run_worker_init, settings_of
 from .config import Config
 from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
-from .framing import frame, split_frames
+from .framing import HEADERS
 from .link import HEADER, MessageReader, send_message, tune
 from .progress import Progress
 from .terms import Atom
@@ -33,6 +33,7 @@ from .terms import Atom
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
 PARENT_CHECK_S = 0.5  # how often a worker checks that its dispatcher is still alive
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
+_REPLY_PREFIX = b"\x83h\x02w\x05reply"  # version byte and the head of {reply, Result}
 
 log = logging.getLogger("poolport.worker")
 
@@ -40,7 +41,7 @@ log = logging.getLogger("poolport.worker")
 class _NoProgress:
     """Stands in for shared-memory progress when a Worker is used in-process (tests)."""
 
-    def begin(self) -> None: ...
+    def begin(self, timeout_ms: int = 0) -> None: ...
 
     def set_timeout(self, timeout_ms: int) -> None: ...
 
@@ -108,9 +109,67 @@ class Worker:
         info = dict(info or {}, worker_pid=os.getpid())
         self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
         self._none = config.none_atom
+        self._dec, self._enc = etf.term_codec(config.none_atom)
+        self._depth = config.max_term_depth - 1  # the arguments sit one level inside the request
+        self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
+        self._noreply = self._encode(bert.noreply())
+
+    def answer(self, data: bytes, start: int, end: int) -> bytes | None:
+        """The reply to the request ``data[start:end]``; ``None`` for an ``info`` packet.
+
+        Fast path: requests to the same function share their first bytes
+        (``{call, M, F,``), so those bytes map straight to the resolved handler
+        and only the arguments are decoded. Everything unusual (bare mode,
+        errors, unknown functions) takes :meth:`handle`.
+        """
+        if not self.bare and end - start > 3 and data[start + 1] == 104:
+            arity = data[start + 2]
+            if arity == 4 and data[start] == 131:
+                head = _head_end(data, start + 3, end)
+                if head:
+                    entry = self._fast.get(data[start:head]) or self._learn(data, start, head)
+                    if entry is not None:
+                        try:
+                            args, pos = self._dec(data, head, self._depth)
+                        except Exception:  # noqa: BLE001 - handle() reports it properly
+                            pos = -1
+                        if pos == end and type(args) is list:
+                            return self._fast_call(entry, args)
+            elif arity == 3 and bert.is_info(data, start):
+                self._take_info(data[start:end])
+                return None
+        return self.handle(data[start:end])
+
+    def _learn(self, data: bytes, start: int, head: int) -> tuple[Any, ...] | None:
+        """Resolve the ``{call|cast, M, F,`` head once and remember it; None if unusual."""
+        try:
+            kind, pos = self._dec(data, start + 3, 1)
+            module, pos = self._dec(data, pos, 1)
+            function, pos = self._dec(data, pos, 1)
+        except Exception:  # noqa: BLE001
+            return None
+        if not (kind in (bert.CALL, bert.CAST) and type(module) is Atom and type(function) is Atom
+                and module != BUILTIN_MODULE):
+            return None
+        fn = self.handlers.resolve(module, function)
+        if type(fn) is tuple:
+            return None
+        entry = (fn, kind == bert.CAST, self._timeout_for(module, function), str(module), str(function))
+        self._fast[data[start:head]] = entry
+        return entry
+
+    def _fast_call(self, entry: tuple[Any, ...], args: list[Any]) -> bytes:
+        fn, cast, timeout, module, function = entry
+        if self._next_timeout is not None:
+            timeout, self._next_timeout = self._next_timeout, None
+        self.progress.begin(timeout)
+        try:
+            return self._invoke(fn, cast, module, function, args)
+        finally:
+            self.progress.end()
 
     def handle(self, payload: bytes | memoryview) -> bytes | None:
-        """The framed-less reply to one request, or ``None`` for an ``info`` packet (no reply)."""
+        """The reply to one request payload, or ``None`` for an ``info`` packet (no reply)."""
         if not self.bare and bert.is_info(payload):
             self._take_info(payload)
             return None
@@ -146,31 +205,48 @@ class Worker:
         fn = self.handlers.resolve(module, request.function)
         if type(fn) is tuple:
             return self._error(bert.SERVER, *fn)
-        if timeout is None:  # the config's entry, then the decorator's, then the global one
-            timeouts = self.handlers.timeouts
-            handler_ms = timeouts.get((module, request.function)) if timeouts else None
-            timeout = self.config.timeout_for(module, request.function, handler_ms)
+        if timeout is None:
+            timeout = self._timeout_for(module, request.function)
         self.progress.set_timeout(timeout)
+        return self._invoke(fn, request.kind == "cast", module, request.function,  # type: ignore[arg-type]
+                            request.args)
+
+    def _timeout_for(self, module: str, function: str) -> int:
+        """The config's entry, then the decorator's, then the global one."""
+        timeouts = self.handlers.timeouts
+        handler_ms = timeouts.get((module, function)) if timeouts else None
+        return self.config.timeout_for(module, function, handler_ms)
+
+    def _invoke(self, fn: Callable[..., Any], cast: bool, module: str, function: str,
+                args: list[Any]) -> bytes:
+        """Call the handler and encode what comes of it; never raises."""
         try:
-            result = fn(*request.args)  # type: ignore[operator]
-        except ArgumentError as exc:  # typed arguments did not fit: no traceback from the wrapper
-            if request.kind == "cast":
-                log.warning("cast %s.%s: %s", request.module, request.function, exc)
-                return self._encode(bert.noreply())
-            return self._error(bert.USER, bert.USER_ERROR, "ArgumentError", str(exc),
-                               [f"ArgumentError: {exc}"])
+            result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            trace = traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None)
-            if request.kind == "cast":
-                log.warning("cast %s.%s raised %s", request.module, request.function, "".join(trace))
-                return self._encode(bert.noreply())
-            return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__, str(exc),
-                               "".join(trace).splitlines())
-        if request.kind == "cast":
-            return self._encode(bert.noreply())
-        return self._encode_reply(result)
+            return self._failure(exc, cast, module, function)
+        if cast:
+            return self._noreply
+        if self.bare:
+            return self._encode_reply(result)
+        parts = [_REPLY_PREFIX]
+        try:
+            self._enc(result, parts.append)
+        except Exception:  # noqa: BLE001 - the slow path converts or explains
+            return self._encode_reply(result)
+        return b"".join(parts)
+
+    def _failure(self, exc: BaseException, cast: bool, module: str, function: str) -> bytes:
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        if isinstance(exc, ArgumentError):  # typed arguments did not fit: no traceback from the wrapper
+            cls, trace = "ArgumentError", [f"ArgumentError: {exc}"]
+        else:
+            tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # skip _invoke's frame
+            cls, trace = type(exc).__name__, "".join(traceback.format_exception(type(exc), exc, tb)).splitlines()
+        if cast:
+            log.warning("cast %s.%s raised %s", module, function, "\n".join(trace))
+            return self._noreply
+        return self._error(bert.USER, bert.USER_ERROR, cls, str(exc), trace)
 
     def _encode_reply(self, result: Any) -> bytes:
         try:
@@ -185,6 +261,11 @@ class Worker:
         return self._error(bert.USER, bert.USER_ERROR, "EncodeError",
                            f"the result cannot be sent: {error}")
 
+    def too_big(self, size: int, packet: int) -> bytes:
+        """The error sent instead of a reply that cannot fit the port's length header."""
+        return self._error(bert.USER, bert.USER_ERROR, "EncodeError",
+                           f"the reply is {size} bytes, too big for {{packet,{packet}}}")
+
     def _encode(self, term: Any) -> bytes:
         return etf.encode(term, none_atom=self._none)
 
@@ -196,19 +277,42 @@ def serve_run(worker: Worker, run: bytes, packet: int,
               flush: Callable[[int, list[bytes]], None]) -> None:
     """Answer every frame of ``run``, calling ``flush(count, framed_replies)`` as progress is made."""
     out: list[bytes] = []
+    header = HEADERS[packet]
+    limit = 1 << (8 * packet)
+    pos, n = 0, len(run)
     last = time.perf_counter()
-    for payload in split_frames(run, packet):
-        answer = worker.handle(payload)
+    while pos < n:
+        start = pos + packet
+        pos = start + header.unpack_from(run, start - packet)[0]
+        answer = worker.answer(run, start, pos)
         if answer is None:
             continue
-        out.append(frame(answer, packet))
+        if len(answer) >= limit:
+            answer = worker.too_big(len(answer), packet)
+        out.append(header.pack(len(answer)))
+        out.append(answer)
         now = time.perf_counter()
         if now - last >= FLUSH_AFTER_S:
-            flush(len(out), out)
+            flush(len(out) // 2, out)
             out = []
-            last = time.perf_counter()
+            last = now
     if out:
-        flush(len(out), out)
+        flush(len(out) // 2, out)
+
+
+def _head_end(data: bytes, pos: int, end: int) -> int:
+    """Offset after three atoms at ``pos`` (``call, M, F``), or 0 if they are not three atoms."""
+    for _ in range(3):
+        if pos + 2 >= end:
+            return 0
+        tag = data[pos]
+        if tag == 119 or tag == 115:  # SMALL_ATOM_UTF8 / SMALL_ATOM: 1-byte length
+            pos += 2 + data[pos + 1]
+        elif tag == 100 or tag == 118:  # ATOM / ATOM_UTF8: 2-byte length
+            pos += 3 + (data[pos + 1] << 8 | data[pos + 2])
+        else:
+            return 0
+    return pos if pos < end else 0
 
 
 def _limit_memory(megabytes: int) -> None:

@@ -44,6 +44,9 @@ ERLANG_FUN = (  # fun(X) -> X + N end, one free variable N = 13
     + b"\x00\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00\x00\x61\x0d"
 )
 
+# FUN_EXT (pre-R8 funs, still decodable): NumFree, Pid, Module, Index, Uniq, free variables
+OLD_FUN = b"\x83u\x00\x00\x00\x01" + ERLANG_PID[1:] + b"d\x00\x01ma\x01a\x02a\x07"
+
 FROM_ERLANG = [
     pytest.param(b"\x83a\x07", 7, id="small_integer"),
     pytest.param(b"\x83b\xff\xff\xff\xff", -1, id="integer_negative"),
@@ -105,6 +108,12 @@ def test_decode_bytes_from_erlang(data: bytes, term: Any) -> None:
         pytest.param(ERLANG_PORT, Port, id="new_port"),
         pytest.param(ERLANG_EXPORT, Fun, id="export"),
         pytest.param(ERLANG_FUN, Fun, id="new_fun_with_env"),
+        pytest.param(OLD_FUN, Fun, id="fun_ext"),
+        pytest.param(b"\x83gw\x01n\x00\x00\x00\x01\x00\x00\x00\x02\x03", Pid, id="pid_ext"),
+        pytest.param(b"\x83fw\x01n\x00\x00\x00\x01\x00", Port, id="port_ext"),
+        pytest.param(b"\x83xw\x01n" + bytes(12), Port, id="v4_port_ext"),
+        pytest.param(b"\x83ew\x01n\x00\x00\x00\x01\x00", Reference, id="reference_ext"),
+        pytest.param(b"\x83r\x00\x01w\x01n\x00\x00\x00\x00\x01", Reference, id="new_reference"),
     ],
 )
 def test_opaque_terms_from_erlang_round_trip_byte_identical(data: bytes, cls: type) -> None:
@@ -332,6 +341,9 @@ BAD_INPUT = [
     pytest.param(ERLANG_FUN[:-1], "claims", id="fun_truncated"),
     pytest.param(ERLANG_FUN[:5] + b"\x4b" + ERLANG_FUN[6:], "size", id="fun_size_mismatch"),
     pytest.param(b"\x83qd\x00\x05listsd\x00\x03mapb\x00\x00\x00\x02", "arity", id="export_arity"),
+    pytest.param(OLD_FUN[:-1], "truncated", id="fun_ext_truncated"),
+    pytest.param(OLD_FUN[:5] + b"\x09" + OLD_FUN[6:], "free variables", id="fun_ext_numfree"),
+    pytest.param(b"\x83u\x00\x00\x00\x00a\x01", "expected a pid", id="fun_ext_no_pid"),
     pytest.param(
         b"\x83P\x00\x00\x00\x05" + zlib.compress(b"a\x01"), "declares 5", id="zlib_size_lie"
     ),

@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolport.errors import FrameError
-from poolport.framing import FrameBuffer, Oversized, frame, split_frames
+from poolport.framing import FrameBuffer, Oversized, frame
 
 PAYLOADS = [b"", b"a", b"hello world", bytes(range(256)) * 3]
 
@@ -55,13 +55,6 @@ def test_bad_packet_size_and_too_big_payload():
         FrameBuffer(3)
     with pytest.raises(FrameError, match="does not fit"):
         frame(b"x" * 256, 1)
-
-
-def test_split_frames():
-    data = frame(b"a") + frame(b"") + frame(b"bc")
-    assert [bytes(p) for p in split_frames(data)] == [b"a", b"", b"bc"]
-    with pytest.raises(FrameError, match="claims 9 bytes"):
-        split_frames(b"\x00\x00\x00\x09abc")
 
 
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(1, 50), st.sampled_from([2, 4]))
