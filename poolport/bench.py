@@ -376,14 +376,16 @@ def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], A
     libs: dict[str, Any] = {"poolport": (etf.encode, etf.decode)}
     try:
         import erlang  # erlang_py
+
         libs["erlang_py"] = (erlang.term_to_binary, erlang.binary_to_term)
-    except ImportError:
-        libs["erlang_py"] = "not installed"
+    except (ImportError, AttributeError):  # AttributeError: the repo's erlang/ dir, not erlang_py
+        libs["erlang_py"] = "not installed (pip install '.[bench]')"
     try:
         import erlpack
+
         libs["erlpack"] = (erlpack.pack, erlpack.unpack)
-    except ImportError:
-        libs["erlpack"] = "not installed"
+    except (ImportError, AttributeError):
+        libs["erlpack"] = "not installed (pip install '.[bench]')"
     return libs
 
 

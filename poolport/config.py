@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal, Union
 
+import loky
 import msgspec
 import yaml
 
@@ -51,7 +52,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 
     @property
     def worker_count(self) -> int:
-        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
+        return loky.cpu_count() if self.workers == "auto" else self.workers  # honours cgroups and affinity
 
     def allowed(self, module: str) -> bool:
         """True if ``module`` is an allowlisted module or one of its submodules."""

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import loky
 import pytest
 
 from poolport.cli import main
@@ -12,7 +13,7 @@ from poolport.errors import ConfigError
 def test_empty_file_gives_defaults():
     config = load_config(b"")
     assert config == Config()
-    assert config.worker_count == os.cpu_count()
+    assert config.worker_count == loky.cpu_count()  # cores this process may use (cgroups, affinity)
     assert (config.packet, config.protocol, config.none_atom) == (4, "bert", "undefined")
 
 

@@ -255,21 +255,21 @@ COMPOSE_STARTED=1
 say "up --scale pool=$SCALE (project $PROJECT, config $CONF with workers: $WORKERS_BEFORE)"
 timeout 240 "${COMPOSE[@]}" -f "$ROOT/docker-compose.yml" up -d --no-build --scale pool=$SCALE \
     > "$TMPD/up.log" 2>&1 || { cat "$TMPD/up.log"; fail "compose up failed"; }
-wait_healthy $SCALE 180
+wait_healthy $SCALE 150
 [ "$(compose ps -q app | grep -c .)" -eq 1 ] || fail "the app container is not there"
 
 # --- 2. the app's calls are answered by both pool nodes ---------------------
-wait_app_round "$WORKERS_BEFORE" 120
+wait_app_round "$WORKERS_BEFORE" 90
 check_info "$WORKERS_BEFORE"
 compose logs --no-color app 2>/dev/null | grep -E 'answered' | tail -4 | sed 's/^/    /'
 
 # --- 3. change workers in the mounted YAML, restart the pools ---------------
 set_workers "$WORKERS_AFTER"
 say "workers: $WORKERS_BEFORE -> $WORKERS_AFTER in the mounted YAML; restarting the pool service"
-timeout 180 "${COMPOSE[@]}" -f "$ROOT/docker-compose.yml" restart -t 20 pool \
+timeout 120 "${COMPOSE[@]}" -f "$ROOT/docker-compose.yml" restart -t 20 pool \
     > "$TMPD/restart.log" 2>&1 || { cat "$TMPD/restart.log"; fail "compose restart failed"; }
-sleep 6  # the healthcheck status is the old one until the first check after the restart
-wait_healthy $SCALE 180
+sleep 2
+wait_healthy $SCALE 150
 check_info "$WORKERS_AFTER"
-wait_app_round "$WORKERS_AFTER" 120
+wait_app_round "$WORKERS_AFTER" 90
 say "all checks passed"
