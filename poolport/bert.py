@@ -84,14 +84,15 @@ def info_timeout(term: Any) -> int | None:
 _INFO_ATOMS = (b"w\x04info", b"s\x04info", b"d\x00\x04info", b"v\x00\x04info")
 
 
-def is_info(data: bytes | memoryview, start: int = 0) -> bool:
+def is_info(data: bytes, start: int = 0) -> bool:
     """Byte-level test for an ``{info, ...}`` packet at ``data[start:]`` (payload, no header).
 
     Lets the dispatcher keep an info packet with the call it precedes without
     decoding anything: calls are 4-tuples, info packets the only 3-tuples.
+    Cheap on the hot path: two byte reads rule out every call.
     """
-    return (data[start + 1 : start + 3] == b"h\x03"
-            and bytes(data[start + 3 : start + 10]).startswith(_INFO_ATOMS))
+    return (len(data) > start + 8 and data[start + 2] == 3 and data[start + 1] == 104
+            and data.startswith(_INFO_ATOMS, start + 3))
 
 
 def reply(result: Any) -> tuple[Any, ...]:

@@ -366,7 +366,6 @@ class Dispatcher:
         tune(conn)
         slot.sock, slot.pid, slot.sent = conn, pid, 0
         slot.reader = MessageReader()
-        slot.progress = Progress(slot.progress_path)
         self.sel.register(conn, selectors.EVENT_READ, slot)
         log.debug("worker %d ready (pid %d)", index, pid)
 

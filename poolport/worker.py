@@ -168,7 +168,7 @@ class Worker:
         finally:
             self.progress.end()
 
-    def handle(self, payload: bytes | memoryview) -> bytes | None:
+    def handle(self, payload: bytes) -> bytes | None:
         """The reply to one request payload, or ``None`` for an ``info`` packet (no reply)."""
         if not self.bare and bert.is_info(payload):
             self._take_info(payload)
@@ -179,7 +179,7 @@ class Worker:
         finally:
             self.progress.end()
 
-    def _take_info(self, payload: bytes | memoryview) -> None:
+    def _take_info(self, payload: bytes) -> None:
         try:
             timeout = bert.info_timeout(etf.decode(payload, none_atom=self._none, max_depth=8))
         except DecodeError as exc:
@@ -188,7 +188,7 @@ class Worker:
         if timeout is not None:
             self._next_timeout = timeout
 
-    def _answer(self, payload: bytes | memoryview) -> bytes:
+    def _answer(self, payload: bytes) -> bytes:
         timeout, self._next_timeout = self._next_timeout, None
         try:
             term = etf.decode(payload, none_atom=self._none, max_depth=self.config.max_term_depth,
