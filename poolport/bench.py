@@ -379,13 +379,13 @@ def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], A
 
         libs["erlang_py"] = (erlang.term_to_binary, erlang.binary_to_term)
     except (ImportError, AttributeError):  # AttributeError: the repo's erlang/ dir, not erlang_py
-        libs["erlang_py"] = "not installed (pip install '.[bench]')"
+        libs["erlang_py"] = "not installed"
     try:
         import erlpack
 
         libs["erlpack"] = (erlpack.pack, erlpack.unpack)
     except (ImportError, AttributeError):
-        libs["erlpack"] = "not installed (pip install '.[bench]')"
+        libs["erlpack"] = "not installed"
     return libs
 
 
