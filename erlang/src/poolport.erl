@@ -65,24 +65,34 @@
 %%   Python's `shutdown_grace_ms', 5000 by default).</dd>
 %% </dl>
 
--type pool() :: pid() | atom().
-%% A pool: its pid or its registered name.
+-type pool() :: pid() | atom() | {atom(), node()} | {global, term()}
+              | {via, module(), term()}.
+%% A pool, as `gen_server' addresses it: its pid, its locally registered
+%% name, `{Name, Node}' for a pool registered on another node, or a
+%% `{global, Name}' / `{via, Module, Name}' name.
+
+-type absent() :: noproc | {nodedown, node()}.
+%% There is no pool to ask: `noproc' if the pid is dead or nobody is
+%% registered under the name, `{nodedown, Node}' if the pool's node cannot
+%% be reached.
 
 -type error_type() :: protocol | server | user.
 -type bert_error() :: {error_type(), integer(), binary(), binary(), [binary()]}.
 %% The BERT-RPC error tuple `{Type, Code, Class, Detail, Backtrace}' sent by
 %% Python.
 
--type reason() :: bert_error() | timeout | port_closed.
+-type reason() :: bert_error() | timeout | port_closed | absent().
 %% Why a call failed: an error reported by Python, the call's timeout
-%% (whichever side noticed it first), or the Python process is gone (it
-%% died while the call was pending, or it is being restarted).
+%% (whichever side noticed it first), the Python process is gone (it
+%% died while the call was pending, or it is being restarted), or there is
+%% no pool at all (see {@type absent()}).
 
 -export_type([opts/0]).
 -export_type([pool/0]).
 -export_type([error_type/0]).
 -export_type([bert_error/0]).
 -export_type([reason/0]).
+-export_type([absent/0]).
 
 %% API.
 
@@ -147,6 +157,13 @@ call(Pool, Module, Function, Args) ->
 %% An integer timeout is also sent to Python, which stops the call when it
 %% expires. After `{error, timeout}' no late reply ever reaches the caller's
 %% mailbox: the pool drops it.
+%%
+%% If there is no pool (a dead pid, an unregistered name, a remote node
+%% that is down) the result is `{error, noproc}' or
+%% `{error, {nodedown, Node}}' instead of an exit of the caller. Only a
+%% pool that crashes while the call is pending (which the pool itself never
+%% does on purpose: it answers `{error, port_closed}' when it stops)
+%% still exits the caller with `gen_server:call/3''s exit reason.
 -spec call(pool(), atom(), atom(), list(), timeout()) -> {ok, term()} | {error, reason()}.
 call(Pool, Module, Function, Args, Timeout)
   when is_atom(Module), is_atom(Function), is_list(Args),
@@ -159,6 +176,8 @@ call(Pool, Module, Function, Args, Timeout) ->
 %%
 %% Returns at once. Python still runs the function, in request order with
 %% the calls; an error it reports is logged and counted in `errors'.
+%% Fire and forget: a cast to a pool that does not exist or sits on a node
+%% that is down also returns `ok' (the request is lost).
 -spec cast(pool(), atom(), atom(), list()) -> ok.
 cast(Pool, Module, Function, Args)
   when is_atom(Module), is_atom(Function), is_list(Args) ->
@@ -176,9 +195,13 @@ cast(Pool, Module, Function, Args) ->
 %% the Python process, `undefined' while restarting), `status' (`running'
 %% or `restarting'), `packet', `python', `config' and `server' (the map
 %% Python returned for `'$poolport':info()').
--spec info(pool()) -> map().
+%%
+%% Like {@link call/5}, returns `{error, noproc}' or
+%% `{error, {nodedown, Node}}' if there is no pool, and `{error, timeout}'
+%% if the pool did not answer within 5 s (it is stopping, for example).
+-spec info(pool()) -> map() | {error, absent() | timeout}.
 info(Pool) ->
-    gen_server:call(Pool, info).
+    poolport_server:info(Pool).
 
 %% @doc Stop a pool: close the port and wait until the Python process exited.
 %%

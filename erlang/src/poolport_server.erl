@@ -35,6 +35,7 @@
 -export([start_link/1]).
 -export([call/3]).
 -export([cast/2]).
+-export([info/1]).
 -export([prepare/1]).
 -export([check_opts/1]).
 -export([shutdown_timeout/1]).
@@ -54,6 +55,8 @@
 %% Extra time a caller waits beyond its timeout for the server's own
 %% `{error, timeout}' before it gives up itself (only if the server is stuck).
 -define(CALLER_MARGIN, 1000).
+%% How long info/1 waits for the pool (gen_server:call/2's default).
+-define(INFO_TIMEOUT, 5000).
 %% First reopen delay after the Python process died, doubled on each
 %% further death within the restart period.
 -define(BACKOFF_MIN, 100).
@@ -124,20 +127,44 @@ start_link(#{name := Name} = Cfg) ->
 %% `Timeout + 1000' ms so that a stuck server cannot block it forever.
 %% `gen_server:call/3' with a timeout uses a process alias (OTP 24+), so a
 %% reply arriving after the caller gave up is discarded by the runtime.
+%%
+%% A pool that does not exist (a dead pid, a name nobody registered) gives
+%% `{error, noproc}', a pool on a node that cannot be reached
+%% `{error, {nodedown, Node}}'; any other exit of `gen_server:call/3' (the
+%% pool crashing while the call is pending) still exits the caller.
 -spec call(poolport:pool(), binary(), timeout()) -> {ok, term()} | {error, poolport:reason()}.
 call(Pool, Request, infinity) ->
-    gen_server:call(Pool, {call, Request, infinity}, infinity);
+    server_call(Pool, {call, Request, infinity}, infinity);
 call(Pool, Request, Timeout) ->
+    server_call(Pool, {call, Request, Timeout}, Timeout + ?CALLER_MARGIN).
+
+%% `gen_server:call/3' that returns `{error, Reason}' instead of exiting
+%% when the pool is not there or the call timed out (thanks to the process
+%% alias, no late reply follows). Other exits are not caught.
+-spec server_call(poolport:pool(), term(), timeout()) ->
+          term() | {error, timeout | noproc | {nodedown, node()}}.
+server_call(Pool, Message, Timeout) ->
     try
-        gen_server:call(Pool, {call, Request, Timeout}, Timeout + ?CALLER_MARGIN)
+        gen_server:call(Pool, Message, Timeout)
     catch
-        exit:{timeout, {gen_server, call, _}} -> {error, timeout}
+        exit:{timeout, {gen_server, call, _}} -> {error, timeout};
+        exit:{noproc, {gen_server, call, _}} -> {error, noproc};
+        exit:{{nodedown, Node}, {gen_server, call, _}} -> {error, {nodedown, Node}}
     end.
 
 %% @doc Send an encoded cast to a pool.
+%%
+%% `gen_server:cast/2' never fails: a cast to a pool that does not exist or
+%% sits on an unreachable node is silently lost.
 -spec cast(poolport:pool(), binary()) -> ok.
 cast(Pool, Request) ->
     gen_server:cast(Pool, {cast, Request}).
+
+%% @doc The pool's counters; `{error, noproc | {nodedown, Node} | timeout}'
+%% if there is no pool or it did not answer within 5 s.
+-spec info(poolport:pool()) -> map() | {error, noproc | {nodedown, node()} | timeout}.
+info(Pool) ->
+    server_call(Pool, info, ?INFO_TIMEOUT).
 
 %% @doc Check options and resolve the interpreter and the config path.
 %%

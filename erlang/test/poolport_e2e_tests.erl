@@ -46,7 +46,9 @@ own_pool_test_() ->
         {"start/1 under poolport_sup, name, packet 2", fun start_supervised/0},
         {"start errors", fun start_errors/0},
         {"pools from the application environment", fun app_env_pools/0},
-        {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0}
+        {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0},
+        {"no pool: call/info return {error, noproc}, cast ok, caller survives", fun absent_pool/0},
+        {"pool on another node: works, then {error, {nodedown, Node}}", fun remote_pool/0}
     ]].
 
 start_shared() ->
@@ -287,7 +289,8 @@ stop_pending() ->
     receive {pending, Caller, R} -> ?assertEqual({error, port_closed}, R)
     after ?DEADLOCK -> error(deadlock)
     end,
-    ?assertNot(os_alive(OsPid)),
+    %% stop/1 ended it with SIGKILL; on a loaded machine the kernel may take a moment to reap it
+    wait_until(fun() -> not os_alive(OsPid) end, 5000),
     wait_until(fun() -> not lists:any(fun os_alive/1, Children) end, 10000).
 
 start_supervised() ->
@@ -368,6 +371,100 @@ alias_semantics() ->
     end),
     ?assertEqual(timeout, Result),
     ?assertEqual([], Mailbox).
+
+%% call/4, call/5, cast/4 and info/1 for every kind of pool reference that
+%% names no process: no exit, no stray message.
+absent_pool() ->
+    {DeadPid, MRef} = spawn_monitor(fun() -> ok end),
+    receive {'DOWN', MRef, process, DeadPid, _} -> ok end,
+    Down = 'poolport_nowhere@localhost',
+    Absent = [{DeadPid, noproc},
+              {poolport_no_such_pool, noproc},
+              {{poolport_no_such_pool, node()}, noproc},
+              {{global, poolport_no_such_pool}, noproc},
+              {{via, global, poolport_no_such_pool}, noproc},
+              {{poolport_no_such_pool, Down}, {nodedown, Down}}],
+    [begin
+         {Results, Messages} = in_fresh_process(fun() ->
+             [poolport:call(Pool, ?M, echo, [1]),
+              poolport:call(Pool, ?M, echo, [1], 1000),
+              poolport:call(Pool, ?M, echo, [1], infinity),
+              poolport:cast(Pool, ?M, echo, [1]),
+              poolport:info(Pool)]
+         end),
+         E = {error, Reason},
+         ?assertEqual({Pool, [E, E, E, ok, E]}, {Pool, Results}),
+         ?assertEqual({Pool, []}, {Pool, Messages})
+     end || {Pool, Reason} <- Absent],
+    %% A pool that was stopped.
+    {ok, Pool} = poolport:start_link(opts(#{name => poolport_stopped_pool})),
+    ok = poolport:stop(Pool),
+    ?assertEqual({error, noproc}, poolport:call(Pool, ?M, echo, [1])),
+    ?assertEqual({error, noproc}, poolport:call(poolport_stopped_pool, ?M, echo, [1], 1000)),
+    ?assertEqual({error, noproc}, poolport:info(poolport_stopped_pool)),
+    ?assertEqual(ok, poolport:cast(poolport_stopped_pool, ?M, echo, [1])),
+    %% Bad arguments are still refused, pool or not.
+    ?assertError(badarg, poolport:call(poolport_no_such_pool, ?M, echo, [1], -1)).
+
+%% A pool on a peer node, addressed as {Name, Node}. Needs distribution
+%% (epmd running); skipped otherwise.
+remote_pool() ->
+    case start_distribution() of
+        {ok, WasAlive} ->
+            try remote_pool_() after stop_distribution(WasAlive) end;
+        {error, Reason} ->
+            io:format(user, "~nremote_pool skipped: no distribution (~p)~n", [Reason])
+    end.
+
+remote_pool_() ->
+    {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(poolport_peer),
+                                         args => ["-pa" | code:get_path()]}),
+    Name = poolport_remote_pool,
+    Pool = {Name, Node},
+    try
+        {ok, _} = erpc:call(Node, poolport, start, [opts(#{name => Name})]),
+        ?assertEqual({ok, 42}, poolport:call(Pool, ?M, twice, [21])),
+        ?assertEqual({ok, 42}, poolport:call(Pool, ?M, twice, [21], 5000)),
+        ?assertEqual(ok, poolport:cast(Pool, ?M, echo, [1])),
+        ?assertMatch(#{status := running}, poolport:info(Pool)),
+        ?assertEqual({error, noproc}, poolport:call({poolport_no_such_pool, Node}, ?M, echo, [1])),
+        %% The node goes down while a call is pending.
+        Self = self(),
+        Caller = spawn_link(fun() ->
+            Self ! {self(), in_fresh_process(fun() ->
+                poolport:call(Pool, ?M, sleep_ms, [20000], ?DEADLOCK)
+            end)}
+        end),
+        ok = wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) =:= 1 end, ?DEADLOCK),
+        ok = peer:stop(Peer),
+        receive
+            {Caller, {Result, Messages}} ->
+                ?assertEqual({error, {nodedown, Node}}, Result),
+                ?assertEqual([], Messages)
+        after ?DEADLOCK -> error(deadlock)
+        end,
+        %% And stays down.
+        ?assertEqual({error, {nodedown, Node}}, poolport:call(Pool, ?M, echo, [1])),
+        ?assertEqual({error, {nodedown, Node}}, poolport:info(Pool)),
+        ?assertEqual(ok, poolport:cast(Pool, ?M, echo, [1]))
+    after
+        catch peer:stop(Peer)
+    end.
+
+start_distribution() ->
+    case node() of
+        nonode@nohost ->
+            Name = list_to_atom("poolport_eunit_" ++ os:getpid()),
+            case net_kernel:start([Name, shortnames]) of
+                {ok, _} -> {ok, false};
+                {error, Reason} -> {error, Reason}
+            end;
+        _ ->
+            {ok, true}
+    end.
+
+stop_distribution(true) -> ok;
+stop_distribution(false) -> ok = net_kernel:stop().
 
 %% Helpers.
 
