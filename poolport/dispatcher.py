@@ -53,7 +53,8 @@ from .worker import worker_main
 
 log = logging.getLogger("poolport")
 
-READ_SIZE = 1 << 20  # bytes asked of stdin per read (the pipe is enlarged to this, see cli)
+READ_SMALL = 64 << 10  # bytes asked of stdin per read: a bigger request costs a big allocation
+READ_BIG = 1 << 20  # ... unless a frame this big is in progress (the pipe is enlarged to this)
 RUN_TARGET_S = 0.002  # aim for runs of about this much work: long enough to amortise IPC
 MAX_RUN_FRAMES = 2048  # never more calls than this in one run
 MAX_RUN_BYTES = 4 << 20  # nor more bytes (a bigger single frame still goes alone)
@@ -149,6 +150,7 @@ class Dispatcher:
         self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
                      "protocol": config.protocol}
         self.reading = False
+        self.stats = dict.fromkeys(("loops", "reads", "runs", "run_items", "chunks"), 0)  # for DEBUG
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,6 +172,7 @@ class Dispatcher:
 
     def _loop(self) -> int:
         while True:
+            self.stats["loops"] += 1
             now = time.monotonic()
             if self.closing and (self.in_flight == 0 or now >= self.deadline):
                 if self.in_flight:
@@ -210,6 +213,7 @@ class Dispatcher:
                 log.warning("input ended inside a frame or after an info packet with no call")
 
     def _shutdown(self) -> None:
+        log.debug("dispatcher stats: %s", self.stats)
         for slot in self.slots:
             if slot.sock is not None:
                 slot.sock.close()
@@ -235,7 +239,8 @@ class Dispatcher:
 
     def _read_stdin(self) -> None:
         try:
-            data = os.read(self.in_fd, READ_SIZE)
+            wanted = self.frames.wanted()
+            data = os.read(self.in_fd, READ_SMALL if wanted <= READ_SMALL else min(wanted, READ_BIG))
         except OSError as exc:
             log.error("cannot read stdin: %s", exc)
             data = b""
@@ -243,6 +248,7 @@ class Dispatcher:
             log.info("stdin closed: finishing %d in-flight call(s)", self.in_flight)
             self._close_input()
             return
+        self.stats["reads"] += 1
         self.frames.feed(data)
         for segment in self.frames.segments():
             if type(segment) is Oversized:
@@ -316,6 +322,8 @@ class Dispatcher:
         self.queued -= count
         slot.sent += count
         slot.runs.append(run)
+        self.stats["runs"] += 1
+        self.stats["run_items"] += count
         try:
             send_message(slot.sock, count, seg.data[bounds[i] : bounds[j]])  # type: ignore[arg-type]
         except OSError as exc:
@@ -394,6 +402,7 @@ class Dispatcher:
 
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         run = slot.runs[0]
+        self.stats["chunks"] += 1
         self.reorder.add(run.start + run.done, count, data)
         run.done += count
         slot.failures = 0

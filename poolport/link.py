@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 HEADER = struct.Struct(">II")
 SMALL_MESSAGE = 64 * 1024  # below this, header and payload are joined into one send
-BIG_MESSAGE = 1 << 20  # from this size on, a payload is received in place, not re-assembled
-READ_SIZE = 256 * 1024  # bytes asked of the socket per read for small messages
+BIG_MESSAGE = 256 << 10  # from this size on, a payload is received in place, not re-assembled
+READ_SIZE = 64 << 10  # bytes asked per read: asking for more costs a big allocation every time
 SOCKET_BUFFER = 4 << 20  # kernel buffer per direction: fewer wake-ups for big payloads
 
 Buffer = bytes | bytearray | memoryview
