@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .memory import keep_freed_memory
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -79,6 +80,7 @@ def serve(config: Config) -> int:
     # library) can read requests or write into the reply stream.
     in_fd, out_fd = os.dup(0), os.dup(1)
     _enlarge_pipes(in_fd, out_fd)
+    keep_freed_memory()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)

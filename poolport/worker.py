@@ -27,6 +27,7 @@ from .config import Config
 from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import HEADERS
 from .link import HEADER, MessageReader, send_message, tune
+from .memory import keep_freed_memory
 from .progress import Progress
 from .terms import Atom
 
@@ -336,6 +337,7 @@ def worker_main(address: str, progress_path: str, slot: int, config: Config,
                 info: dict[str, Any]) -> None:
     """Entry point of a pool process (submitted once to its loky executor)."""
     _isolate_stdout()
+    keep_freed_memory()
     _limit_memory(config.max_worker_memory_mb)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format=f"%(asctime)s poolport[worker {slot} pid {os.getpid()}] %(levelname)s %(message)s")
