@@ -7,6 +7,7 @@
     stdin ─▶ FrameBuffer ─▶ pending: deque[Pending] ──────▶ run ══link══▶ Slot 0: worker_main
                                                                   ══link══▶ Slot 1: worker_main ...
     stdout ◀─ ReorderBuffer ◀──── chunks of framed replies ◀═════link════╝
+    stdout ◀──────────────────── replies whose turn has come (Turn) ◀── workers
                                     Progress (shared memory) ◀── started / finished / timeout
 
 * The dispatcher never decodes a term. It splits stdin into frames, numbers
@@ -14,8 +15,11 @@
   adapts to the measured cost per call: tiny calls travel in big runs (one
   link message per run, not per call), heavy calls one at a time so they
   spread over every worker.
-* Workers decode, call and encode; their framed replies come back in chunks
-  and the ReorderBuffer releases them to stdout strictly in request order.
+* Workers decode, call and encode. A worker whose replies are next in order
+  (``Turn``, a shared counter of replies written) writes them to the port
+  itself and only tells the dispatcher how many; otherwise its framed
+  replies come back in chunks and the ReorderBuffer releases them to stdout
+  strictly in request order, moving the turn on.
 * An ``{info, ...}`` packet rides in the same item as the call it precedes.
 * Each worker runs in a loky executor of its own, so a crash breaks only that
   slot: loky reports how the process died, the slot gets a fresh process,
@@ -46,8 +50,8 @@ import loky
 from . import bert, etf
 from .config import Config
 from .framing import FrameBuffer, Oversized, Segment, frame
-from .link import HEADER, Buffer, MessageReader, send_message, tune
-from .progress import Progress
+from .link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
+from .progress import Progress, Turn
 from .reorder import ReorderBuffer
 from .worker import worker_main
 
@@ -147,6 +151,8 @@ class Dispatcher:
         os.set_blocking(self.wake_w, False)
         self.slots = [Slot(i, os.path.join(self.tmpdir, f"progress-{i}"))
                       for i in range(config.worker_count)]
+        self.turn_path = os.path.join(self.tmpdir, "turn")
+        self.turn = Turn(self.turn_path, create=True)
         self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
                      "protocol": config.protocol}
         self.reading = False
@@ -223,6 +229,7 @@ class Dispatcher:
             if slot.progress is not None:
                 slot.progress.close()
         self.listener.close()
+        self.turn.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -268,6 +275,7 @@ class Dispatcher:
         ready = self.reorder.pop_ready()
         if ready:
             self._write(ready[0] if len(ready) == 1 else b"".join(ready))
+            self.turn.value = self.reorder.next_seq  # after the write: now a worker may go on
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -325,7 +333,7 @@ class Dispatcher:
         self.stats["runs"] += 1
         self.stats["run_items"] += count
         try:
-            send_message(slot.sock, count, seg.data[bounds[i] : bounds[j]])  # type: ignore[arg-type]
+            send_message(slot.sock, count, [SEQ.pack(run.start), seg.data[bounds[i] : bounds[j]]])  # type: ignore[arg-type]
         except OSError as exc:
             self._on_death(slot, f"link lost while sending: {exc}")
 
@@ -335,7 +343,8 @@ class Dispatcher:
         slot.progress = slot.progress or Progress(slot.progress_path, create=True)
         slot.executor = loky.ProcessPoolExecutor(max_workers=1)
         slot.future = slot.executor.submit(
-            worker_main, self.address, slot.progress_path, slot.index, self.config, self.info)
+            worker_main, self.address, slot.progress_path, self.turn_path, slot.index, self.config,
+            self.info)
         slot.future.add_done_callback(self._wake)
         slot.restart_at = 0.0
 
@@ -372,6 +381,7 @@ class Dispatcher:
             return
         slot = self.slots[index]
         tune(conn)
+        socket.send_fds(conn, [b"1"], [self.out_fd])  # so the worker can write replies whose turn came
         slot.sock, slot.pid, slot.sent = conn, pid, 0
         slot.reader = MessageReader()
         self.sel.register(conn, selectors.EVENT_READ, slot)
@@ -478,11 +488,14 @@ class Dispatcher:
         snap = slot.progress.read() if slot.progress is not None else None
         culprit = snap.started - 1 if snap is not None and snap.running else -1
         requeue: list[Pending] = []
+        written = self.turn.value  # replies the worker wrote to the port before its end was seen
         for run in slot.runs:
             bounds = run.segment.bounds
             for seq, index in run.unanswered():
                 item = run.first + seq - run.start
-                if index == culprit:
+                if seq < written:
+                    self.reorder.add(seq, 1, b"")
+                elif index == culprit:
                     error = self._crash_error(slot, seq, snap, reason)
                     self.reorder.add(seq, 1, frame(etf.encode(error), self.packet))
                 else:  # one pending entry per item: rare, and keeps the bookkeeping trivial

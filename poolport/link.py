@@ -3,11 +3,15 @@
 Every message is ``HEADER`` (payload bytes, frame count) followed by that many
 bytes of ``{packet,N}`` frames, exactly as they travel on the Erlang port:
 
-* dispatcher -> worker: a *run* of consecutive request frames;
+* dispatcher -> worker: a *run* of consecutive request frames, preceded by
+  ``SEQ``, the sequence number of its first request;
 * worker -> dispatcher: a *chunk* of reply frames answering the next ``count``
   requests of the runs it was given, in order (a run may be answered in
-  several chunks so slow calls report progress);
-* worker -> dispatcher, once on connect: ``HEADER(slot, pid)`` as a hello.
+  several chunks so slow calls report progress); an *empty* chunk means the
+  worker wrote those ``count`` replies to the port itself (its turn had come);
+* worker -> dispatcher, once on connect: ``HEADER(slot, pid)`` as a hello;
+  dispatcher -> worker in return: one byte carrying the port's stdout
+  descriptor (``SCM_RIGHTS``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import struct
 from collections.abc import Sequence
 
 HEADER = struct.Struct(">II")
+SEQ = struct.Struct(">Q")
 SMALL_MESSAGE = 64 * 1024  # below this, header and payload are joined into one send
 BIG_MESSAGE = 256 << 10  # from this size on, a payload is received in place, not re-assembled
 READ_SIZE = 64 << 10  # bytes asked per read: asking for more costs a big allocation every time

@@ -66,3 +66,34 @@ class Progress:
         self._ints.release()
         self._floats.release()
         self._map.close()
+
+
+class Turn:
+    """How many replies have reached the port: the sequence number whose turn it is.
+
+    Shared by the dispatcher and every worker. Only the holder of the replies
+    starting at ``value`` may write to the port, then moves ``value`` past
+    them, so writers never overlap and replies stay in order without a lock.
+    """
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+        self._cell = memoryview(self._map).cast("Q")
+
+    @property
+    def value(self) -> int:
+        return self._cell[0]
+
+    @value.setter
+    def value(self, seq: int) -> None:
+        self._cell[0] = seq
+
+    def close(self) -> None:
+        self._cell.release()
+        self._map.close()

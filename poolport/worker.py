@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -26,9 +27,9 @@ from .handler import aliases, exposed_name, run_worker_init, settings_of
 from .config import Config
 from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import HEADERS
-from .link import HEADER, MessageReader, send_message, tune
+from .link import HEADER, SEQ, MessageReader, send_message, tune
 from .memory import keep_freed_memory
-from .progress import Progress
+from .progress import Progress, Turn
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
@@ -275,17 +276,19 @@ class Worker:
 
 
 def serve_run(worker: Worker, run: bytes, packet: int,
-              flush: Callable[[int, list[bytes]], None]) -> None:
-    """Answer every frame of ``run``, calling ``flush(count, framed_replies)`` as progress is made."""
+              flush: Callable[[int, int, list[bytes]], None], start: int = 0) -> None:
+    """Answer every frame of ``run[start:]``; ``flush(first_index, count, framed_replies)``
+    is called as progress is made (``first_index`` counts replies from the run's start)."""
     out: list[bytes] = []
     header = HEADERS[packet]
     limit = 1 << (8 * packet)
-    pos, n = 0, len(run)
+    done = 0  # replies already flushed
+    pos, n = start, len(run)
     last = time.perf_counter()
     while pos < n:
-        start = pos + packet
-        pos = start + header.unpack_from(run, start - packet)[0]
-        answer = worker.answer(run, start, pos)
+        begin = pos + packet
+        pos = begin + header.unpack_from(run, pos)[0]
+        answer = worker.answer(run, begin, pos)
         if answer is None:
             continue
         if len(answer) >= limit:
@@ -294,11 +297,43 @@ def serve_run(worker: Worker, run: bytes, packet: int,
         out.append(answer)
         now = time.perf_counter()
         if now - last >= FLUSH_AFTER_S:
-            flush(len(out) // 2, out)
+            flush(done, len(out) // 2, out)
+            done += len(out) // 2
             out = []
             last = now
     if out:
-        flush(len(out) // 2, out)
+        flush(done, len(out) // 2, out)
+
+
+class Replies:
+    """Where a worker's replies go: straight to the port when their turn has come, else
+    to the dispatcher, which puts them in order (see progress.Turn)."""
+
+    def __init__(self, sock: socket.socket, port_fd: int, turn: Turn) -> None:
+        self.sock, self.port_fd, self.turn = sock, port_fd, turn
+
+    def deliver(self, seq: int, count: int, parts: list[bytes]) -> None:
+        if self.turn.value == seq and self._write(parts):
+            self.turn.value = seq + count  # only after the bytes are in the pipe
+            send_message(self.sock, count, b"")  # tell the dispatcher they are out
+        else:
+            send_message(self.sock, count, parts)
+
+    def _write(self, parts: list[bytes]) -> bool:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(self.port_fd, view):]
+                except BlockingIOError:
+                    select.select([], [self.port_fd], [], 1.0)
+        except OSError as exc:  # the port is gone: the dispatcher will notice and stop
+            if len(view) != len(data):
+                raise  # part of a frame went out: the stream cannot be repaired, stop here
+            log.info("cannot write to the port (%s); replies go through the dispatcher", exc)
+            return False
+        return True
 
 
 def _head_end(data: bytes, pos: int, end: int) -> int:
@@ -333,7 +368,7 @@ def _isolate_stdout() -> None:
     sys.stdout = sys.stderr
 
 
-def worker_main(address: str, progress_path: str, slot: int, config: Config,
+def worker_main(address: str, progress_path: str, turn_path: str, slot: int, config: Config,
                 info: dict[str, Any]) -> None:
     """Entry point of a pool process (submitted once to its loky executor)."""
     _isolate_stdout()
@@ -366,17 +401,21 @@ def worker_main(address: str, progress_path: str, slot: int, config: Config,
             sock.sendall(HEADER.pack(slot, 0))
             os._exit(78)
         sock.sendall(HEADER.pack(slot, os.getpid()))
-
-        def flush(count: int, data: list[bytes]) -> None:
-            send_message(sock, count, data)
-
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
+        if not fds:
+            raise OSError("the dispatcher sent no port descriptor")
+        replies = Replies(sock, fds[0], Turn(turn_path))
         reader = MessageReader()
         while True:
             messages = reader.read_from(sock)
             if messages is None:
                 break
             for _count, run in messages:
-                serve_run(worker, run if type(run) is bytes else bytes(run), config.packet, flush)
+                run = run if type(run) is bytes else bytes(run)
+                first = SEQ.unpack_from(run)[0]
+                serve_run(worker, run, config.packet,
+                          lambda done, count, parts, first=first: replies.deliver(first + done, count, parts),
+                          SEQ.size)
     except OSError as exc:
         log.info("link to the dispatcher lost: %s", exc)
     finally:
