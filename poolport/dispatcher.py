@@ -64,6 +64,7 @@ MAX_RUN_FRAMES = 2048  # never more calls than this in one run
 MAX_RUN_BYTES = 4 << 20  # nor more bytes (a bigger single frame still goes alone)
 PIPELINE_BYTES = 64 << 10  # a second run is queued to a busy worker only below this size
 PIPELINE_COST_S = 0.001  # ... and only for calls cheaper than this
+MAX_QUEUED_RUNS = 2  # runs a worker may have at once: one running, the next already on its socket
 COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call average
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
 
@@ -297,7 +298,7 @@ class Dispatcher:
     def _schedule(self, now: float) -> None:
         if not self.queued:
             return
-        ready = [s for s in self.slots if s.ready and len(s.runs) < 2]
+        ready = [s for s in self.slots if s.ready and len(s.runs) < MAX_QUEUED_RUNS]
         if not ready:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
