@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -284,7 +285,7 @@ class Dispatcher:
             try:
                 n = os.write(self.out_fd, view)
             except BlockingIOError:
-                selectors.DefaultSelector().select(0.01)
+                select.select([], [self.out_fd], [], 1.0)  # the port owner is slow to read
                 continue
             except BrokenPipeError:
                 log.info("stdout closed by the port owner")
