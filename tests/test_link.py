@@ -1,0 +1,67 @@
+"""The dispatcher <-> worker link and the shared-memory records, in one process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from poolport.link import BIG_MESSAGE, MessageReader, send_message
+from poolport.progress import Progress, Turn
+
+
+def _read_all(reader: MessageReader, sock: socket.socket, want: int) -> list:
+    out: list = []
+    while len(out) < want:
+        got = reader.read_from(sock)
+        assert got is not None, "peer closed early"
+        out.extend((count, bytes(data)) for count, data in got)
+    return out
+
+
+@pytest.mark.parametrize("size", [0, 10, 70_000, BIG_MESSAGE - 1, BIG_MESSAGE, 5 * BIG_MESSAGE + 3],
+                         ids=["empty", "small", "over-one-read", "just-small", "big", "bigger"])
+def test_messages_of_every_size_arrive_whole_and_in_order(size):
+    a, b = socket.socketpair()
+    with a, b:
+        payloads = [bytes([i % 251]) * size for i in range(3)]
+        sender = threading.Thread(
+            target=lambda: [send_message(a, i + 1, [p[: size // 2], p[size // 2 :]])
+                            for i, p in enumerate(payloads)])
+        sender.start()
+        got = _read_all(MessageReader(), b, 3)
+        sender.join()
+    assert got == [(i + 1, p) for i, p in enumerate(payloads)]
+
+
+def test_reader_reports_a_closed_peer():
+    a, b = socket.socketpair()
+    a.close()
+    with b:
+        assert MessageReader().read_from(b) is None
+
+
+def test_progress_is_shared_between_mappings(tmp_path):
+    path = str(tmp_path / "progress")
+    worker, dispatcher = Progress(path, create=True), Progress(path)
+    assert not dispatcher.read().running
+    worker.begin(250)
+    snap = dispatcher.read()
+    assert snap.running and snap.started == 1 and snap.timeout_ms == 250 and snap.started_at > 0
+    worker.set_timeout(10)
+    assert dispatcher.read().timeout_ms == 10
+    worker.end()
+    assert not dispatcher.read().running and dispatcher.read().finished == 1
+    worker.close()
+    dispatcher.close()
+
+
+def test_turn_is_shared_between_mappings(tmp_path):
+    path = str(tmp_path / "turn")
+    mine, theirs = Turn(path, create=True), Turn(path)
+    assert theirs.value == 0
+    mine.value = 12345
+    assert theirs.value == 12345
+    mine.close()
+    theirs.close()
