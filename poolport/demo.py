@@ -41,7 +41,7 @@ def run_demo(calls: int = 200, steps: int = 200_000, workers: int | None = None)
                                      "--log-level", "WARNING"])
         rows.append((n, seen, done / seconds))
     base = rows[0][2]
-    print(f"\n| workers | worker pids seen | calls/s | speed-up |\n|---:|---:|---:|---:|")
+    print("\n| workers | worker pids seen | calls/s | speed-up |\n|---:|---:|---:|---:|")
     for n, seen, rate in rows:
         print(f"| {n} | {seen} | {rate:,.1f} | {rate / base:.2f}x |")
     print(f"\n{os.cpu_count()} CPU core(s); Python {sys.version.split()[0]}")

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from poolport.demo import drive
 from portclient import HANDLERS, ROOT, SEED_DIR
