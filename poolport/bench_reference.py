@@ -52,12 +52,7 @@ def _dec(d: bytes, i: int) -> tuple[Any, int]:
     if t == 97:  # SMALL_INTEGER_EXT
         return d[i + 1], i + 2
     if t == 104:  # SMALL_TUPLE_EXT
-        n = d[i + 1]
-        i += 2
-        items = []
-        for _ in range(n):
-            x, i = _dec(d, i)
-            items.append(x)
+        items, i = _items(d, i + 2, d[i + 1])
         return tuple(items), i
     if t == 100 or t == 118:  # ATOM_EXT (what OTP 25 writes) / ATOM_UTF8_EXT
         j = i + 3 + int.from_bytes(d[i + 1:i + 3], "big")
@@ -77,12 +72,7 @@ def _dec(d: bytes, i: int) -> tuple[Any, int]:
         j = i + 5 + int.from_bytes(d[i + 1:i + 5], "big")
         return d[i + 5:j], j
     if t == 108:  # LIST_EXT
-        n = int.from_bytes(d[i + 1:i + 5], "big")
-        i += 5
-        items = []
-        for _ in range(n):
-            x, i = _dec(d, i)
-            items.append(x)
+        items, i = _items(d, i + 5, int.from_bytes(d[i + 1:i + 5], "big"))
         if d[i] == 106:  # proper list
             return items, i + 1
         raise ValueError("improper lists are not supported by the reference")
@@ -112,14 +102,18 @@ def _dec(d: bytes, i: int) -> tuple[Any, int]:
         v = int.from_bytes(d[i:i + n], "little")
         return (-v if sign else v), i + n
     if t == 105:  # LARGE_TUPLE_EXT
-        n = int.from_bytes(d[i + 1:i + 5], "big")
-        i += 5
-        items = []
-        for _ in range(n):
-            x, i = _dec(d, i)
-            items.append(x)
+        items, i = _items(d, i + 5, int.from_bytes(d[i + 1:i + 5], "big"))
         return tuple(items), i
     raise ValueError(f"unsupported ETF tag {t} at byte {i}")
+
+
+def _items(d: bytes, i: int, n: int) -> tuple[list[Any], int]:
+    """The ``n`` terms from ``i`` on (elements of a tuple or list)."""
+    items = []
+    for _ in range(n):
+        x, i = _dec(d, i)
+        items.append(x)
+    return items, i
 
 
 def decode(data: bytes, start: int = 0) -> Any:

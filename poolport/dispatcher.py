@@ -78,9 +78,6 @@ class Pending:
     def __init__(self, segment: Segment, seq: int, pos: int = 0) -> None:
         self.segment, self.seq, self.pos = segment, seq, pos
 
-    def __len__(self) -> int:
-        return len(self.segment) - self.pos
-
 
 class Run:
     """Items ``first .. first + count - 1`` of a segment sent to one worker; ``done`` are answered."""
