@@ -52,6 +52,7 @@ from . import bert, etf
 from .config import Config
 from .framing import FrameBuffer, Oversized, Segment, frame
 from .link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
+from .pending import Pending, take_head
 from .progress import Progress, Turn
 from .reorder import ReorderBuffer
 from .worker import worker_main
@@ -68,15 +69,6 @@ PIPELINE_COST_S = 0.001  # ... and only for calls cheaper than this
 MAX_QUEUED_RUNS = 2  # runs a worker may have at once: one running, the next already on its socket
 COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call average
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
-
-
-class Pending:
-    """Items not yet sent: ``segment`` items from index ``pos`` on, the first numbered ``seq``."""
-
-    __slots__ = ("segment", "pos", "seq")
-
-    def __init__(self, segment: Segment, seq: int, pos: int = 0) -> None:
-        self.segment, self.seq, self.pos = segment, seq, pos
 
 
 class Run:
@@ -102,7 +94,7 @@ class Slot:
     """One worker process: its loky executor, link socket, progress record and runs."""
 
     __slots__ = ("index", "executor", "future", "sock", "pid", "progress", "runs", "sent",
-                 "reader", "killed", "failures", "restart_at", "progress_path")
+                 "reader", "killed", "failures", "restart_at", "progress_path", "idle_since")
 
     def __init__(self, index: int, progress_path: str) -> None:
         self.index = index
@@ -118,6 +110,7 @@ class Slot:
         self.killed: str | None = None  # why we killed it, if we did
         self.failures = 0  # deaths in a row without serving anything
         self.restart_at = 0.0
+        self.idle_since = 0.0  # when its last run was answered
 
     @property
     def ready(self) -> bool:
@@ -313,7 +306,7 @@ class Dispatcher:
 
     def _send_run(self, slot: Slot, size: int, max_bytes: int, now: float) -> None:
         """Send up to ``size`` items (at most ``max_bytes``, but at least one) from the queue head."""
-        head = self.pending[0]
+        head = take_head(self.pending, size)
         seg, i = head.segment, head.pos
         bounds = seg.bounds
         j = min(i + size, len(bounds) - 1)
@@ -417,7 +410,9 @@ class Dispatcher:
         slot.failures = 0
         if run.done == run.count:
             slot.runs.popleft()
-            elapsed = time.monotonic() - run.sent_at
+            now = time.monotonic()
+            elapsed = now - max(run.sent_at, slot.idle_since)  # not the time spent queued behind a run
+            slot.idle_since = now
             per_call = elapsed / run.count
             self.cost = per_call if self.cost <= 0 else (
                 COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
