@@ -30,6 +30,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int)
     p.add_argument("--max-frame-bytes", type=int)
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
+    p.add_argument("--idle-spin-us", type=int, help="microseconds to poll before sleeping, 0 = never")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 
@@ -47,7 +48,7 @@ def read_config(args: argparse.Namespace) -> Config:
         "packet": args.packet, "protocol": args.protocol, "bare_module": args.bare_module,
         "timeout_ms": args.timeout_ms, "max_in_flight": args.max_in_flight,
         "max_frame_bytes": args.max_frame_bytes, "log_level": args.log_level,
-        "max_worker_memory_mb": args.max_worker_memory_mb,
+        "max_worker_memory_mb": args.max_worker_memory_mb, "idle_spin_us": args.idle_spin_us,
     }
     if args.workers is not None:
         overrides["workers"] = args.workers if args.workers == "auto" else _int_flag("--workers", args.workers)

@@ -47,6 +47,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     max_worker_memory_mb: NonNegativeInt = 0  # address-space limit per worker (RLIMIT_AS); 0 = none
     none_atom: str = "undefined"
     log_level: LogLevel = "INFO"
+    idle_spin_us: NonNegativeInt = 100  # poll this long before sleeping when out of work (see spin.py)
     worker_init: Union[InitSpec, None] = None  # "module:function" run once per worker; its result
     worker_init_args: list[Any] = []  # is poolport.worker_state(); called as function(*args)
 

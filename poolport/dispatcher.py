@@ -55,6 +55,7 @@ from .link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
 from .pending import Pending, take_head
 from .progress import Progress, Turn
 from .reorder import ReorderBuffer
+from .spin import spin
 from .worker import worker_main
 
 log = logging.getLogger("poolport")
@@ -148,6 +149,7 @@ class Dispatcher:
         self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
                      "protocol": config.protocol}
         self.reading = False
+        self.spin_s = config.idle_spin_us / 1e6
         self.stats = dict.fromkeys(("loops", "reads", "runs", "run_items", "chunks"), 0)  # for DEBUG
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,7 +178,8 @@ class Dispatcher:
                 if self.in_flight:
                     log.warning("grace period over: %d call(s) abandoned", self.in_flight)
                 return 0
-            for key, _ in self.sel.select(self._select_timeout(now)):
+            events = spin(self._poll_now, self.spin_s) if self.spin_s else None
+            for key, _ in events or self.sel.select(self._select_timeout(now)):
                 tag = key.data
                 if tag == "stdin":
                     self._read_stdin()
@@ -193,6 +196,9 @@ class Dispatcher:
             self._write_ready()
             if not self.closing:
                 self._set_reading(self.in_flight < self.config.max_in_flight)
+
+    def _poll_now(self) -> list[tuple[Any, int]]:
+        return self.sel.select(0)
 
     @property
     def in_flight(self) -> int:

@@ -30,6 +30,7 @@ from .framing import HEADERS
 from .link import HEADER, SEQ, MessageReader, send_message, tune
 from .memory import keep_freed_memory
 from .progress import Progress, Turn
+from .spin import spin
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
@@ -406,7 +407,12 @@ def worker_main(address: str, progress_path: str, turn_path: str, slot: int, con
             raise OSError("the dispatcher sent no port descriptor")
         replies = Replies(sock, fds[0], Turn(turn_path))
         reader = MessageReader()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        spin_s = config.idle_spin_us / 1e6
         while True:
+            if spin_s:
+                spin(lambda: poller.poll(0), spin_s)
             messages = reader.read_from(sock)
             if messages is None:
                 break

@@ -25,6 +25,17 @@ def test_full_example_config_is_valid():
     assert all(os.path.isabs(p) for p in config.python_path)
 
 
+def test_every_setting_is_documented_in_the_readme_and_the_example_config():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    with open(os.path.join(root, "config", "poolport.yaml"), encoding="utf-8") as fh:
+        example = fh.read()
+    for name in Config.__struct_fields__:
+        assert f"| `{name}` |" in readme, name
+        assert f"{name}:" in example, name
+
+
 @pytest.mark.parametrize(
     ("yaml", "message"),
     [
@@ -36,6 +47,7 @@ def test_full_example_config_is_valid():
         pytest.param(b"modules: [os.system()]", "`$.modules[0]`", id="module-name"),
         pytest.param(b"timeout_ms: -1", "`$.timeout_ms`", id="negative-timeout"),
         pytest.param(b"max_in_flight: lots", "`$.max_in_flight`", id="max-in-flight"),
+        pytest.param(b"idle_spin_us: -5", "`$.idle_spin_us`", id="negative-spin"),
         pytest.param(b"functions: {m.f: {timeout: 1}}", "unknown field `timeout`", id="function-key"),
         pytest.param(b"protocol: bare", "`$.bare_module`", id="bare-without-module"),
         pytest.param(b"- a list", "expected a mapping", id="not-a-mapping"),

@@ -75,6 +75,17 @@ def test_replies_stay_in_request_order_under_random_durations(server):
     assert [server.recv() for _ in range(n)] == [(OK, i) for i in range(n)]
 
 
+@pytest.mark.parametrize("spin_us", ["0", "5000"])
+def test_sleeping_or_spinning_when_idle_changes_no_reply(spin_us):
+    rnd = random.Random(int(spin_us))
+    with PortClient("--workers", "2", "-m", "pp_handlers", "--idle-spin-us", spin_us) as c:
+        for burst in range(30):  # bursts with idle gaps between them: every wait path is taken
+            n = rnd.choice([1, 1, 2, 50])
+            c.send(*[call("pp_handlers", "echo", (burst, i)) for i in range(n)])
+            assert [c.recv() for _ in range(n)] == [(OK, (burst, i)) for i in range(n)]
+            time.sleep(rnd.choice([0, 0.001, 0.01]))
+
+
 def test_two_workers_really_run_two_calls_at_once(server):
     server.send(*[call("pp_handlers", "work", 300, i) for i in range(4)])
     results = [server.recv()[1] for _ in range(4)]
