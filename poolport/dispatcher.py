@@ -192,10 +192,10 @@ class Dispatcher:
             now = time.monotonic()
             self._check_timeouts(now)
             self._restart_due(now)
-            self._schedule(now)
             self._write_ready()
             if not self.closing:
                 self._set_reading(self.in_flight < self.config.max_in_flight)
+            self._schedule(now)  # last: a worker woken by a run may take this CPU right away
 
     def _poll_now(self) -> list[tuple[Any, int]]:
         return self.sel.select(0)
@@ -425,7 +425,7 @@ class Dispatcher:
 
     def _check_timeouts(self, now: float) -> None:
         for slot in self.slots:
-            if not slot.runs or not slot.ready:
+            if not slot.runs or not slot.ready or slot.progress.wake_at(now) > now:  # type: ignore[union-attr]
                 continue
             snap = slot.progress.read()  # type: ignore[union-attr]
             if snap.running and snap.timeout_ms and now - snap.started_at > snap.timeout_ms / 1000:
@@ -442,11 +442,7 @@ class Dispatcher:
             if slot.restart_at:
                 soonest = min(soonest, slot.restart_at)
             elif slot.runs and slot.ready:
-                snap = slot.progress.read()  # type: ignore[union-attr]
-                if snap.running and snap.timeout_ms:
-                    soonest = min(soonest, snap.started_at + snap.timeout_ms / 1000)
-                elif snap.timeout_ms or not snap.running:
-                    soonest = min(soonest, now + 0.05)  # a call with a timeout may start any moment
+                soonest = min(soonest, slot.progress.wake_at(now))  # type: ignore[union-attr]
         return None if soonest == math.inf else max(0.0, soonest - now)
 
     def _seq_of(self, slot: Slot, index: int) -> int | None:

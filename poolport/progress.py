@@ -9,6 +9,7 @@ not per batch). A memory write costs far less than a syscall per call.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 _LAYOUT = struct.Struct("=QQdQ")  # started, finished, started_at (CLOCK_MONOTONIC s), timeout_ms
 _STARTED, _FINISHED, _STARTED_AT, _TIMEOUT = 0, 1, 2, 3  # slot indexes (8 bytes each)
+LOOK_AGAIN_S = 0.05  # how soon to check an idle-looking worker that was sent a run
 
 
 class Snapshot(NamedTuple):
@@ -58,6 +60,15 @@ class Progress:
     def end(self) -> None:
         self._finished += 1
         self._ints[_FINISHED] = self._finished
+
+    def wake_at(self, now: float) -> float:
+        """When a reader should look again: the running call's deadline (``inf`` if it has no
+        timeout), or ``LOOK_AGAIN_S`` from ``now`` if no call is running (one may start)."""
+        ints = self._ints
+        timeout = ints[_TIMEOUT]
+        if ints[_STARTED] > ints[_FINISHED]:
+            return self._floats[_STARTED_AT] + timeout / 1000 if timeout else math.inf
+        return now + LOOK_AGAIN_S
 
     def read(self) -> Snapshot:
         return Snapshot(*_LAYOUT.unpack_from(self._map))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 
 import pytest
 
 from poolport.link import BIG_MESSAGE, MessageReader, send_message
-from poolport.progress import Progress, Turn
+from poolport.progress import LOOK_AGAIN_S, Progress, Turn
 
 
 def _read_all(reader: MessageReader, sock: socket.socket, want: int) -> list:
@@ -65,3 +66,19 @@ def test_turn_is_shared_between_mappings(tmp_path):
     assert theirs.value == 12345
     mine.close()
     theirs.close()
+
+
+def test_progress_says_when_to_look_again(tmp_path):
+    path = str(tmp_path / "progress")
+    worker, dispatcher = Progress(path, create=True), Progress(path)
+    assert dispatcher.wake_at(100.0) == 100.0 + LOOK_AGAIN_S  # nothing running: a call may start
+    worker.begin(timeout_ms=250)
+    started = dispatcher.read().started_at
+    assert dispatcher.wake_at(1e9) == started + 0.25  # the running call's deadline
+    worker.end()
+    worker.begin(timeout_ms=0)
+    assert dispatcher.wake_at(5.0) == math.inf  # running with no limit: nothing to enforce
+    worker.end()
+    assert dispatcher.wake_at(5.0) == 5.0 + LOOK_AGAIN_S
+    worker.close()
+    dispatcher.close()
