@@ -115,6 +115,7 @@ class Worker:
         self._dec, self._enc = etf.term_codec(config.none_atom)
         self._depth = config.max_term_depth - 1  # the arguments sit one level inside the request
         self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
+        self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
         self._noreply = self._encode(bert.noreply())
 
     def answer(self, data: bytes, start: int, end: int) -> bytes | None:
@@ -125,22 +126,26 @@ class Worker:
         and only the arguments are decoded. Everything unusual (bare mode,
         errors, unknown functions) takes :meth:`handle`.
         """
-        if not self.bare and end - start > 3 and data[start + 1] == 104:
+        prefix, entry = self._last
+        if data.startswith(prefix, start, end):  # the same function as the request before
+            head = start + len(prefix)
+        elif not self.bare and end - start > 3 and data[start + 1] == 104:
             arity = data[start + 2]
             if arity == 4 and data[start] == 131:
                 head = _head_end(data, start + 3, end)
-                if head:
-                    entry = self._fast.get(data[start:head]) or self._learn(data, start, head)
-                    if entry is not None:
-                        try:
-                            args, pos = self._dec(data, head, self._depth)
-                        except Exception:  # noqa: BLE001 - handle() reports it properly
-                            pos = -1
-                        if pos == end and type(args) is list:
-                            return self._fast_call(entry, args)
+                entry = head and (self._fast.get(data[start:head]) or self._learn(data, start, head))
+                if entry:
+                    self._last = (data[start:head], entry)
             elif arity == 3 and bert.is_info(data, start):
                 self._take_info(data[start:end])
                 return None
+        if entry:
+            try:
+                args, pos = self._dec(data, head, self._depth)
+            except Exception:  # noqa: BLE001 - handle() reports it properly
+                pos = -1
+            if pos == end and type(args) is list:
+                return self._fast_call(entry, args)
         return self.handle(data[start:end])
 
     def _learn(self, data: bytes, start: int, head: int) -> tuple[Any, ...] | None:

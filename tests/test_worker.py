@@ -1,0 +1,73 @@
+"""The worker's request fast path answers exactly like the full path, in any mix of requests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hypothesis import given, settings, strategies as st
+
+from poolport import etf
+from poolport.config import Config
+from poolport.framing import frame
+from poolport.terms import Atom
+from poolport.worker import Worker, serve_run
+
+
+def request(kind: str, module: str, function: str, args: list) -> bytes:
+    return etf.encode((Atom(kind), Atom(module), Atom(function), args))
+
+
+sys.path.insert(0, str(Path(__file__).parent / "handlers"))  # as worker_main does for python_path
+
+REQUESTS = {
+    "echo": request("call", "pp_handlers", "echo", [(7, b"abc")]),
+    "echo-other": request("call", "pp_handlers", "echo", [[1.5, {Atom("k"): None}]]),
+    "add": request("call", "pp_handlers", "add", [2, 3]),
+    "add-wrong-arity": request("call", "pp_handlers", "add", [2]),
+    "cast": request("cast", "pp_handlers", "echo", [1]),
+    "unknown-function": request("call", "pp_handlers", "nope", []),
+    "not-allowed": request("call", "os", "getcwd", []),
+    "args-not-a-list": etf.encode((Atom("call"), Atom("pp_handlers"), Atom("echo"), 5)),
+    "truncated": request("call", "pp_handlers", "echo", [b"xyz"])[:-2],
+    "trailing-bytes": request("call", "pp_handlers", "echo", [1]) + b"\x00",
+    "zero-byte": b"\x00\x01\x02",
+    "builtin-info": request("call", "$poolport", "info", []),
+    "info-packet": etf.encode((Atom("info"), Atom("timeout"), 5000)),
+}
+
+
+def worker() -> Worker:
+    return Worker(Config(modules=["pp_handlers"]), {"workers": 1})
+
+
+def slow_answer(w: Worker, payload: bytes) -> bytes | None:
+    return w.handle(payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(sorted(REQUESTS)), min_size=1, max_size=25))
+def test_fast_path_answers_like_the_full_path(names):
+    fast, slow = worker(), worker()
+    for name in names:
+        payload = REQUESTS[name]
+        data = b"pad" + payload + b"tail"  # requests sit inside a bigger buffer
+        got = fast.answer(data, 3, 3 + len(payload))
+        want = slow_answer(slow, payload)
+        if want is not None and b"worker_pid" in want:  # $poolport:info names the process
+            assert got == want
+            continue
+        assert got == want, name
+    if {"echo", "echo-other", "add", "add-wrong-arity", "cast"} & set(names):
+        assert fast._fast  # the fast path was really taken
+
+
+def test_a_run_of_mixed_frames_gets_one_reply_per_call_in_order():
+    names = ["echo", "add", "info-packet", "echo", "unknown-function", "echo", "cast", "add"]
+    run = b"".join(frame(REQUESTS[n]) for n in names)
+    parts: list[bytes] = []
+    serve_run(worker(), run, 4, lambda _done, _count, out: parts.extend(out))
+    replies = [etf.decode(p) for p in parts[1::2]]
+    assert len(replies) == len(names) - 1  # the info packet gets no reply
+    assert replies[0] == (Atom("reply"), (7, b"abc")) and replies[1] == (Atom("reply"), 5)
+    assert replies[3][0] == Atom("error") and replies[5] == (Atom("noreply"),)
