@@ -21,18 +21,19 @@ ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 LC_ALL=C.UTF-8
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         erlang-nox erlang-dev rebar3 python3 python3-venv ca-certificates \
+        gcc python3-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/poolport
 
 # Python side: poolport and its dependencies in a virtualenv.
-COPY pyproject.toml README.md pip-ca-bundle.pe[m] ./
+COPY pyproject.toml setup.py README.md pip-ca-bundle.pe[m] ./
 COPY poolport/ poolport/
 RUN python3 -m venv /opt/venv \
  && if [ -s pip-ca-bundle.pem ]; then export PIP_CERT="$PWD/pip-ca-bundle.pem"; fi \
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check . \
  && rm -rf build poolport poolport.egg-info pip-ca-bundle.pem pyproject.toml \
- && cd / && /opt/venv/bin/python -c "import poolport, loky, msgspec, yaml"
+ && cd / && /opt/venv/bin/python -c "import poolport, loky, msgspec, yaml, poolport.etf as e; assert e.ACCELERATED, 'C codec not built'"
 
 # Erlang side: the poolport OTP application. It has no dependencies, so
 # rebar3 never talks to hex.pm.

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import os
 import re
 import struct
 import zlib
@@ -86,7 +87,18 @@ from poolport.terms import (
     Reference,
 )
 
-__all__ = ["canonical", "decode", "encode"]
+try:  # the optional C accelerator (setup.py builds it when a compiler is there)
+    from poolport import _cetf
+except ImportError:  # pragma: no cover - depends on the build
+    _cetf = None  # type: ignore[assignment]
+
+__all__ = ["ACCELERATED", "canonical", "decode", "encode"]
+
+# True when decode/encode/term_codec use poolport._cetf: it is built and
+# POOLPORT_PURE_PYTHON is unset, empty or "0". The C codec handles the common
+# tags and types itself and hands everything else to the Python one below,
+# which stays the reference (same bytes, terms, types and errors).
+ACCELERATED = _cetf is not None and os.environ.get("POOLPORT_PURE_PYTHON", "") in ("", "0")
 
 VERSION = 131
 DEFAULT_MAX_DEPTH = 512  # container nesting levels accepted by decode
@@ -591,7 +603,24 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
     return dec
 
 
-_DECODERS: dict[str | None, Callable[[bytes, int, int], tuple[Any, int]]] = {}
+_DECODERS: dict[str | None, Callable[[bytes, int, int], tuple[Any, int]]] = {}  # pure Python
+_ACTIVE_DECODERS: dict[str | None, Callable[[bytes, int, int], tuple[Any, int]]] = {}
+
+
+def _decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, int]]:
+    """The decoder decode() and term_codec() use: C when ACCELERATED, else Python."""
+    dec = _ACTIVE_DECODERS.get(none_atom)
+    if dec is None:
+        dec = _DECODERS.get(none_atom)
+        if dec is None:
+            dec = _DECODERS[none_atom] = _make_decoder(none_atom)
+        if ACCELERATED:
+            special: dict[str, Any] = {"true": True, "false": False}  # as in _make_decoder
+            if none_atom is not None:
+                special[none_atom] = None
+            dec = _cetf.Decoder(dec, special, Atom).decode
+        _ACTIVE_DECODERS[none_atom] = dec
+    return dec
 
 
 def _inflate(data: bytes, max_inflated: int) -> bytes:
@@ -642,9 +671,7 @@ def decode(
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise DecodeError(f"expected bytes, got {type(data).__name__!r}")
         data = bytes(data)
-    dec = _DECODERS.get(none_atom)
-    if dec is None:
-        dec = _DECODERS[none_atom] = _make_decoder(none_atom)
+    dec = _ACTIVE_DECODERS.get(none_atom) or _decoder(none_atom)
     size = len(data)
     if size < 2:
         raise DecodeError("empty input" if not size else "no term after the version byte")
@@ -874,7 +901,8 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
     return enc
 
 
-_ENCODERS: dict[str, Callable[[Any, Callable[[bytes], Any]], None]] = {}
+_ENCODERS: dict[str, Callable[[Any, Callable[[bytes], Any]], None]] = {}  # pure Python
+_ACTIVE_ENCODERS: dict[str, Callable[[Any, Callable[[bytes], Any]], None]] = {}
 
 
 def _encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], None]:
@@ -886,6 +914,17 @@ def _encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], None]:
     return enc
 
 
+def _active_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], None]:
+    """The encoder encode() and term_codec() use: C when ACCELERATED, else Python."""
+    enc = _ACTIVE_ENCODERS.get(none_atom)
+    if enc is None:
+        enc = _encoder(none_atom)  # checks none_atom
+        if ACCELERATED:
+            enc = _cetf.Encoder(enc, _atom(none_atom), Atom).encode
+        _ACTIVE_ENCODERS[none_atom] = enc
+    return enc
+
+
 def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> bytes:
     """Encode ``term`` as ETF (version byte 131 first).
 
@@ -894,7 +933,7 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> b
     (``True`` means 6, like the bare ``compressed`` option).
     Raises EncodeError for values with no Erlang counterpart.
     """
-    enc = _ENCODERS.get(none_atom) or _encoder(none_atom)
+    enc = _ACTIVE_ENCODERS.get(none_atom) or _active_encoder(none_atom)
     parts = [b"\x83"]
     try:
         enc(term, parts.append)
@@ -994,8 +1033,6 @@ def term_codec(
     ``(term, end)`` and may raise IndexError, struct.error, RecursionError or
     DecodeError on bad input (callers fall back to :func:`decode` for the
     message); ``enc(term, put)`` writes the term without the version byte.
+    Both are the C ones when ACCELERATED (the C ``enc`` calls ``put`` once).
     """
-    dec = _DECODERS.get(none_atom)
-    if dec is None:
-        dec = _DECODERS[none_atom] = _make_decoder(none_atom)
-    return dec, _encoder(none_atom)
+    return _decoder(none_atom), _active_encoder(none_atom)
