@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .cli import codec_name
 from .config import Config
 
 DRIVER = Path(__file__).with_name("bench_driver.escript")
@@ -481,13 +482,6 @@ def render(report: Report, header: str, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _codec_name() -> str:
-    """Which ETF codec the servers run: the optional C accelerator or pure Python."""
-    from poolport import etf
-
-    return "C-accelerated" if getattr(etf, "ACCELERATED", False) else "pure-Python"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m poolport.bench",
                                  description="poolport against the single-process port a user "
@@ -519,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     header = (f"poolport benchmark{' (--quick: rough figures)' if args.quick else ''}: "
               f"{cores} CPU cores, {pyver}, Erlang/OTP {otp}, {when}; "
-              f"poolport with {workers} worker(s), {_codec_name()} codec, idle_spin_us "
+              f"poolport with {workers} worker(s), {codec_name()} codec, idle_spin_us "
               f"{Config().idle_spin_us}; load average at start {_load()}")
     log(header)
     report = Report()

@@ -72,6 +72,13 @@ def _int_flag(flag: str, value: str) -> int:
         raise ConfigError(f"{flag} must be a number or 'auto', got {value!r}") from None
 
 
+def codec_name() -> str:
+    """Which term codec this installation runs: the optional C accelerator or pure Python."""
+    from . import etf
+
+    return "C-accelerated" if etf.ACCELERATED else "pure-Python"
+
+
 def serve(config: Config) -> int:
     """Run the dispatcher on this process's stdin/stdout (the Erlang port)."""
     from .dispatcher import Dispatcher
@@ -88,8 +95,9 @@ def serve(config: Config) -> int:
     os.close(devnull)
     sys.stdout = sys.stderr
     log = logging.getLogger("poolport")
-    log.info("serving %s protocol, {packet,%d}, %d worker(s), modules %s",
-             config.protocol, config.packet, config.worker_count, config.modules or "(none)")
+    log.info("serving %s protocol, {packet,%d}, %d worker(s), modules %s, %s codec",
+             config.protocol, config.packet, config.worker_count, config.modules or "(none)",
+             codec_name())
     try:
         return Dispatcher(config, in_fd, out_fd).run()
     finally:
@@ -146,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import msgspec
 
         print(msgspec.json.format(msgspec.json.encode(config)).decode())
+        print(f"poolport: configuration valid; {codec_name()} codec", file=sys.stderr)
         return 0
     _setup_logging(config.log_level)
     return serve(config)

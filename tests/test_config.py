@@ -87,9 +87,13 @@ def test_cli_flags_override_the_file(tmp_path, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("workers: 4\npacket: 2\nmodules: [a]\n")
     assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert '"workers": 3' in out and '"packet": 2' in out
     assert '"a"' in out and '"b"' in out
+    from poolport import etf
+
+    assert ("C-accelerated codec" if etf.ACCELERATED else "pure-Python codec") in captured.err
 
 
 @pytest.mark.parametrize(
