@@ -990,14 +990,22 @@ Encoder_encode(EncoderObject *self, PyObject *const *args, Py_ssize_t nargs)
     Buf b;
     PyObject *out, *res;
 
-    if (nargs != 2)
+    if (nargs == 3 && !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode: the prefix must be bytes");
+        return NULL;
+    }
+    if (nargs != 2 && nargs != 3)
         return PyObject_Vectorcall(self->fallback, args, (size_t)nargs, NULL);
     b.p = b.small;
     b.len = 0;
     b.cap = (Py_ssize_t)sizeof b.small;
     b.segs = NULL;
     b.nsegs = b.capsegs = b.extra = 0;
-    out = enc_term(self, &b, args[0], 0) < 0 ? NULL : buf_finish(&b);
+    /* an optional prefix goes in the same buffer: no second copy of a big result to prepend it */
+    if (nargs == 3 && put_raw(&b, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2])) < 0)
+        out = NULL;
+    else
+        out = enc_term(self, &b, args[0], 0) < 0 ? NULL : buf_finish(&b);
     buf_release(&b);
     if (out == NULL)
         return NULL;
@@ -1069,7 +1077,8 @@ Encoder_dealloc(EncoderObject *self)
 
 static PyMethodDef Encoder_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Encoder_encode, METH_FASTCALL,
-     "encode(term, put): like etf's Python enc, but calls put once with all the bytes."},
+     "encode(term, put[, prefix]): like etf's Python enc, but calls put once with all the "
+     "bytes (prefix first)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -925,6 +925,36 @@ def _active_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], N
     return enc
 
 
+_WRITERS: dict[str, Callable[[bytes, Any], bytes]] = {}
+
+
+def term_writer(none_atom: str = "undefined") -> Callable[[bytes, Any], bytes]:
+    """``write(prefix, term)``: ``prefix`` followed by the term's encoding, as one ``bytes``.
+
+    The C encoder builds both in one buffer, so a big binary inside the term
+    is copied once, not once more to put the prefix in front. Raises what
+    ``enc`` of :func:`term_codec` raises.
+    """
+    write = _WRITERS.get(none_atom)
+    if write is None:
+        enc = _active_encoder(none_atom)
+        if ACCELERATED:
+
+            def write(prefix: bytes, term: Any) -> bytes:
+                parts: list[bytes] = []
+                enc(term, parts.append, prefix)  # type: ignore[call-arg]
+                return parts[0]
+        else:
+
+            def write(prefix: bytes, term: Any) -> bytes:
+                parts = [prefix]
+                enc(term, parts.append)
+                return b"".join(parts)
+
+        _WRITERS[none_atom] = write
+    return write
+
+
 def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> bytes:
     """Encode ``term`` as ETF (version byte 131 first).
 
@@ -933,10 +963,9 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> b
     (``True`` means 6, like the bare ``compressed`` option).
     Raises EncodeError for values with no Erlang counterpart.
     """
-    enc = _ACTIVE_ENCODERS.get(none_atom) or _active_encoder(none_atom)
-    parts = [b"\x83"]
+    write = _WRITERS.get(none_atom) or term_writer(none_atom)
     try:
-        enc(term, parts.append)
+        data = write(b"\x83", term)
     except RecursionError:
         raise EncodeError("term is nested too deeply (or contains itself)") from None
     except struct.error:
@@ -944,12 +973,12 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> b
     except UnicodeEncodeError as exc:
         raise EncodeError(f"str is not valid Unicode: {exc.reason} at index {exc.start}") from None
     if not compressed:
-        return b"".join(parts)
+        return data
     if compressed is True:  # like the bare `compressed` option
         compressed = 6
     if type(compressed) is not int or not 0 <= compressed <= 9:
         raise EncodeError(f"compressed must be an int in 0..9, got {compressed!r}")
-    body = b"".join(parts[1:])
+    body = data[1:]
     packed = zlib.compress(body, compressed)
     if len(packed) + 5 >= len(body) or len(body) > _MAX_U32:
         return b"\x83" + body

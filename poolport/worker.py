@@ -112,7 +112,8 @@ class Worker:
         info = dict(info or {}, worker_pid=os.getpid())
         self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
         self._none = config.none_atom
-        self._dec, self._enc = etf.term_codec(config.none_atom)
+        self._dec = etf.term_codec(config.none_atom)[0]
+        self._write = etf.term_writer(config.none_atom)
         self._depth = config.max_term_depth - 1  # the arguments sit one level inside the request
         self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
         self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
@@ -236,12 +237,10 @@ class Worker:
             return self._noreply
         if self.bare:
             return self._encode_reply(result)
-        parts = [_REPLY_PREFIX]
         try:
-            self._enc(result, parts.append)
+            return self._write(_REPLY_PREFIX, result)
         except Exception:  # noqa: BLE001 - the slow path converts or explains
             return self._encode_reply(result)
-        return b"".join(parts)
 
     def _failure(self, exc: BaseException, cast: bool, module: str, function: str) -> bytes:
         if isinstance(exc, KeyboardInterrupt):

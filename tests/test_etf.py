@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poolport.errors import DecodeError, EncodeError
-from poolport.etf import canonical, decode, encode
+from poolport.etf import canonical, decode, encode, term_writer
 from poolport.terms import (
     Atom,
     BitString,
@@ -526,3 +526,10 @@ def test_mutated_compressed_encodings_never_crash(data: bytes) -> None:
         decode(data)
     except DecodeError:
         pass
+
+
+@pytest.mark.parametrize("term", [1, b"x" * 100_000, (Atom("ok"), [b"y" * 5000, 2.5, {Atom("k"): None}]), []])
+def test_term_writer_puts_the_prefix_before_the_encoding(term):
+    write = term_writer()
+    assert write(b"\x83h\x02w\x05reply", term) == b"\x83h\x02w\x05reply" + encode(term)[1:]
+    assert write(b"", term) == encode(term)[1:]
