@@ -302,13 +302,13 @@ class Dispatcher:
         share = -(-self.queued // len(self.slots))  # starting slots get their share later
         size = min(by_cost, share, MAX_RUN_FRAMES)
         pipeline = self.cost < PIPELINE_COST_S
-        ready.sort(key=lambda s: len(s.runs))
-        for slot in ready:
+        ranked = sorted((_load(s, now), s.index) for s in ready)
+        for (busy, _), index in ranked:
             if not self.pending:
                 break
-            if slot.runs and not pipeline:
+            if busy and not pipeline:
                 continue
-            self._send_run(slot, size, PIPELINE_BYTES if slot.runs else MAX_RUN_BYTES, now)
+            self._send_run(self.slots[index], size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now)
 
     def _send_run(self, slot: Slot, size: int, max_bytes: int, now: float) -> None:
         """Send up to ``size`` items (at most ``max_bytes``, but at least one) from the queue head."""
@@ -531,6 +531,21 @@ class Dispatcher:
         for slot in self.slots:
             if slot.restart_at and now >= slot.restart_at and not self.closing:
                 self._start(slot)
+
+
+def _load(slot: Slot, now: float) -> tuple[int, float]:
+    """Sort key of a slot for the next run: fewest unanswered runs first, then the most recently
+    active, whose process is still polling (``idle_spin_us``) rather than asleep.
+
+    A worker that has answered every call it was sent is idle already (or about to be), though
+    its last replies or its report of them may still be on the way.
+    """
+    runs = slot.runs
+    if not runs:
+        return 0, -slot.idle_since
+    if slot.progress is not None and slot.progress.finished >= slot.sent:
+        return 0, -now
+    return len(runs), 0.0
 
 
 def _describe_exit(future: Any) -> str:

@@ -61,6 +61,11 @@ class Progress:
         self._finished += 1
         self._ints[_FINISHED] = self._finished
 
+    @property
+    def finished(self) -> int:
+        """Calls this worker has answered (its replies are encoded, maybe not yet sent)."""
+        return self._ints[_FINISHED]
+
     def wake_at(self, now: float) -> float:
         """When a reader should look again: the running call's deadline (``inf`` if it has no
         timeout), or ``LOOK_AGAIN_S`` from ``now`` if no call is running (one may start)."""
