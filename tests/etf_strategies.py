@@ -181,3 +181,31 @@ def opaque_blobs() -> st.SearchStrategy[bytes]:
             lambda bs: b"\x83" + bytes((104, len(bs))) + b"".join(bs)
         ),
     )
+
+
+@st.composite
+def mutated(draw: st.DrawFn, soup: st.SearchStrategy[bytes] | None = None) -> bytes:
+    """A valid encoding with a few bytes changed, removed, inserted or cut off.
+
+    ``soup``: more encodings (version byte first) to start from, whose bodies
+    may also be spliced in at random places.
+    """
+    from poolport.etf import encode
+
+    sources = [terms(max_leaves=12).map(encode), opaque_blobs()] + ([soup] if soup is not None else [])
+    actions = ["set", "delete", "insert", "cut"] + (["splice"] if soup is not None else [])
+    data = bytearray(draw(st.one_of(sources)))
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        i = draw(st.integers(min_value=0, max_value=len(data)))
+        action = draw(st.sampled_from(actions))
+        if action == "set" and i < len(data):
+            data[i] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF, draw(st.integers(0, 255))]))
+        elif action == "delete" and i < len(data):
+            del data[i]
+        elif action == "insert":
+            data[i:i] = draw(st.binary(min_size=1, max_size=4))
+        elif action == "splice":
+            data[i:i] = draw(soup)[1:]  # type: ignore[arg-type]
+        elif action == "cut":
+            del data[i:]
+    return bytes(data)

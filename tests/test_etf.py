@@ -9,7 +9,7 @@ import zlib
 from typing import Any, NamedTuple
 
 import pytest
-from etf_strategies import atoms, huge_ints, opaque_blobs, terms
+from etf_strategies import atoms, huge_ints, mutated, opaque_blobs, terms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -488,24 +488,6 @@ def test_random_bytes_never_crash(data: bytes) -> None:
             decode(blob)
         except DecodeError:
             pass
-
-
-@st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    """A valid encoding with a few bytes changed, removed, inserted or cut off."""
-    data = bytearray(draw(st.one_of(terms(max_leaves=12).map(encode), opaque_blobs())))
-    for _ in range(draw(st.integers(min_value=1, max_value=4))):
-        i = draw(st.integers(min_value=0, max_value=len(data)))
-        action = draw(st.sampled_from(["set", "delete", "insert", "cut"]))
-        if action == "set" and i < len(data):
-            data[i] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF, draw(st.integers(0, 255))]))
-        elif action == "delete" and i < len(data):
-            del data[i]
-        elif action == "insert":
-            data[i:i] = draw(st.binary(min_size=1, max_size=4))
-        else:
-            del data[i:]
-    return bytes(data)
 
 
 @settings(max_examples=500)
