@@ -242,6 +242,14 @@ def _map_with_wrapped_keys(keys: list[Any], values: list[Any], pos: int) -> dict
     return result
 
 
+def _special_atoms(none_atom: str | None) -> dict[str, Any]:
+    """Atom names that decode to Python constants rather than Atom (both decoders use this)."""
+    special: dict[str, Any] = {"true": True, "false": False}
+    if none_atom is not None:
+        special[none_atom] = None
+    return special
+
+
 def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, int]]:
     """Build the recursive decoder whose atom memo maps names to Atom/bool/None.
 
@@ -251,9 +259,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
     Positions may run past the end of ``data`` on truncated input: every later
     read then raises IndexError and ``decode`` checks the final position.
     """
-    special: dict[str, Any] = {"true": True, "false": False}
-    if none_atom is not None:
-        special[none_atom] = None
+    special = _special_atoms(none_atom)
     utf8_atoms: dict[bytes, Any] = {}
     latin1_atoms: dict[bytes, Any] = {}
 
@@ -615,10 +621,7 @@ def _decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, in
         if dec is None:
             dec = _DECODERS[none_atom] = _make_decoder(none_atom)
         if ACCELERATED:
-            special: dict[str, Any] = {"true": True, "false": False}  # as in _make_decoder
-            if none_atom is not None:
-                special[none_atom] = None
-            dec = _cetf.Decoder(dec, special, Atom).decode
+            dec = _cetf.Decoder(dec, _special_atoms(none_atom), Atom).decode
         _ACTIVE_DECODERS[none_atom] = dec
     return dec
 
