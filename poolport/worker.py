@@ -10,6 +10,7 @@ running (for timeouts and crash blame) within a millisecond.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -414,9 +415,10 @@ def worker_main(address: str, progress_path: str, turn_path: str, slot: int, con
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         spin_s = config.idle_spin_us / 1e6
+        poll_now = functools.partial(poller.poll, 0)
         while True:
             if spin_s:
-                spin(lambda: poller.poll(0), spin_s)
+                spin(poll_now, spin_s)
             messages = reader.read_from(sock)
             if messages is None:
                 break
