@@ -9,6 +9,7 @@ Errors are ``{error, {Type, Code, Class, Detail, Backtrace}}`` (bare mode:
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ BAD_REQUEST = 2  # not decodable ETF, or not a request of the configured protoco
 NO_SUCH_MODULE = 1  # not in the allowlist, or not importable
 NO_SUCH_FUNCTION = 2  # missing, private (leading underscore) or not callable
 TIMEOUT = 3  # the call ran past its timeout; its worker was replaced
-WORKER_CRASHED = 4  # the worker process died while running this call
+WORKER_CRASHED = 4  # the worker process died while running this call (or twice while holding it)
+INTERNAL = 5  # poolport itself failed outside the handler (a bug, or out of memory): the worker goes on
 # user errors: the handler raised (or returned something unencodable)
 USER_ERROR = 0
 
@@ -111,6 +113,16 @@ def error(kind: Atom, code: int, cls: str, detail: str, backtrace: list[str] | N
     return (ERROR, (kind, code, cls.encode(), detail.encode(), [line.encode() for line in backtrace or ()]))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+
+
 def _show(term: Any, limit: int = 120) -> str:
-    text = repr(term)
+    """A short description of a hostile term: ``repr`` may raise (a 60,000-bit int) or be huge."""
+    if type(term) is int and term.bit_length() > 256:
+        return f"an integer of {term.bit_length()} bits"
+    try:
+        text = _REPR.repr(term)  # bounded: a 10-million-element list is not rendered whole
+    except Exception:  # noqa: BLE001
+        return f"a {type(term).__name__}"
     return text if len(text) <= limit else text[: limit - 3] + "..."

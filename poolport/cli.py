@@ -28,6 +28,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="prepend to sys.path in workers (repeatable; adds to the config's list)")
     p.add_argument("--timeout-ms", type=int, help="default per-call timeout, 0 = none")
     p.add_argument("--max-in-flight", type=int)
+    p.add_argument("--max-in-flight-bytes", type=int, help="request and reply bytes held before stdin waits")
+    p.add_argument("--reply-tags", action="store_const", const=True,
+                   help="prefix every reply frame with its request's 64-bit sequence number")
     p.add_argument("--max-frame-bytes", type=int)
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
     p.add_argument("--idle-spin-us", type=int, help="microseconds to poll before sleeping, 0 = never")
@@ -49,6 +52,7 @@ def read_config(args: argparse.Namespace) -> Config:
         "timeout_ms": args.timeout_ms, "max_in_flight": args.max_in_flight,
         "max_frame_bytes": args.max_frame_bytes, "log_level": args.log_level,
         "max_worker_memory_mb": args.max_worker_memory_mb, "idle_spin_us": args.idle_spin_us,
+        "max_in_flight_bytes": args.max_in_flight_bytes, "reply_tags": args.reply_tags,
     }
     if args.workers is not None:
         overrides["workers"] = args.workers if args.workers == "auto" else _int_flag("--workers", args.workers)

@@ -42,11 +42,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     functions: dict[str, FunctionSettings] = {}
     max_frame_bytes: PositiveInt = 64 * 1024 * 1024
     max_in_flight: PositiveInt = 10_000
+    max_in_flight_bytes: PositiveInt = 256 << 20  # request + reply bytes held; beyond it stdin waits
     max_term_depth: PositiveInt = 512
     shutdown_grace_ms: NonNegativeInt = 5_000
     max_worker_memory_mb: NonNegativeInt = 0  # address-space limit per worker (RLIMIT_AS); 0 = none
     none_atom: str = "undefined"
     log_level: LogLevel = "INFO"
+    reply_tags: bool = False  # each reply frame starts with its request's 8-byte sequence number
     idle_spin_us: NonNegativeInt = 100  # poll this long before sleeping when out of work (see spin.py)
     worker_init: Union[InitSpec, None] = None  # "module:function" run once per worker; its result
     worker_init_args: list[Any] = []  # is poolport.worker_state(); called as function(*args)

@@ -2,59 +2,64 @@
 
 ::
 
-    Erlang port                    dispatcher (this process)                       pool (loky)
-    ───────────                    ─────────────────────────                       ───────────
-    stdin ─▶ FrameBuffer ─▶ pending: deque[Pending] ──────▶ run ══link══▶ Slot 0: worker_main
-                                                                  ══link══▶ Slot 1: worker_main ...
-    stdout ◀─ ReorderBuffer ◀──── chunks of framed replies ◀═════link════╝
-    stdout ◀──────────────────── replies whose turn has come (Turn) ◀── workers
+    Erlang port                 dispatcher (this process, never blocks)                 pool (loky)
+    ───────────                 ───────────────────────────────────────                 ───────────
+    stdin ─▶ FrameBuffer ─▶ Ledger.admit ─▶ pending ─take_run─▶ Outbox ══link══▶ Slot 0: worker_main
+                                                                  Outbox ══link══▶ Slot 1: worker_main ...
+    stdout ◀─ Outbox ◀─ Ledger.release ◀─ reorder ◀── chunks of framed replies ◀═══link═══╝
                                     Progress (shared memory) ◀── started / finished / timeout
 
+* The dispatcher is the only writer of stdout. Workers decode, call and
+  encode, and send their framed replies back in chunks; the
+  :class:`~poolport.ledger.Ledger` releases them strictly in request order.
+  A worker killed at any instant can lose only a message the dispatcher
+  never took in whole, so the port never sees a partial frame, a duplicate
+  or a gap.
 * The dispatcher never decodes a term. It splits stdin into frames, numbers
   them, and hands *runs* of consecutive frames to idle workers. Run length
   adapts to the measured cost per call: tiny calls travel in big runs (one
   link message per run, not per call), heavy calls one at a time so they
   spread over every worker.
-* Workers decode, call and encode. A worker whose replies are next in order
-  (``Turn``, a shared counter of replies written) writes them to the port
-  itself and only tells the dispatcher how many; otherwise its framed
-  replies come back in chunks and the ReorderBuffer releases them to stdout
-  strictly in request order, moving the turn on.
+* Every descriptor is non-blocking; what a peer does not take waits in an
+  :class:`~poolport.outbox.Outbox`. A worker stuck sending a huge reply, or
+  an Erlang VM that stops reading, never stops the loop: it still reads
+  every worker, checks timeouts, and notices stdin EOF and SIGTERM.
+* Memory is bounded in bytes: beyond ``max_in_flight_bytes`` held (requests
+  queued or in runs, replies waiting for their turn or for stdout, info
+  frames waiting for their call) stdin is not read, and a worker whose
+  replies are not next in order is not read either (it waits in its send).
 * An ``{info, ...}`` packet rides in the same item as the call it precedes.
 * Each worker runs in a loky executor of its own, so a crash breaks only that
-  slot: loky reports how the process died, the slot gets a fresh process,
-  the call it was running (known from Progress) gets an error reply and the
-  calls queued behind it are re-run elsewhere (at-least-once for those).
+  slot: the call it was running (known from Progress) gets an error reply,
+  the calls queued behind it are re-run elsewhere once (at-least-once for
+  those), and a call whose worker dies a second time is answered with an
+  error (the ledger's poison-pill rule).
 * A call past its timeout has its worker killed and replaced the same way.
-* Back-pressure: beyond ``max_in_flight`` unanswered requests stdin is not
-  read, so the Erlang port buffers and memory stays bounded.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-import select
 import selectors
 import shutil
 import signal
 import socket
 import tempfile
 import time
-from bisect import bisect_right
-from collections import deque
-from typing import Any, Iterator
+from typing import Any
 
 import loky
 
 from . import bert, etf
 from .config import Config
-from .framing import FrameBuffer, Oversized, Segment, frame
-from .link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
-from .pending import Pending, take_head
-from .progress import Progress, Turn
-from .reorder import ReorderBuffer
+from .framing import FrameBuffer, Oversized, frame
+from .ledger import Ledger
+from .link import HEADER, SEQ, Buffer, MessageReader, tune
+from .outbox import Outbox
+from .progress import Counters, Progress
 from .spin import spin
 from .worker import worker_main
 
@@ -70,32 +75,16 @@ PIPELINE_COST_S = 0.001  # ... and only for calls cheaper than this
 MAX_QUEUED_RUNS = 2  # runs a worker may have at once: one running, the next already on its socket
 COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call average
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
-
-
-class Run:
-    """Items ``first .. first + count - 1`` of a segment sent to one worker; ``done`` are answered."""
-
-    __slots__ = ("start", "segment", "first", "count", "base", "done", "sent_at")
-
-    def __init__(self, start: int, segment: Segment, first: int, count: int, base: int,
-                 sent_at: float) -> None:
-        self.start = start  # sequence number of the first item
-        self.segment, self.first, self.count = segment, first, count
-        self.base = base  # how many requests the slot had received before this run
-        self.done = 0
-        self.sent_at = sent_at
-
-    def unanswered(self) -> Iterator[tuple[int, int]]:
-        """(sequence number, index in the slot's stream) of every item not answered yet."""
-        for k in range(self.done, self.count):
-            yield self.start + k, self.base + k
+DEATH_WAIT_S = 2.0  # after a worker's link is lost, how long loky may take to say how it died
+HELLO_WAIT_S = 5.0  # a link connection that has not said hello by then is dropped
 
 
 class Slot:
-    """One worker process: its loky executor, link socket, progress record and runs."""
+    """One worker process: its loky executor, link socket, progress record and outbox."""
 
-    __slots__ = ("index", "executor", "future", "sock", "pid", "progress", "runs", "sent",
-                 "reader", "killed", "failures", "restart_at", "progress_path", "idle_since")
+    __slots__ = ("index", "executor", "future", "sock", "pid", "progress", "reader", "outbox",
+                 "killed", "failures", "restart_at", "progress_path", "idle_since", "events",
+                 "dying_since", "link_error", "culprit")
 
     def __init__(self, index: int, progress_path: str) -> None:
         self.index = index
@@ -105,17 +94,29 @@ class Slot:
         self.sock: socket.socket | None = None
         self.pid = 0
         self.progress: Progress | None = None
-        self.runs: deque[Run] = deque()
-        self.sent = 0  # requests sent to the current process
         self.reader = MessageReader()
+        self.outbox = Outbox()  # runs not yet taken by the worker
+        self.events = 0  # what the selector watches on sock
         self.killed: str | None = None  # why we killed it, if we did
+        self.culprit: int | None = None  # index of the call it was killed for (a timeout)
         self.failures = 0  # deaths in a row without serving anything
         self.restart_at = 0.0
         self.idle_since = 0.0  # when its last run was answered
+        self.dying_since = 0.0  # its link is gone; waiting for loky to report its end
+        self.link_error = ""
 
     @property
     def ready(self) -> bool:
         return self.sock is not None and self.killed is None
+
+
+class Hello:
+    """A link connection that has not yet said which slot it serves."""
+
+    __slots__ = ("sock", "data", "since")
+
+    def __init__(self, sock: socket.socket, since: float) -> None:
+        self.sock, self.data, self.since = sock, b"", since
 
 
 class Dispatcher:
@@ -124,13 +125,14 @@ class Dispatcher:
     def __init__(self, config: Config, in_fd: int, out_fd: int) -> None:
         self.config = config
         self.in_fd, self.out_fd = in_fd, out_fd
+        os.set_blocking(out_fd, False)
         self.packet = config.packet
+        self.bare = config.protocol == "bare"
         self.frames = FrameBuffer(config.packet, config.max_frame_bytes,
-                                  attach=None if config.protocol == "bare" else bert.is_info)
-        self.reorder = ReorderBuffer()
-        self.pending: deque[Pending] = deque()
-        self.queued = 0  # items in pending
-        self.next_seq = 0
+                                  attach=None if self.bare else bert.is_info)
+        self.ledger = Ledger(config.worker_count)
+        self.stdout = Outbox()
+        self.write_stdout = functools.partial(os.writev, out_fd)
         self.cost = 0.0  # smoothed seconds per call, measured from chunks
         self.closing = False
         self.deadline = math.inf
@@ -140,15 +142,18 @@ class Dispatcher:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.address)
         self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.hellos: list[Hello] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.slots = [Slot(i, os.path.join(self.tmpdir, f"progress-{i}"))
                       for i in range(config.worker_count)]
-        self.turn_path = os.path.join(self.tmpdir, "turn")
-        self.turn = Turn(self.turn_path, create=True)
+        self.counters_path = os.path.join(self.tmpdir, "counters")
+        self.counters = Counters(self.counters_path, create=True)
         self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
                      "protocol": config.protocol}
         self.reading = False
+        self.stdout_watched = False
         self.spin_s = config.idle_spin_us / 1e6
         self.stats = dict.fromkeys(("loops", "reads", "runs", "run_items", "chunks"), 0)  # for DEBUG
 
@@ -174,35 +179,43 @@ class Dispatcher:
         while True:
             self.stats["loops"] += 1
             now = time.monotonic()
-            if self.closing and (self.in_flight == 0 or now >= self.deadline):
-                if self.in_flight:
-                    log.warning("grace period over: %d call(s) abandoned", self.in_flight)
+            if self.closing and ((self.ledger.in_flight == 0 and not self.stdout) or now >= self.deadline):
+                if self.ledger.in_flight or self.stdout:
+                    log.warning("grace period over: %d call(s) abandoned", self.ledger.in_flight)
                 return 0
             events = spin(self._poll_now, self.spin_s) if self.spin_s else None
-            for key, _ in events or self.sel.select(self._select_timeout(now)):
+            for key, mask in events or self.sel.select(self._select_timeout(now)):
                 tag = key.data
-                if tag == "stdin":
+                if type(tag) is Slot:
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush_slot(tag)
+                    if mask & selectors.EVENT_READ:
+                        self._read_slot(tag, key.fileobj)
+                elif tag == "stdin":
                     self._read_stdin()
+                elif tag == "stdout":
+                    self._flush_stdout()
                 elif tag == "listener":
-                    self._accept()
+                    self._accept(now)
                 elif tag == "wake":
                     self._on_wake()
                 else:
-                    self._read_slot(tag, key.fileobj)
+                    self._read_hello(tag, now)
             now = time.monotonic()
+            self._check_deaths(now)
             self._check_timeouts(now)
             self._restart_due(now)
-            self._write_ready()
+            self._release()
             if not self.closing:
-                self._set_reading(self.in_flight < self.config.max_in_flight)
-            self._schedule(now)  # last: a worker woken by a run may take this CPU right away
+                ledger = self.ledger
+                self._set_reading(ledger.in_flight < self.config.max_in_flight and
+                                  ledger.held_bytes + self.stdout.size + self.frames.held
+                                  < self.config.max_in_flight_bytes)
+            self._schedule(now)  # late: a worker woken by a run may take this CPU right away
+            self._watch_slots()  # after: a run the worker has not taken in whole needs EVENT_WRITE
 
     def _poll_now(self) -> list[tuple[Any, int]]:
         return self.sel.select(0)
-
-    @property
-    def in_flight(self) -> int:
-        return self.next_seq - self.reorder.next_seq
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("received %s: finishing in-flight calls", signal.Signals(signum).name)
@@ -221,13 +234,17 @@ class Dispatcher:
         for slot in self.slots:
             if slot.sock is not None:
                 slot.sock.close()
+            if slot.pid:
+                _kill(slot.pid)
+        for hello in self.hellos:
+            hello.sock.close()
         for slot in self.slots:
             if slot.executor is not None:
                 slot.executor.shutdown(wait=True, kill_workers=True)
             if slot.progress is not None:
                 slot.progress.close()
         self.listener.close()
-        self.turn.close()
+        self.counters.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -246,94 +263,115 @@ class Dispatcher:
         try:
             wanted = self.frames.wanted()
             data = os.read(self.in_fd, READ_SMALL if wanted <= READ_SMALL else min(wanted, READ_BIG))
+        except BlockingIOError:
+            return
         except OSError as exc:
             log.error("cannot read stdin: %s", exc)
             data = b""
         if not data:
-            log.info("stdin closed: finishing %d in-flight call(s)", self.in_flight)
+            log.info("stdin closed: finishing %d in-flight call(s)", self.ledger.in_flight)
             self._close_input()
             return
         self.stats["reads"] += 1
         self.frames.feed(data)
         for segment in self.frames.segments():
             if type(segment) is Oversized:
-                self.reorder.add(self.next_seq, 1, frame(etf.encode(bert.error(
+                seq = self.ledger.next_seq
+                self.ledger.answer_now(self._reply_frame(seq, bert.error(
                     bert.PROTOCOL, bert.BAD_FRAME, "FrameTooLarge",
                     f"frame of {segment.size} bytes is over max_frame_bytes="
-                    f"{self.config.max_frame_bytes}", bare=self.config.protocol == "bare")), self.packet))
-                self.next_seq += 1
+                    f"{self.config.max_frame_bytes}", bare=self.bare)))
             else:
-                self.pending.append(Pending(segment, self.next_seq))  # type: ignore[arg-type]
-                self.next_seq += len(segment)  # type: ignore[arg-type]
-                self.queued += len(segment)  # type: ignore[arg-type]
+                self.ledger.admit(segment)  # type: ignore[arg-type]
 
-    # ------------------------------------------------------------------ output
+    def _reply_frame(self, seq: int, term: Any) -> bytes:
+        """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""
+        payload = etf.encode(term)
+        if self.config.reply_tags:
+            payload = SEQ.pack(seq) + payload
+        return frame(payload, self.packet)
 
-    def _write_ready(self) -> None:
-        ready = self.reorder.pop_ready()
+    # ------------------------------------------------------------------ stdout
+
+    def _release(self) -> None:
+        ready = self.ledger.release()
         if ready:
-            self._write(ready[0] if len(ready) == 1 else b"".join(ready))
-            self.turn.value = self.reorder.next_seq  # after the write: now a worker may go on
+            self.stdout.push(*ready)
+            self._flush_stdout()
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self.out_fd, view)
-            except BlockingIOError:
-                select.select([], [self.out_fd], [], 1.0)  # the port owner is slow to read
-                continue
-            except BrokenPipeError:
-                log.info("stdout closed by the port owner")
-                self._close_input()
-                self.deadline = 0.0
-                return
-            view = view[n:]
+    def _flush_stdout(self) -> None:
+        try:
+            done = self.stdout.flush(self.write_stdout)
+        except OSError as exc:  # EPIPE: the port owner is gone
+            log.info("stdout closed by the port owner (%s)", exc)
+            self.stdout.clear()
+            self._close_input()
+            self.deadline = 0.0
+            done = True
+        if done == self.stdout_watched:  # watch for room exactly while something waits
+            if done:
+                self.sel.unregister(self.out_fd)
+            else:
+                self.sel.register(self.out_fd, selectors.EVENT_WRITE, "stdout")
+            self.stdout_watched = not done
 
     # ------------------------------------------------------------------ scheduling
 
     def _schedule(self, now: float) -> None:
-        if not self.queued:
+        ledger = self.ledger
+        if not ledger.queued:
             return
-        ready = [s for s in self.slots if s.ready and len(s.runs) < MAX_QUEUED_RUNS]
+        ready = [s for s in self.slots if s.ready and len(ledger.runs[s.index]) < MAX_QUEUED_RUNS]
         if not ready:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
-        share = -(-self.queued // len(self.slots))  # starting slots get their share later
+        share = -(-ledger.queued // len(self.slots))  # starting slots get their share later
         size = min(by_cost, share, MAX_RUN_FRAMES)
         pipeline = self.cost < PIPELINE_COST_S
-        ranked = sorted((_load(s, now), s.index) for s in ready)
+        ranked = sorted((_load(s, ledger, now), s.index) for s in ready)
         for (busy, _), index in ranked:
-            if not self.pending:
+            if not ledger.pending:
                 break
             if busy and not pipeline:
                 continue
-            self._send_run(self.slots[index], size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now)
+            slot = self.slots[index]
+            run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy)
+            if run is None:
+                continue
+            self.stats["runs"] += 1
+            self.stats["run_items"] += run.count
+            slot.outbox.push(HEADER.pack(len(run) + SEQ.size, run.count) + SEQ.pack(run.start), run.data)
+            self._flush_slot(slot)
 
-    def _send_run(self, slot: Slot, size: int, max_bytes: int, now: float) -> None:
-        """Send up to ``size`` items (at most ``max_bytes``, but at least one) from the queue head."""
-        head = take_head(self.pending, size)
-        seg, i = head.segment, head.pos
-        bounds = seg.bounds
-        j = min(i + size, len(bounds) - 1)
-        if bounds[j] - bounds[i] > max_bytes:
-            j = max(i + 1, bisect_right(bounds, bounds[i] + max_bytes, i + 1, j) - 1)
-            if bounds[j] - bounds[i] > max_bytes and max_bytes < MAX_RUN_BYTES:
-                return  # too big to queue behind a busy worker's run
-        count = j - i
-        run = Run(head.seq, seg, i, count, slot.sent, now)
-        head.pos, head.seq = j, head.seq + count
-        if head.pos == len(bounds) - 1:
-            self.pending.popleft()
-        self.queued -= count
-        slot.sent += count
-        slot.runs.append(run)
-        self.stats["runs"] += 1
-        self.stats["run_items"] += count
+    def _flush_slot(self, slot: Slot) -> None:
+        if slot.sock is None:
+            return
         try:
-            send_message(slot.sock, count, [SEQ.pack(run.start), seg.data[bounds[i] : bounds[j]]])  # type: ignore[arg-type]
+            slot.outbox.flush(slot.sock.sendmsg)
         except OSError as exc:
-            self._on_death(slot, f"link lost while sending: {exc}")
+            self._link_lost(slot, f"link lost while sending: {exc}")
+
+    def _watch_slots(self) -> None:
+        """Read every worker, except those whose replies would only pile up (memory bound);
+        watch for room on the sockets of workers that have not taken all their runs."""
+        ledger = self.ledger
+        holder = None  # when replies fill the budget, only the worker owing the next one is read
+        if ledger.reply_bytes + self.stdout.size >= self.config.max_in_flight_bytes:
+            holder = next((s for s in self.slots if ledger.holds_head(s.index)), None)
+        for slot in self.slots:
+            if slot.sock is None:
+                continue
+            events = selectors.EVENT_WRITE if slot.outbox else 0
+            if holder is None or holder is slot:
+                events |= selectors.EVENT_READ
+            if events != slot.events:
+                if not slot.events:
+                    self.sel.register(slot.sock, events, slot)
+                elif not events:
+                    self.sel.unregister(slot.sock)
+                else:
+                    self.sel.modify(slot.sock, events, slot)
+                slot.events = events
 
     # ------------------------------------------------------------------ workers
 
@@ -341,7 +379,7 @@ class Dispatcher:
         slot.progress = slot.progress or Progress(slot.progress_path, create=True)
         slot.executor = loky.ProcessPoolExecutor(max_workers=1)
         slot.future = slot.executor.submit(
-            worker_main, self.address, slot.progress_path, self.turn_path, slot.index, self.config,
+            worker_main, self.address, slot.progress_path, self.counters_path, slot.index, self.config,
             self.info)
         slot.future.add_done_callback(self._wake)
         slot.restart_at = 0.0
@@ -352,38 +390,52 @@ class Dispatcher:
         except OSError:
             pass  # the pipe is full (a wake-up is already pending) or closed at shutdown
 
-    def _accept(self) -> None:
-        conn, _ = self.listener.accept()
-        hello = b""
-        conn.settimeout(5)
+    def _accept(self, now: float) -> None:
         try:
-            while len(hello) < HEADER.size:
-                chunk = conn.recv(HEADER.size - len(hello))
-                if not chunk:
-                    break
-                hello += chunk
-        except OSError:
-            pass
-        if len(hello) < HEADER.size:
-            conn.close()
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
             return
-        conn.settimeout(None)
-        index, pid = HEADER.unpack(hello)
+        conn.setblocking(False)
+        hello = Hello(conn, now)
+        self.hellos.append(hello)
+        self.sel.register(conn, selectors.EVENT_READ, hello)
+
+    def _read_hello(self, hello: Hello, now: float) -> None:
+        try:
+            chunk = hello.sock.recv(HEADER.size - len(hello.data))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        hello.data += chunk
+        if chunk and len(hello.data) < HEADER.size:
+            return
+        self.sel.unregister(hello.sock)
+        self.hellos.remove(hello)
+        if len(hello.data) < HEADER.size:
+            hello.sock.close()
+            return
+        index, pid = HEADER.unpack(hello.data)
         if pid == 0:  # -- the worker's worker_init raised (poolport.handler): stop serving at once
-            conn.close()
+            hello.sock.close()
             log.critical("worker_init failed in worker %d (traceback above)", index)
             raise SystemExit(3)
-        if not 0 <= index < len(self.slots) or self.slots[index].sock is not None:
+        slot = self.slots[index] if 0 <= index < len(self.slots) else None
+        if slot is None or slot.sock is not None or slot.future is None or slot.dying_since:
             log.warning("unexpected link connection (slot %d, pid %d)", index, pid)
-            conn.close()
+            hello.sock.close()
             return
-        slot = self.slots[index]
-        tune(conn)
-        socket.send_fds(conn, [b"1"], [self.out_fd])  # so the worker can write replies whose turn came
-        slot.sock, slot.pid, slot.sent = conn, pid, 0
+        tune(hello.sock)
+        slot.sock, slot.pid = hello.sock, pid
         slot.reader = MessageReader()
-        self.sel.register(conn, selectors.EVENT_READ, slot)
+        slot.events = 0
         log.debug("worker %d ready (pid %d)", index, pid)
+
+    def _expire_hellos(self, now: float) -> None:
+        for hello in [h for h in self.hellos if now - h.since > HELLO_WAIT_S]:
+            self.sel.unregister(hello.sock)
+            self.hellos.remove(hello)
+            hello.sock.close()
 
     def _on_wake(self) -> None:
         try:
@@ -392,30 +444,37 @@ class Dispatcher:
             pass
         for slot in self.slots:
             if slot.future is not None and slot.future.done():
-                self._on_death(slot, _describe_exit(slot.future))
+                self._link_lost(slot, "worker process ended")
 
     def _read_slot(self, slot: Slot, sock: Any) -> None:
         if sock is not slot.sock:
             return  # this socket's worker died earlier in the same batch of events
         try:
-            messages = slot.reader.read_from(slot.sock)  # type: ignore[arg-type]
+            messages = slot.reader.read_from(sock)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as exc:
-            self._on_death(slot, f"link error: {exc}")
+            self._link_lost(slot, f"link error: {exc}")
             return
         if messages is None:
-            self._on_death(slot, "link closed")
+            self._link_lost(slot, "link closed")
             return
         for count, data in messages:
             self._on_chunk(slot, count, data)
+            if slot.sock is None:
+                return
 
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
-        run = slot.runs[0]
         self.stats["chunks"] += 1
-        self.reorder.add(run.start + run.done, count, data)
-        run.done += count
+        try:
+            run = self.ledger.answered(slot.index, count, data)
+        except ValueError as exc:  # a worker that breaks the link protocol is replaced
+            log.error("worker %d (pid %d): %s", slot.index, slot.pid, exc)
+            self._kill(slot, "link protocol violation")
+            self._link_lost(slot, "link protocol violation")
+            return
         slot.failures = 0
-        if run.done == run.count:
-            slot.runs.popleft()
+        if run is not None:
             now = time.monotonic()
             elapsed = now - max(run.sent_at, slot.idle_since)  # not the time spent queued behind a run
             slot.idle_since = now
@@ -425,87 +484,88 @@ class Dispatcher:
 
     def _check_timeouts(self, now: float) -> None:
         for slot in self.slots:
-            if not slot.runs or not slot.ready or slot.progress.wake_at(now) > now:  # type: ignore[union-attr]
+            if not self.ledger.runs[slot.index] or not slot.ready or slot.progress.wake_at(now) > now:  # type: ignore[union-attr]
                 continue
             snap = slot.progress.read()  # type: ignore[union-attr]
             if snap.running and snap.timeout_ms and now - snap.started_at > snap.timeout_ms / 1000:
-                seq = self._seq_of(slot, snap.started - 1)
+                seq = self.ledger.index_of(slot.index, snap.started - 1)
                 if seq is None:
                     continue
                 log.warning("call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
                             seq, snap.timeout_ms, slot.index, slot.pid)
                 self._kill(slot, f"timeout of call #{seq}")
+                slot.culprit = snap.started - 1
+                self.counters.add("timeouts")
 
     def _select_timeout(self, now: float) -> float | None:
         soonest = self.deadline if self.closing else math.inf
         for slot in self.slots:
             if slot.restart_at:
                 soonest = min(soonest, slot.restart_at)
-            elif slot.runs and slot.ready:
+            elif slot.dying_since:
+                soonest = min(soonest, slot.dying_since + DEATH_WAIT_S)
+            elif self.ledger.runs[slot.index] and slot.ready:
                 soonest = min(soonest, slot.progress.wake_at(now))  # type: ignore[union-attr]
+        if self.hellos:
+            soonest = min(soonest, min(h.since for h in self.hellos) + HELLO_WAIT_S)
         return None if soonest == math.inf else max(0.0, soonest - now)
-
-    def _seq_of(self, slot: Slot, index: int) -> int | None:
-        """Sequence number of the ``index``-th request sent to the slot's current process."""
-        for run in slot.runs:
-            if run.base <= index < run.base + run.count:
-                return run.start + index - run.base
-        return None
 
     def _kill(self, slot: Slot, why: str) -> None:
         slot.killed = why
-        try:
-            os.kill(slot.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if slot.pid:
+            _kill(slot.pid)
+
+    def _link_lost(self, slot: Slot, reason: str) -> None:
+        """The worker is gone or going: stop talking to it; account for it once loky saw it end."""
+        if slot.executor is None or slot.dying_since:
+            return
+        if slot.sock is not None:
+            if slot.events:
+                self.sel.unregister(slot.sock)
+            slot.sock.close()
+            slot.sock = None
+            slot.events = 0
+        slot.outbox.clear()
+        if slot.pid:
+            _kill(slot.pid)  # whatever state it is in, it will not serve again
+        slot.dying_since = time.monotonic()
+        slot.link_error = reason
+        self._check_deaths(slot.dying_since)
+
+    def _check_deaths(self, now: float) -> None:
+        self._expire_hellos(now)
+        for slot in self.slots:
+            if slot.dying_since and (slot.future is None or slot.future.done()
+                                     or now - slot.dying_since >= DEATH_WAIT_S):
+                reason = _describe_exit(slot.future) if slot.future is not None and slot.future.done() \
+                    else slot.link_error
+                self._on_death(slot, reason)
 
     def _on_death(self, slot: Slot, reason: str) -> None:
         """Blame the call the process was running, re-queue the others, start a new process."""
-        if slot.executor is None:
-            return
-        if slot.sock is not None:
-            self.sel.unregister(slot.sock)
-            slot.sock.close()
-            slot.sock = None
-        if slot.future is not None and not slot.future.done():
-            if slot.pid:
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                slot.future.exception(timeout=5)
-            except Exception:  # noqa: BLE001 - only the process's end matters here
-                pass
-        if slot.future is not None and slot.future.done():
-            reason = _describe_exit(slot.future)
+        slot.dying_since = 0.0
         slot.executor.shutdown(wait=False, kill_workers=True)
         slot.executor = slot.future = None
         snap = slot.progress.read() if slot.progress is not None else None
-        culprit = snap.started - 1 if snap is not None and snap.running else -1
-        requeue: list[Pending] = []
-        written = self.turn.value  # replies the worker wrote to the port before its end was seen
-        for run in slot.runs:
-            bounds = run.segment.bounds
-            for seq, index in run.unanswered():
-                item = run.first + seq - run.start
-                if seq < written:
-                    self.reorder.add(seq, 1, b"")
-                elif index == culprit:
-                    error = self._crash_error(slot, seq, snap, reason)
-                    self.reorder.add(seq, 1, frame(etf.encode(error), self.packet))
-                else:  # one pending entry per item: rare, and keeps the bookkeeping trivial
-                    requeue.append(Pending(Segment(run.segment.data, bounds[item : item + 2]), seq))
-        slot.runs.clear()
-        if requeue:
-            log.info("re-running %d call(s) that were queued on worker %d", len(requeue), slot.index)
-            self.pending.extendleft(reversed(requeue))
-            self.queued += len(requeue)
-        served = slot.sent > 0
+        running = snap.started - 1 if snap is not None and snap.running else None
+        if slot.culprit is not None:  # killed for a timeout: that call, even if it just finished
+            running = slot.culprit
+
+        def blame(seq: int, why: str) -> bytes:
+            return self._reply_frame(seq, self._crash_error(slot, snap, reason, why))
+
+        served = self.ledger.sent[slot.index] > 0
+        requeued = self.ledger.lost(slot.index, running, blame)
+        self.counters.add("worker_deaths")
+        self.counters.set("reruns", self.ledger.reruns)
+        self.counters.set("abandoned", self.ledger.abandoned)
+        if requeued:
+            log.info("re-running %d call(s) that were queued on worker %d", requeued, slot.index)
         slot.failures = 0 if served else slot.failures + 1
         if slot.killed is None:
             log.error("worker %d (pid %d) died: %s", slot.index, slot.pid, reason)
-        slot.killed, slot.pid, slot.sent = None, 0, 0
+        slot.killed, slot.culprit, slot.pid = None, None, 0
+        slot.idle_since = 0.0
         if slot.progress is not None:
             slot.progress.close()
             slot.progress = None
@@ -518,14 +578,17 @@ class Dispatcher:
         if not delay:
             self._start(slot)
 
-    def _crash_error(self, slot: Slot, seq: int, snap: Any, reason: str) -> Any:
-        bare = self.config.protocol == "bare"
-        if slot.killed is not None and snap.timeout_ms:
+    def _crash_error(self, slot: Slot, snap: Any, reason: str, why: str) -> Any:
+        if why == "again":
+            detail = (f"the worker holding this call died again ({reason}); it had been re-run once "
+                      "after an earlier worker death and is not run again")
+            return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed", detail, bare=self.bare)
+        if slot.killed is not None and slot.killed.startswith("timeout") and snap is not None:
             return bert.error(bert.SERVER, bert.TIMEOUT, "Timeout",
                               f"call exceeded its timeout of {snap.timeout_ms} ms; worker replaced",
-                              bare=bare)
+                              bare=self.bare)
         return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed",
-                          f"worker process {slot.pid} died during this call: {reason}", bare=bare)
+                          f"worker process {slot.pid} died during this call: {reason}", bare=self.bare)
 
     def _restart_due(self, now: float) -> None:
         for slot in self.slots:
@@ -533,19 +596,26 @@ class Dispatcher:
                 self._start(slot)
 
 
-def _load(slot: Slot, now: float) -> tuple[int, float]:
+def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:
     """Sort key of a slot for the next run: fewest unanswered runs first, then the most recently
     active, whose process is still polling (``idle_spin_us``) rather than asleep.
 
     A worker that has answered every call it was sent is idle already (or about to be), though
-    its last replies or its report of them may still be on the way.
+    its last replies may still be on the way.
     """
-    runs = slot.runs
+    runs = ledger.runs[slot.index]
     if not runs:
         return 0, -slot.idle_since
-    if slot.progress is not None and slot.progress.finished >= slot.sent:
+    if slot.progress is not None and slot.progress.finished >= ledger.sent[slot.index]:
         return 0, -now
     return len(runs), 0.0
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _describe_exit(future: Any) -> str:

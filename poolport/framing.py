@@ -32,6 +32,8 @@ class Oversized:
     size: int
 
 
+MAX_ATTACHED = 64 << 10  # info frames waiting for one call beyond this: only the latest is kept
+
 HEADERS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I")}
 
 Attach = Callable[[bytes, int], bool]
@@ -82,9 +84,16 @@ class FrameBuffer:
         self._need = packet  # bytes needed before scanning can make progress
         self._skip = 0  # bytes of an oversized frame still to discard
         self._skipped = 0  # declared size of the oversized frame being discarded
+        self._scan = 0  # bytes at the start of the buffer already scanned: info frames held for a call
+        self.dropped = 0  # info frames dropped because too many waited for one call
 
     def __len__(self) -> int:
         return self._have
+
+    @property
+    def held(self) -> int:
+        """Bytes of complete ``{info, ...}`` frames waiting for the call they precede."""
+        return self._scan
 
     def wanted(self) -> int:
         """Bytes still missing before the next item can complete: lets readers size reads."""
@@ -111,7 +120,7 @@ class FrameBuffer:
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         p, limit, attach, unpack = self.packet, self.max_frame, self.attach, self._header.unpack_from
         n = len(buf)
-        pos = item = 0  # scan position; start of the item in progress
+        item, pos = 0, self._scan  # start of the item in progress; scan position (never rescanned)
         bounds = [0]
         while n - pos >= p:
             size = unpack(buf, pos)[0]
@@ -134,12 +143,19 @@ class FrameBuffer:
             if attach is None or not attach(buf, pos + p):
                 bounds.append(end)
                 item = end
+            elif end - item > MAX_ATTACHED and pos > item:  # a flood of info frames: keep the latest
+                if len(bounds) > 1:
+                    out.append(Segment(buf, bounds))
+                self.dropped += 1
+                item = pos
+                bounds = [pos]
             pos = end
         if len(bounds) > 1:
             out.append(Segment(buf, bounds))
         rest = buf[item:] if item < n else b""
         self._parts = [rest] if rest else []
         self._have = len(rest)
+        self._scan = pos - item
         if n - pos >= p:
             self._need = (pos - item) + p + unpack(buf, pos)[0]
         else:

@@ -14,12 +14,13 @@ from .framing import Segment
 
 
 class Pending:
-    """Items not yet sent: ``segment`` items from index ``pos`` on, the first numbered ``seq``."""
+    """Items not yet sent: ``segment`` items from index ``pos`` on, the first numbered ``seq``;
+    ``deaths``: how many workers already died holding them (see ledger.MAX_DEATHS)."""
 
-    __slots__ = ("segment", "pos", "seq")
+    __slots__ = ("segment", "pos", "seq", "deaths")
 
-    def __init__(self, segment: Segment, seq: int, pos: int = 0) -> None:
-        self.segment, self.seq, self.pos = segment, seq, pos
+    def __init__(self, segment: Segment, seq: int, pos: int = 0, deaths: int = 0) -> None:
+        self.segment, self.seq, self.pos, self.deaths = segment, seq, pos, deaths
 
     def __len__(self) -> int:
         return len(self.segment.bounds) - 1 - self.pos
@@ -30,22 +31,25 @@ def take_head(queue: deque[Pending], size: int) -> Pending:
 
     Following entries are merged into it (their bytes copied once into a new
     segment) while their sequence numbers continue the head's; an oversized
-    frame or a re-queued call leaves a gap, and merging stops there.
+    frame or a re-queued call leaves a gap, and merging stops there, as it does between
+    entries with different ``deaths``.
     """
     head = queue[0]
-    if len(head) >= size or len(queue) == 1 or queue[1].seq != head.seq + len(head):
+    if (len(head) >= size or len(queue) == 1 or queue[1].seq != head.seq + len(head)
+            or queue[1].deaths != head.deaths):
         return head
     queue.popleft()
     seg, i = head.segment, head.pos
     start = seg.bounds[i]
     parts = [seg.data[start : seg.bounds[-1]]]
     bounds = [b - start for b in seg.bounds[i:]]
-    while queue and len(bounds) - 1 < size and queue[0].seq == head.seq + len(bounds) - 1:
+    while (queue and len(bounds) - 1 < size and queue[0].seq == head.seq + len(bounds) - 1
+           and queue[0].deaths == head.deaths):
         nxt = queue.popleft()
         nb = nxt.segment.bounds
         shift = bounds[-1] - nb[nxt.pos]
         bounds.extend([b + shift for b in nb[nxt.pos + 1 :]])
         parts.append(nxt.segment.data[nb[nxt.pos] : nb[-1]])
-    merged = Pending(Segment(b"".join(parts), bounds), head.seq)
+    merged = Pending(Segment(b"".join(parts), bounds), head.seq, deaths=head.deaths)
     queue.appendleft(merged)
     return merged

@@ -19,6 +19,7 @@ from typing import NamedTuple
 _LAYOUT = struct.Struct("=QQdQ")  # started, finished, started_at (CLOCK_MONOTONIC s), timeout_ms
 _STARTED, _FINISHED, _STARTED_AT, _TIMEOUT = 0, 1, 2, 3  # slot indexes (8 bytes each)
 LOOK_AGAIN_S = 0.05  # how soon to check an idle-looking worker that was sent a run
+MAX_TIMEOUT_MS = (1 << 32) - 1  # longer timeouts (any size may arrive) mean this: about 50 days
 
 
 class Snapshot(NamedTuple):
@@ -51,11 +52,11 @@ class Progress:
         """A call starts now; ``started`` is written last so readers can trust the rest."""
         self._started += 1
         self._floats[_STARTED_AT] = time.monotonic()
-        self._ints[_TIMEOUT] = timeout_ms
+        self._ints[_TIMEOUT] = min(timeout_ms, MAX_TIMEOUT_MS)
         self._ints[_STARTED] = self._started
 
     def set_timeout(self, timeout_ms: int) -> None:
-        self._ints[_TIMEOUT] = timeout_ms
+        self._ints[_TIMEOUT] = min(timeout_ms, MAX_TIMEOUT_MS)
 
     def end(self) -> None:
         self._finished += 1
@@ -84,32 +85,31 @@ class Progress:
         self._map.close()
 
 
-class Turn:
-    """How many replies have reached the port: the sequence number whose turn it is.
+class Counters:
+    """Pool-wide event counts the dispatcher keeps and any worker reads (``'$poolport':info()``)."""
 
-    Shared by the dispatcher and every worker. Only the holder of the replies
-    starting at ``value`` may write to the port, then moves ``value`` past
-    them, so writers never overlap and replies stay in order without a lock.
-    """
+    NAMES = ("worker_deaths", "timeouts", "reruns", "abandoned")
 
     def __init__(self, path: str, create: bool = False) -> None:
+        size = 8 * len(self.NAMES)
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
         try:
             if create:
-                os.ftruncate(fd, 8)
-            self._map = mmap.mmap(fd, 8)
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self._cell = memoryview(self._map).cast("Q")
+        self._cells = memoryview(self._map).cast("Q")
 
-    @property
-    def value(self) -> int:
-        return self._cell[0]
+    def add(self, name: str, n: int = 1) -> None:
+        self._cells[self.NAMES.index(name)] += n
 
-    @value.setter
-    def value(self, seq: int) -> None:
-        self._cell[0] = seq
+    def set(self, name: str, value: int) -> None:
+        self._cells[self.NAMES.index(name)] = value
+
+    def read(self) -> dict[str, int]:
+        return dict(zip(self.NAMES, self._cells.tolist()))
 
     def close(self) -> None:
-        self._cell.release()
+        self._cells.release()
         self._map.close()

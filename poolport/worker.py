@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -30,11 +31,12 @@ from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import HEADERS
 from .link import HEADER, SEQ, MessageReader, send_message, tune
 from .memory import keep_freed_memory
-from .progress import Progress, Turn
+from .progress import Counters, Progress
 from .spin import spin
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
+FLUSH_BYTES = 1 << 20  # ... and send replies on once this many bytes wait (bounds a chunk's size)
 PARENT_CHECK_S = 0.5  # how often a worker checks that its dispatcher is still alive
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
 _REPLY_PREFIX = b"\x83h\x02w\x05reply"  # version byte and the head of {reply, Result}
@@ -79,12 +81,16 @@ class Handlers:
             return (bert.NO_SUCH_MODULE, type(exc).__name__, f"cannot import {module!r}: {exc}")
         fn = None
         if not function.startswith("_"):
-            # -- @poolport.handler(name=...): an alias wins; a renamed function only answers to it
-            fn = aliases(mod).get(function)
-            if fn is None:
-                fn = getattr(mod, function, None)
-                if exposed_name(fn) not in (None, function):
-                    fn = None
+            try:  # a module's own __getattr__ (or an odd object in it) may raise anything
+                # -- @poolport.handler(name=...): an alias wins; a renamed function only answers to it
+                fn = aliases(mod).get(function)
+                if fn is None:
+                    fn = getattr(mod, function, None)
+                    if exposed_name(fn) not in (None, function):
+                        fn = None
+            except Exception as exc:  # noqa: BLE001
+                return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
+                        f"{module}.{function}: looking it up raised {type(exc).__name__}: {_safe_str(exc)}")
         if fn is None or not callable(fn):
             return (bert.NO_SUCH_FUNCTION, "NoSuchFunction", f"{module}.{function} is not a public function")
         owner = getattr(fn, "__module__", None)
@@ -101,12 +107,21 @@ class Handlers:
 
 
 class Worker:
-    """Turns one request payload into one reply payload; never raises."""
+    """Turns one request payload into one reply payload; never raises.
+
+    Whatever fails while a request is answered (decoding it, resolving or
+    converting its arguments, the handler, encoding its result, running out of
+    memory in any of these) becomes an error reply for that request: a
+    request can never take its worker down (only a crash in native code or a
+    kill can). The call's ``Progress`` record spans all of it, so the call's
+    timeout covers decoding and encoding too.
+    """
 
     def __init__(self, config: Config, info: dict[str, Any] | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, counters: Counters | None = None) -> None:
         self.config = config
         self.progress = progress or _NoProgress()
+        self.counters = counters
         self._next_timeout: int | None = None  # from an {info, timeout, ...} packet
         self.handlers = Handlers(config)
         self.bare = config.protocol == "bare"
@@ -119,6 +134,9 @@ class Worker:
         self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
         self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
         self._noreply = self._encode(bert.noreply())
+        # made now, while memory is plentiful: the reply when even an error reply cannot be made
+        self._out_of_memory = self._error(bert.SERVER, bert.INTERNAL, "MemoryError",
+                                          "the worker ran out of memory while answering this request")
 
     def answer(self, data: bytes, start: int, end: int) -> bytes | None:
         """The reply to the request ``data[start:end]``; ``None`` for an ``info`` packet.
@@ -131,24 +149,35 @@ class Worker:
         prefix, entry = self._last
         if data.startswith(prefix, start, end):  # the same function as the request before
             head = start + len(prefix)
-        elif not self.bare and end - start > 3 and data[start + 1] == 104:
-            arity = data[start + 2]
-            if arity == 4 and data[start] == 131:
-                head = _head_end(data, start + 3, end)
-                entry = head and (self._fast.get(data[start:head]) or self._learn(data, start, head))
-                if entry:
-                    self._last = (data[start:head], entry)
-            elif arity == 3 and bert.is_info(data, start):
-                self._take_info(data[start:end])
-                return None
-        if entry:
+        else:
+            entry = None
+            if not self.bare and end - start > 3 and data[start + 1] == 104:
+                arity = data[start + 2]
+                if arity == 4 and data[start] == 131:
+                    head = _head_end(data, start + 3, end)
+                    entry = head and (self._fast.get(data[start:head]) or self._learn(data, start, head))
+                    if entry:
+                        self._last = (data[start:head], entry)
+                elif arity == 3 and bert.is_info(data, start):
+                    self._take_info(data[start:end])
+                    return None
+        if not entry:
+            return self.handle(data[start:end])
+        fn, cast, timeout, module, function = entry
+        info_ms, self._next_timeout = self._next_timeout, None
+        self.progress.begin(timeout if info_ms is None else info_ms)
+        try:
             try:
                 args, pos = self._dec(data, head, self._depth)
-            except Exception:  # noqa: BLE001 - handle() reports it properly
+            except Exception:  # noqa: BLE001 - _answer() reports it properly
                 pos = -1
             if pos == end and type(args) is list:
-                return self._fast_call(entry, args)
-        return self.handle(data[start:end])
+                return self._invoke(fn, cast, module, function, args)
+            return self._answer(data[start:end], info_ms)
+        except BaseException as exc:  # noqa: BLE001 - the last resort: never lose a request
+            return self._internal_error(exc)
+        finally:
+            self.progress.end()
 
     def _learn(self, data: bytes, start: int, head: int) -> tuple[Any, ...] | None:
         """Resolve the ``{call|cast, M, F,`` head once and remember it; None if unusual."""
@@ -156,61 +185,60 @@ class Worker:
             kind, pos = self._dec(data, start + 3, 1)
             module, pos = self._dec(data, pos, 1)
             function, pos = self._dec(data, pos, 1)
-        except Exception:  # noqa: BLE001
+            if not (kind in (bert.CALL, bert.CAST) and type(module) is Atom and type(function) is Atom
+                    and module != BUILTIN_MODULE):
+                return None
+            fn = self.handlers.resolve(module, function)
+            if type(fn) is tuple:
+                return None
+            entry = (fn, kind == bert.CAST, self._timeout_for(module, function), str(module), str(function))
+        except BaseException:  # noqa: BLE001 - the slow path answers it with the right error
             return None
-        if not (kind in (bert.CALL, bert.CAST) and type(module) is Atom and type(function) is Atom
-                and module != BUILTIN_MODULE):
-            return None
-        fn = self.handlers.resolve(module, function)
-        if type(fn) is tuple:
-            return None
-        entry = (fn, kind == bert.CAST, self._timeout_for(module, function), str(module), str(function))
         self._fast[data[start:head]] = entry
         return entry
-
-    def _fast_call(self, entry: tuple[Any, ...], args: list[Any]) -> bytes:
-        fn, cast, timeout, module, function = entry
-        if self._next_timeout is not None:
-            timeout, self._next_timeout = self._next_timeout, None
-        self.progress.begin(timeout)
-        try:
-            return self._invoke(fn, cast, module, function, args)
-        finally:
-            self.progress.end()
 
     def handle(self, payload: bytes) -> bytes | None:
         """The reply to one request payload, or ``None`` for an ``info`` packet (no reply)."""
         if not self.bare and bert.is_info(payload):
             self._take_info(payload)
             return None
-        self.progress.begin()
+        info_ms, self._next_timeout = self._next_timeout, None
+        self.progress.begin(self.config.timeout_ms if info_ms is None else info_ms)  # until resolved
         try:
-            return self._answer(payload)
+            return self._answer(payload, info_ms)
+        except BaseException as exc:  # noqa: BLE001 - the last resort: never lose a request
+            return self._internal_error(exc)
         finally:
             self.progress.end()
 
     def _take_info(self, payload: bytes) -> None:
         try:
-            timeout = bert.info_timeout(etf.decode(payload, none_atom=self._none, max_depth=8))
-        except DecodeError as exc:
-            log.warning("ignoring undecodable info packet: %s", exc)
+            timeout = bert.info_timeout(etf.decode(payload, none_atom=self._none, max_depth=8,
+                                                   max_inflated=self.config.max_frame_bytes))
+        except BaseException as exc:  # noqa: BLE001 - an info packet is a hint: never fatal
+            log.warning("ignoring an info packet that cannot be read: %s: %s", type(exc).__name__,
+                        _safe_str(exc))
             return
         if timeout is not None:
             self._next_timeout = timeout
 
-    def _answer(self, payload: bytes) -> bytes:
-        timeout, self._next_timeout = self._next_timeout, None
+    def _answer(self, payload: bytes, timeout: int | None) -> bytes:
         try:
             term = etf.decode(payload, none_atom=self._none, max_depth=self.config.max_term_depth,
                               max_inflated=self.config.max_frame_bytes)
         except DecodeError as exc:
             return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "DecodeError", str(exc))
+        except Exception as exc:  # noqa: BLE001 - MemoryError under max_worker_memory_mb, ...
+            return self._error(bert.PROTOCOL, bert.BAD_REQUEST, type(exc).__name__,
+                               f"the request could not be decoded: {_safe_str(exc)}")
         try:
             request = bert.parse_bare_request(term) if self.bare else bert.parse_request(term)
         except ProtocolError as exc:
             return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", str(exc))
         if request.module == BUILTIN_MODULE and request.function == "info":
-            return self._encode_reply(self.info)
+            info = self.info if self.counters is None else {
+                **self.info, **{Atom(k): v for k, v in self.counters.read().items()}}
+            return self._encode_reply(info)
         module = self.config.bare_module if self.bare else request.module
         fn = self.handlers.resolve(module, request.function)
         if type(fn) is tuple:
@@ -229,10 +257,10 @@ class Worker:
 
     def _invoke(self, fn: Callable[..., Any], cast: bool, module: str, function: str,
                 args: list[Any]) -> bytes:
-        """Call the handler and encode what comes of it; never raises."""
+        """Call the handler and encode what comes of it."""
         try:
             result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - a handler must never take the worker down
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit too: a handler's end
             return self._failure(exc, cast, module, function)
         if cast:
             return self._noreply
@@ -244,30 +272,46 @@ class Worker:
             return self._encode_reply(result)
 
     def _failure(self, exc: BaseException, cast: bool, module: str, function: str) -> bytes:
-        if isinstance(exc, KeyboardInterrupt):
-            raise exc
         if isinstance(exc, ArgumentError):  # typed arguments did not fit: no traceback from the wrapper
             cls, trace = "ArgumentError", [f"ArgumentError: {exc}"]
         else:
             tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # skip _invoke's frame
-            cls, trace = type(exc).__name__, "".join(traceback.format_exception(type(exc), exc, tb)).splitlines()
+            cls = type(exc).__name__
+            try:
+                trace = "".join(traceback.format_exception(type(exc), exc, tb)).splitlines()
+            except Exception:  # noqa: BLE001 - a hostile exception object
+                trace = [f"{cls}: {_safe_str(exc)}"]
         if cast:
             log.warning("cast %s.%s raised %s", module, function, "\n".join(trace))
             return self._noreply
-        return self._error(bert.USER, bert.USER_ERROR, cls, str(exc), trace)
+        return self._error(bert.USER, bert.USER_ERROR, cls, _safe_str(exc), trace)
 
     def _encode_reply(self, result: Any) -> bytes:
         try:
             return etf.encode(result if self.bare else bert.reply(result), none_atom=self._none)
         except EncodeError as exc:
-            error = exc
+            error: Exception = exc
+        except (MemoryError, RecursionError) as exc:
+            return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__,
+                               f"the result could not be encoded: {_safe_str(exc)}")
         try:  # -- Structs, dataclasses, Enums (poolport.typed.to_term), if plain encoding failed
             term = typed.to_term(result)
             return etf.encode(term if self.bare else bert.reply(term), none_atom=self._none)
         except EncodeError as exc:
             error = exc
+        except (MemoryError, RecursionError) as exc:
+            return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__,
+                               f"the result could not be encoded: {_safe_str(exc)}")
         return self._error(bert.USER, bert.USER_ERROR, "EncodeError",
                            f"the result cannot be sent: {error}")
+
+    def _internal_error(self, exc: BaseException) -> bytes:
+        """poolport itself failed on this request: say so in its reply, keep serving."""
+        try:
+            log.error("poolport failed while answering a request: %s: %s", type(exc).__name__, _safe_str(exc))
+            return self._error(bert.SERVER, bert.INTERNAL, type(exc).__name__, _safe_str(exc))
+        except BaseException:  # noqa: BLE001 - out of memory even for this
+            return self._out_of_memory
 
     def too_big(self, size: int, packet: int) -> bytes:
         """The error sent instead of a reply that cannot fit the port's length header."""
@@ -281,14 +325,17 @@ class Worker:
         return self._encode(bert.error(kind, code, cls, detail, trace, bare=self.bare))
 
 
-def serve_run(worker: Worker, run: bytes, packet: int,
-              flush: Callable[[int, int, list[bytes]], None], start: int = 0) -> None:
-    """Answer every frame of ``run[start:]``; ``flush(first_index, count, framed_replies)``
-    is called as progress is made (``first_index`` counts replies from the run's start)."""
+def serve_run(worker: Worker, run: bytes, packet: int, send: Callable[[int, list[bytes]], None],
+              start: int = 0, first: int | None = None) -> None:
+    """Answer every frame of ``run[start:]``; ``send(count, framed_replies)`` is called as
+    progress is made. With ``first`` (the sequence number of the run's first request) every
+    reply frame is tagged with its request's sequence number (``reply_tags``)."""
     out: list[bytes] = []
+    size = 0
     header = HEADERS[packet]
-    limit = 1 << (8 * packet)
-    done = 0  # replies already flushed
+    tag = SEQ.pack if first is not None else None
+    limit = (1 << (8 * packet)) - (SEQ.size if tag else 0)
+    seq = first or 0
     pos, n = start, len(run)
     last = time.perf_counter()
     while pos < n:
@@ -299,47 +346,27 @@ def serve_run(worker: Worker, run: bytes, packet: int,
             continue
         if len(answer) >= limit:
             answer = worker.too_big(len(answer), packet)
-        out.append(header.pack(len(answer)))
-        out.append(answer)
-        now = time.perf_counter()
-        if now - last >= FLUSH_AFTER_S:
-            flush(done, len(out) // 2, out)
-            done += len(out) // 2
-            out = []
-            last = now
-    if out:
-        flush(done, len(out) // 2, out)
-
-
-class Replies:
-    """Where a worker's replies go: straight to the port when their turn has come, else
-    to the dispatcher, which puts them in order (see progress.Turn)."""
-
-    def __init__(self, sock: socket.socket, port_fd: int, turn: Turn) -> None:
-        self.sock, self.port_fd, self.turn = sock, port_fd, turn
-
-    def deliver(self, seq: int, count: int, parts: list[bytes]) -> None:
-        if self.turn.value == seq and self._write(parts):
-            self.turn.value = seq + count  # only after the bytes are in the pipe
-            send_message(self.sock, count, b"")  # tell the dispatcher they are out
+        if tag:
+            out.append(header.pack(len(answer) + SEQ.size) + tag(seq))
+            seq += 1
         else:
-            send_message(self.sock, count, parts)
+            out.append(header.pack(len(answer)))
+        out.append(answer)
+        size += len(answer)
+        now = time.perf_counter()
+        if now - last >= FLUSH_AFTER_S or size >= FLUSH_BYTES:
+            send(len(out) // 2, out)
+            out, size, last = [], 0, now
+    if out:
+        send(len(out) // 2, out)
 
-    def _write(self, parts: list[bytes]) -> bool:
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        view = memoryview(data)
-        try:
-            while view:
-                try:
-                    view = view[os.write(self.port_fd, view):]
-                except BlockingIOError:
-                    select.select([], [self.port_fd], [], 1.0)
-        except OSError as exc:  # the port is gone: the dispatcher will notice and stop
-            if len(view) != len(data):
-                raise  # part of a frame went out: the stream cannot be repaired, stop here
-            log.info("cannot write to the port (%s); replies go through the dispatcher", exc)
-            return False
-        return True
+
+def _safe_str(obj: Any) -> str:
+    """``str(obj)``, or a placeholder when that raises (a hostile ``__str__``, a huge int)."""
+    try:
+        return str(obj)
+    except BaseException:  # noqa: BLE001
+        return f"<{type(obj).__name__} object: str() failed>"
 
 
 def _head_end(data: bytes, pos: int, end: int) -> int:
@@ -374,10 +401,11 @@ def _isolate_stdout() -> None:
     sys.stdout = sys.stderr
 
 
-def worker_main(address: str, progress_path: str, turn_path: str, slot: int, config: Config,
+def worker_main(address: str, progress_path: str, counters_path: str, slot: int, config: Config,
                 info: dict[str, Any]) -> None:
     """Entry point of a pool process (submitted once to its loky executor)."""
     _isolate_stdout()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the dispatcher's to handle
     keep_freed_memory()
     _limit_memory(config.max_worker_memory_mb)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
@@ -385,7 +413,7 @@ def worker_main(address: str, progress_path: str, turn_path: str, slot: int, con
     for path in reversed(config.python_path):
         if path not in sys.path:
             sys.path.insert(0, path)
-    worker = Worker(config, info, Progress(progress_path))
+    worker = Worker(config, info, Progress(progress_path), Counters(counters_path))
     for module in config.modules:  # warm up; failures are reported per call, not fatal
         try:
             importlib.import_module(module)
@@ -407,10 +435,7 @@ def worker_main(address: str, progress_path: str, turn_path: str, slot: int, con
             sock.sendall(HEADER.pack(slot, 0))
             os._exit(78)
         sock.sendall(HEADER.pack(slot, os.getpid()))
-        _msg, fds, _flags, _addr = socket.recv_fds(sock, 1, 1)
-        if not fds:
-            raise OSError("the dispatcher sent no port descriptor")
-        replies = Replies(sock, fds[0], Turn(turn_path))
+        send = functools.partial(send_message, sock)
         reader = MessageReader()
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -424,10 +449,8 @@ def worker_main(address: str, progress_path: str, turn_path: str, slot: int, con
                 break
             for _count, run in messages:
                 run = run if type(run) is bytes else bytes(run)
-                first = SEQ.unpack_from(run)[0]
-                serve_run(worker, run, config.packet,
-                          lambda done, count, parts, first=first: replies.deliver(first + done, count, parts),
-                          SEQ.size)
+                first = SEQ.unpack_from(run)[0] if config.reply_tags else None
+                serve_run(worker, run, config.packet, send, SEQ.size, first)
     except OSError as exc:
         log.info("link to the dispatcher lost: %s", exc)
     finally:

@@ -3,7 +3,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolport.errors import FrameError
-from poolport.framing import FrameBuffer, Oversized, frame
+from poolport.bert import is_info
+from poolport.framing import MAX_ATTACHED, FrameBuffer, Oversized, frame
 
 PAYLOADS = [b"", b"a", b"hello world", bytes(range(256)) * 3]
 
@@ -104,3 +105,30 @@ def test_info_frames_before_an_oversized_frame_are_dropped_with_it():
     buf = FrameBuffer(4, max_frame=10, attach=_attach_if_starts_with_i)
     buf.feed(frame(b"ia") + frame(b"x" * 50) + frame(b"ok"))
     assert buf.drain() == [Oversized(50), frame(b"ok")]
+
+
+def test_info_frames_are_scanned_once_and_a_flood_keeps_only_the_latest():
+    """15 MB of info packets before one call: each frame is looked at once (not once per read),
+    and what waits for the call stays bounded (the latest info frames, not all of them)."""
+    info = frame(b"\x83h\x03w\x04infow\x05cachejx" + bytes(130))
+    call = frame(b"\x83h\x04w\x04call" + bytes(20))
+    seen = []
+
+    def attach(data: bytes, start: int) -> bool:
+        seen.append(start)
+        return is_info(data, start)
+
+    fb = FrameBuffer(4, 1 << 20, attach=attach)
+    floods = 15_000_000 // len(info)
+    peak = 0
+    for _ in range(floods):
+        fb.feed(info)
+        assert fb.segments() == []
+        peak = max(peak, fb.held)
+    fb.feed(call)
+    (segment,) = fb.segments()
+    assert len(seen) == floods + 1  # every frame examined exactly once
+    assert peak <= MAX_ATTACHED + len(info) and fb.dropped > 0
+    item = segment.items()[0]
+    assert item.endswith(call) and item.startswith(info) and len(item) <= MAX_ATTACHED + len(info) + len(call)
+    assert fb.held == 0 and len(fb) == 0

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from poolport.link import BIG_MESSAGE, MessageReader, send_message
-from poolport.progress import LOOK_AGAIN_S, Progress, Turn
+from poolport.progress import LOOK_AGAIN_S, MAX_TIMEOUT_MS, Counters, Progress
 
 
 def _read_all(reader: MessageReader, sock: socket.socket, want: int) -> list:
@@ -58,14 +58,27 @@ def test_progress_is_shared_between_mappings(tmp_path):
     dispatcher.close()
 
 
-def test_turn_is_shared_between_mappings(tmp_path):
-    path = str(tmp_path / "turn")
-    mine, theirs = Turn(path, create=True), Turn(path)
-    assert theirs.value == 0
-    mine.value = 12345
-    assert theirs.value == 12345
+def test_counters_are_shared_between_mappings(tmp_path):
+    path = str(tmp_path / "counters")
+    mine, theirs = Counters(path, create=True), Counters(path)
+    assert theirs.read() == dict.fromkeys(Counters.NAMES, 0)
+    mine.add("worker_deaths")
+    mine.add("worker_deaths", 2)
+    mine.set("reruns", 12345)
+    assert theirs.read()["worker_deaths"] == 3 and theirs.read()["reruns"] == 12345
     mine.close()
     theirs.close()
+
+
+def test_a_timeout_of_any_size_is_recorded_capped(tmp_path):
+    path = str(tmp_path / "progress")
+    worker, dispatcher = Progress(path, create=True), Progress(path)
+    worker.begin(timeout_ms=1 << 64)  # from a hostile {info, timeout, ...}: must not raise
+    assert dispatcher.read().timeout_ms == MAX_TIMEOUT_MS
+    worker.set_timeout(1 << 70)
+    assert dispatcher.read().timeout_ms == MAX_TIMEOUT_MS
+    worker.close()
+    dispatcher.close()
 
 
 def test_progress_says_when_to_look_again(tmp_path):

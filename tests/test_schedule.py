@@ -1,8 +1,19 @@
 """Which worker gets the next run: the least loaded, then the one most likely still awake."""
 
-from poolport.dispatcher import Run, Slot, _load
-from poolport.framing import Segment
+import pytest
+
+from poolport.dispatcher import Slot, _load
+from poolport.framing import Segment, frame
+from poolport.ledger import Ledger
 from poolport.progress import Progress
+
+LEDGER = Ledger(3)
+
+
+@pytest.fixture(autouse=True)
+def fresh_ledger():
+    global LEDGER
+    LEDGER = Ledger(3)
 
 
 def slot(tmp_path, index: int, idle_since: float = 0.0) -> Slot:
@@ -13,8 +24,13 @@ def slot(tmp_path, index: int, idle_since: float = 0.0) -> Slot:
 
 
 def give_run(s: Slot, calls: int) -> None:
-    s.runs.append(Run(s.sent, Segment(b"", [0] * (calls + 1)), 0, calls, s.sent, 0.0))
-    s.sent += calls
+    f = frame(b"x")
+    LEDGER.admit(Segment(f * calls, [k * len(f) for k in range(calls + 1)]))
+    LEDGER.take_run(s.index, calls, 1 << 20, 0.0)
+
+
+def load(s: Slot, now: float = 10.0) -> tuple[int, float]:
+    return _load(s, LEDGER, now)
 
 
 def answer(s: Slot, calls: int) -> None:
@@ -28,12 +44,12 @@ def test_fewer_unanswered_runs_first(tmp_path):
     give_run(busy, 3)
     give_run(busier, 3)
     give_run(busier, 3)
-    assert sorted([busier, busy, idle], key=lambda s: _load(s, 10.0)) == [idle, busy, busier]
+    assert sorted([busier, busy, idle], key=load) == [idle, busy, busier]
 
 
 def test_among_idle_workers_the_most_recently_active_first(tmp_path):
     old, recent = slot(tmp_path, 0, idle_since=1.0), slot(tmp_path, 1, idle_since=5.0)
-    assert sorted([old, recent], key=lambda s: _load(s, 10.0)) == [recent, old]
+    assert sorted([old, recent], key=load) == [recent, old]
 
 
 def test_a_worker_that_answered_everything_counts_as_idle_and_hottest(tmp_path):
@@ -41,7 +57,7 @@ def test_a_worker_that_answered_everything_counts_as_idle_and_hottest(tmp_path):
     done, idle = slot(tmp_path, 0), slot(tmp_path, 1, idle_since=9.0)
     give_run(done, 2)
     answer(done, 1)
-    assert _load(done, 10.0)[0] == 1  # one call still running
+    assert load(done)[0] == 1  # one call still running
     answer(done, 1)
-    assert _load(done, 10.0) == (0, -10.0)
-    assert sorted([idle, done], key=lambda s: _load(s, 10.0)) == [done, idle]
+    assert load(done) == (0, -10.0)
+    assert sorted([idle, done], key=load) == [done, idle]

@@ -666,7 +666,7 @@ class RecordingProgress:
     def __init__(self) -> None:
         self.timeouts: list[int] = []
 
-    def begin(self) -> None: ...
+    def begin(self, timeout_ms: int = 0) -> None: ...  # provisional, until the function is known
 
     def set_timeout(self, timeout_ms: int) -> None:
         self.timeouts.append(timeout_ms)

@@ -66,7 +66,7 @@ def test_a_run_of_mixed_frames_gets_one_reply_per_call_in_order():
     names = ["echo", "add", "info-packet", "echo", "unknown-function", "echo", "cast", "add"]
     run = b"".join(frame(REQUESTS[n]) for n in names)
     parts: list[bytes] = []
-    serve_run(worker(), run, 4, lambda _done, _count, out: parts.extend(out))
+    serve_run(worker(), run, 4, lambda _count, out: parts.extend(out))
     replies = [etf.decode(p) for p in parts[1::2]]
     assert len(replies) == len(names) - 1  # the info packet gets no reply
     assert replies[0] == (Atom("reply"), (7, b"abc")) and replies[1] == (Atom("reply"), 5)

@@ -50,7 +50,7 @@
 %% <dt>`packet'</dt><dd>`{packet, N}' framing, 1, 2 or 4 (default 4); also
 %%   passed to Python as `--packet N'.</dd>
 %% <dt>`args'</dt><dd>Extra command line arguments appended after
-%%   `serve --config C --packet N'.</dd>
+%%   `serve --config C --packet N --reply-tags'.</dd>
 %% <dt>`env'</dt><dd>Extra environment variables for the Python process
 %%   (`false' as value unsets one).</dd>
 %% <dt>`cd'</dt><dd>Working directory of the Python process.</dd>
@@ -81,11 +81,14 @@
 %% The BERT-RPC error tuple `{Type, Code, Class, Detail, Backtrace}' sent by
 %% Python.
 
--type reason() :: bert_error() | timeout | port_closed | absent().
+-type reason() :: bert_error() | timeout | port_closed | misaligned | absent().
 %% Why a call failed: an error reported by Python, the call's timeout
 %% (whichever side noticed it first), the Python process is gone (it
-%% died while the call was pending, or it is being restarted), or there is
-%% no pool at all (see {@type absent()}).
+%% died while the call was pending, or it is being restarted), the reply
+%% stream from Python got out of step while the call was pending
+%% (`misaligned': a reply was lost or duplicated; the pool restarted
+%% Python rather than risk giving the caller another call's answer), or
+%% there is no pool at all (see {@type absent()}).
 
 -export_type([opts/0]).
 -export_type([pool/0]).
@@ -164,6 +167,10 @@ call(Pool, Module, Function, Args) ->
 %% pool that crashes while the call is pending (which the pool itself never
 %% does on purpose: it answers `{error, port_closed}' when it stops)
 %% still exits the caller with `gen_server:call/3''s exit reason.
+%%
+%% A caller only ever gets the answer to its own request: if Python's
+%% numbered replies show the stream out of step, every waiting caller gets
+%% `{error, misaligned}' and the pool restarts Python.
 -spec call(pool(), atom(), atom(), list(), timeout()) -> {ok, term()} | {error, reason()}.
 call(Pool, Module, Function, Args, Timeout)
   when is_atom(Module), is_atom(Function), is_list(Args),
@@ -191,7 +198,9 @@ cast(Pool, Module, Function, Args) ->
 %% `in_flight' (requests written to Python and not yet answered), `waiting'
 %% (callers waiting for a reply), `calls', `casts', `errors' (calls and
 %% casts that ended in an error), `timeouts', `dropped' (late replies
-%% thrown away), `restarts' (times the port was reopened), `os_pid' (of
+%% thrown away), `restarts' (times the port was reopened), `misaligned'
+%% (reply frames that were not the answer to the oldest pending request,
+%% each followed by a restart of Python), `os_pid' (of
 %% the Python process, `undefined' while restarting), `status' (`running'
 %% or `restarting'), `packet', `python', `config' and `server' (the map
 %% Python returned for `'$poolport':info()').

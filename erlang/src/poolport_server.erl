@@ -21,10 +21,27 @@
 %%   each (re)opening of the port.</li>
 %% </ul>
 %%
+%% <b>Tagged replies.</b> FIFO order alone cannot tell when the reply stream
+%% is out of step (a reply lost or sent twice): every later caller would
+%% silently get another caller's answer. So Python is started with
+%% `--reply-tags' and prefixes every reply with the number of the request it
+%% answers, `<<Seq:64/big-unsigned, Etf/binary>>'. Requests are numbered
+%% from 0 at every (re)opening of the port; every frame Python answers
+%% (call, cast, `sys_info') counts, the `{info, timeout, ...}' frames sent
+%% before calls do not. Each queue entry carries its number, and a reply is
+%% delivered only if its number is the head entry's. Anything else (another
+%% number, a frame shorter than 8 bytes, a reply with no request pending, an
+%% `Etf' part that does not decode) is a misalignment: it is logged, counted
+%% (`misaligned' in {@link info/1}), every waiting caller gets
+%% `{error, misaligned}', the port is closed, the Python process is killed
+%% (SIGTERM, then SIGKILL to it and its children, by a helper process so
+%% the server does not block) and the port is reopened like after a death
+%% of Python. No caller ever receives a reply that is not its own.
+%%
 %% When the Python process exits, all waiting callers get
 %% `{error, port_closed}' and the port is reopened after a backoff (100 ms
-%% doubling up to 5 s). More than `max_restarts' exits within
-%% `restart_period' seconds stop the server with reason
+%% doubling up to 5 s). More than `max_restarts' exits (misalignments
+%% included) within `restart_period' seconds stop the server with reason
 %% `{restart_intensity, Details}'.
 %%
 %% Use the {@link poolport} module; this one is its implementation.
@@ -84,6 +101,14 @@
 %% Validated, normalised options (see {@link poolport:opts()}).
 
 -type entry() :: {call, reference()} | cast | sys_info.
+-type seq() :: 0..16#FFFFFFFFFFFFFFFF.
+%% Number of a request on the current port, as in Python's reply tags.
+-type misalignment() :: #{why := seq_mismatch | empty_queue | short_frame | bad_term,
+                          expected := seq() | none,
+                          got := seq() | none}.
+%% What was wrong with a reply frame: `expected' is the head entry's number
+%% (`none' if no request was pending), `got' the frame's (`none' if it was
+%% too short to carry one).
 -type waiter() :: {gen_server:from(), reference() | undefined}.
 -type reply() :: {reply, term()} | noreply | {error, term()} | {bad_reply, term()}.
 
@@ -93,8 +118,11 @@
     cfg :: cfg(),
     port :: port() | undefined,
     os_pid :: non_neg_integer() | undefined,
-    %% Requests written to the port and not answered yet, oldest first.
-    queue = queue:new() :: queue:queue(entry()),
+    %% Requests written to the port and not answered yet, oldest first,
+    %% each with its number.
+    queue = queue:new() :: queue:queue({seq(), entry()}),
+    %% Number of the next request written to the current port.
+    seq = 0 :: seq(),
     %% Callers still waiting: monitor ref => {From, timeout timer}.
     pending = #{} :: #{reference() => waiter()},
     workers :: non_neg_integer() | undefined,
@@ -107,7 +135,8 @@
     errors = 0 :: non_neg_integer(),
     timeouts = 0 :: non_neg_integer(),
     dropped = 0 :: non_neg_integer(),
-    restarts = 0 :: non_neg_integer()
+    restarts = 0 :: non_neg_integer(),
+    misaligned = 0 :: non_neg_integer()
 }).
 
 -type state() :: #state{}.
@@ -233,11 +262,9 @@ encode_cast(Module, Function, Args) ->
 -spec init(cfg()) -> {ok, state()} | {stop, term()}.
 init(Cfg) ->
     process_flag(trap_exit, true),
-    State0 = #state{cfg = Cfg},
     case open(Cfg) of
         {ok, Port, OsPid} ->
-            State = send_sys_info(State0#state{port = Port, os_pid = OsPid}),
-            await_ready(State);
+            await_ready(attach(Port, OsPid, #state{cfg = Cfg}));
         {error, Reason} ->
             {stop, {open_port_failed, Reason}}
     end.
@@ -265,9 +292,8 @@ handle_call({call, Request, Timeout}, {Pid, _} = From, State0) ->
                                infinity -> undefined;
                                _ -> erlang:send_after(Timeout, self(), {call_timeout, MRef})
                            end,
-                    {noreply, State#state{
-                        queue = queue:in({call, MRef}, State#state.queue),
-                        pending = maps:put(MRef, {From, TRef}, State#state.pending)}};
+                    {noreply, enqueue({call, MRef}, State#state{
+                        pending = maps:put(MRef, {From, TRef}, State#state.pending)})};
                 error ->
                     %% The port is dying; its exit message follows.
                     {reply, {error, port_closed}, count_error(State)}
@@ -293,7 +319,7 @@ handle_cast({cast, Request}, State0) ->
              end,
     case Result of
         ok ->
-            {noreply, State#state{queue = queue:in(cast, State#state.queue)}};
+            {noreply, enqueue(cast, State)};
         Failed ->
             ?LOG_WARNING("poolport ~p: cast not sent: ~p", [pool_id(State), Failed]),
             {noreply, count_error(State)}
@@ -304,7 +330,10 @@ handle_cast(_Request, State) ->
 %% @private
 -spec handle_info(term(), state()) -> {noreply, state()} | {stop, term(), state()}.
 handle_info({Port, {data, Data}}, #state{port = Port} = State) ->
-    {noreply, handle_reply(decode_reply(Data), State)};
+    case handle_data(Data, State) of
+        {ok, State1} -> {noreply, State1};
+        {misaligned, Why} -> misaligned(Why, State)
+    end;
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     port_down({exit_status, Status}, State);
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
@@ -454,14 +483,16 @@ find_python(Python) ->
 
 %% The port.
 
-%% Command line arguments after the interpreter.
+%% Command line arguments after the interpreter. `--reply-tags' is always
+%% there: the server relies on tagged replies (see the module doc).
 -spec port_args(cfg()) -> [string()].
 port_args(#{config := Config, packet := Packet, args := Args}) ->
     ConfigArgs = case Config of
                      undefined -> [];
                      _ -> ["--config", Config]
                  end,
-    ["-m", "poolport", "serve"] ++ ConfigArgs ++ ["--packet", integer_to_list(Packet)] ++ Args.
+    ["-m", "poolport", "serve"] ++ ConfigArgs
+        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ Args.
 
 %% open_port/2 settings. stderr is not redirected: Python logs go to the
 %% node's stderr, stdout carries frames only.
@@ -490,7 +521,16 @@ open(#{python := Python} = Cfg) ->
 await_ready(#state{port = Port, os_pid = OsPid, cfg = #{start_timeout := Timeout}} = State) ->
     receive
         {Port, {data, Data}} ->
-            {ok, handle_reply(decode_reply(Data), State)};
+            case handle_data(Data, State) of
+                {ok, State1} ->
+                    {ok, State1};
+                {misaligned, Why} ->
+                    ?LOG_ERROR("poolport ~p: Python's first reply is misaligned (~p: expected "
+                               "seq ~p, got ~p)", [pool_id(State), maps:get(why, Why),
+                                                   maps:get(expected, Why), maps:get(got, Why)]),
+                    close(Port, OsPid, 0),
+                    {stop, {misaligned, Why}}
+            end;
         {Port, {exit_status, Status}} ->
             {stop, {python_exited, Status}};
         {'EXIT', Port, Reason} ->
@@ -522,12 +562,28 @@ check_frame(Frame, Packet) ->
             {error, {protocol, 0, <<"FrameTooLarge">>, Detail, []}}
     end.
 
+%% A freshly opened port: numbering starts again at 0, and the first request
+%% is the pool's own '$poolport':info().
+-spec attach(port(), non_neg_integer() | undefined, state()) -> state().
+attach(Port, OsPid, State) ->
+    send_sys_info(State#state{port = Port, os_pid = OsPid, queue = queue:new(), seq = 0}).
+
 -spec send_sys_info(state()) -> state().
 send_sys_info(#state{port = Port} = State) ->
     case write(Port, [encode_call('$poolport', info, [])]) of
-        ok -> State#state{queue = queue:in(sys_info, State#state.queue)};
+        ok -> enqueue(sys_info, State);
         error -> State
     end.
+
+%% Append an entry for a frame just written that Python will answer, with
+%% the next request number.
+-spec enqueue(entry(), state()) -> state().
+enqueue(Entry, #state{queue = Queue, seq = Seq} = State) ->
+    State#state{queue = queue:in({Seq, Entry}, Queue), seq = next_seq(Seq)}.
+
+-spec next_seq(seq()) -> seq().
+next_seq(Seq) ->
+    (Seq + 1) band 16#FFFFFFFFFFFFFFFF.
 
 -spec reopen(state()) -> {noreply, state()} | {stop, term(), state()}.
 reopen(#state{cfg = Cfg} = State0) ->
@@ -536,35 +592,63 @@ reopen(#state{cfg = Cfg} = State0) ->
         {ok, Port, OsPid} ->
             ?LOG_NOTICE("poolport ~p: Python restarted (os pid ~p, restart ~b)",
                         [pool_id(State), OsPid, State#state.restarts]),
-            {noreply, send_sys_info(State#state{port = Port, os_pid = OsPid})};
+            {noreply, attach(Port, OsPid, State)};
         {error, Reason} ->
             port_down({open_port_failed, Reason}, State)
     end.
 
-%% The Python process is gone: fail the waiting callers, then reopen the
-%% port after a backoff, or stop if it died too often.
+%% The Python process is gone: fail the waiting callers with
+%% `{error, port_closed}', then reopen the port after a backoff, or stop if
+%% it died too often.
 -spec port_down(term(), state()) -> {noreply, state()} | {stop, term(), state()}.
-port_down(Why, #state{cfg = Cfg} = State0) ->
+port_down(Why, State) ->
+    restart(Why, port_closed, State).
+
+%% A reply frame that does not belong to the head of the queue: nothing
+%% Python sends on this port can be trusted any more. Fail every waiting
+%% caller with `{error, misaligned}' (none of them may get a reply that is
+%% not its own), close the port, have the OS process killed without
+%% waiting for it here, and reopen like after a death of Python.
+-spec misaligned(misalignment(), state()) -> {noreply, state()} | {stop, term(), state()}.
+misaligned(#{why := What, expected := Expected, got := Got} = Why,
+           #state{port = Port, os_pid = OsPid} = State) ->
+    ?LOG_ERROR("poolport ~p: reply stream misaligned (~p: expected seq ~p, got ~p) with "
+               "~b request(s) pending; failing ~b waiting caller(s) with {error, misaligned}, "
+               "killing Python (os pid ~p) and reopening the port",
+               [pool_id(State), What, Expected, Got, queue:len(State#state.queue),
+                map_size(State#state.pending), OsPid]),
+    discard(Port, OsPid),
+    restart({misaligned, Why}, misaligned, State#state{misaligned = State#state.misaligned + 1}).
+
+%% Fail the waiting callers with `{error, Error}', forget the port, then
+%% reopen it after a backoff, or stop if that happened too often.
+-spec restart(term(), port_closed | misaligned, state()) ->
+          {noreply, state()} | {stop, term(), state()}.
+restart(Why, Error, #state{cfg = Cfg} = State0) ->
     #{max_restarts := MaxRestarts, restart_period := Period} = Cfg,
-    State1 = fail_pending(State0),
+    State1 = fail_pending(Error, State0),
     Now = erlang:monotonic_time(millisecond),
     Deaths = recent([Now | State1#state.deaths], Now, Period * 1000),
-    State = State1#state{port = undefined, os_pid = undefined, queue = queue:new(),
+    State = State1#state{port = undefined, os_pid = undefined, queue = queue:new(), seq = 0,
                          deaths = Deaths},
     case length(Deaths) > MaxRestarts of
         true ->
-            ?LOG_ERROR("poolport ~p: Python exited (~p), more than ~b times in ~b s; giving up",
-                       [pool_id(State), Why, MaxRestarts, Period]),
+            ?LOG_ERROR("poolport ~p: Python ~s (~p), more than ~b times in ~b s; giving up",
+                       [pool_id(State), gone(Why), Why, MaxRestarts, Period]),
             {stop, {restart_intensity, #{last_exit => Why, max_restarts => MaxRestarts,
                                          restart_period => Period}}, State};
         false ->
             Delay = backoff(length(Deaths)),
-            ?LOG_ERROR("poolport ~p: Python exited (~p) with ~b request(s) pending; "
+            ?LOG_ERROR("poolport ~p: Python ~s (~p) with ~b request(s) pending; "
                        "reopening in ~b ms",
-                       [pool_id(State0), Why, queue:len(State0#state.queue), Delay]),
+                       [pool_id(State0), gone(Why), Why, queue:len(State0#state.queue), Delay]),
             TRef = erlang:send_after(Delay, self(), reopen),
             {noreply, State#state{reopen_timer = TRef}}
     end.
+
+-spec gone(term()) -> string().
+gone({misaligned, _}) -> "killed after a misaligned reply";
+gone(_) -> "exited".
 
 %% Timestamps (ms) within the last Period ms.
 -spec recent([integer()], integer(), pos_integer()) -> [integer()].
@@ -580,19 +664,45 @@ backoff(N) ->
 %% SIGTERM and SIGKILL.
 -spec close(port(), non_neg_integer() | undefined, non_neg_integer()) -> ok.
 close(Port, OsPid, Timeout) ->
+    close_port(Port),
+    reap(OsPid, Timeout).
+
+%% Close the port at once (no more data arrives from it) and leave the
+%% killing of the OS process, with no grace period, to a helper process:
+%% the server goes on at once.
+-spec discard(port(), non_neg_integer() | undefined) -> ok.
+discard(Port, OsPid) ->
+    close_port(Port),
+    case OsPid of
+        undefined -> ok;
+        _ -> _ = proc_lib:spawn(fun() -> reap(OsPid, 0) end), ok
+    end.
+
+-spec close_port(port()) -> ok.
+close_port(Port) ->
     try
         erlang:port_close(Port)
     catch
         error:badarg -> true
     end,
+    ok.
+
+%% Wait up to Timeout ms for the OS process to exit (its stdin is closed),
+%% then send SIGTERM, then SIGKILL to it and its child processes.
+-spec reap(non_neg_integer() | undefined, non_neg_integer()) -> ok.
+reap(OsPid, Timeout) ->
     case OsPid of
         undefined ->
             ok;
         _ ->
             _ = wait_exit(OsPid, Timeout) orelse
                 begin
-                    ?LOG_WARNING("poolport: Python os pid ~b still running ~b ms after "
-                                 "stdin closed; sending SIGTERM", [OsPid, Timeout]),
+                    case Timeout of
+                        0 -> ok;  % a kill on purpose (misaligned), not a surprise
+                        _ -> ?LOG_WARNING("poolport: Python os pid ~b still running ~b ms "
+                                          "after stdin closed; sending SIGTERM",
+                                          [OsPid, Timeout])
+                    end,
                     _ = os:cmd("kill -TERM " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
                     wait_exit(OsPid, ?TERM_WAIT)
                 end orelse
@@ -673,7 +783,10 @@ zombie(Stat) ->
 encode_timeout(Ms) ->
     term_to_binary({info, timeout, [{ms, max(Ms, 1)}]}).
 
--spec decode_reply(binary()) -> reply().
+%% The ETF part of a reply frame; `undecodable' if it is no term at all.
+%% A term of the wrong shape is still the answer to its request (the
+%% caller gets a protocol error for it).
+-spec decode_reply(binary()) -> reply() | undecodable.
 decode_reply(Data) ->
     try binary_to_term(Data) of
         {reply, Result} -> {reply, Result};
@@ -681,8 +794,32 @@ decode_reply(Data) ->
         {error, Error} -> {error, Error};
         Other -> {bad_reply, Other}
     catch
-        error:badarg -> {bad_reply, Data}
+        error:badarg -> undecodable
     end.
+
+%% Match a tagged reply frame, `<<Seq:64/big-unsigned, Etf/binary>>',
+%% with the head of the queue: the head entry, the decoded reply and the
+%% rest of the queue, or what makes it a misalignment.
+-spec match_reply(binary(), queue:queue({seq(), entry()})) ->
+          {ok, entry(), reply(), queue:queue({seq(), entry()})} | {misaligned, misalignment()}.
+match_reply(<<Got:64/big-unsigned, Etf/binary>>, Queue) ->
+    case queue:out(Queue) of
+        {empty, _} ->
+            {misaligned, #{why => empty_queue, expected => none, got => Got}};
+        {{value, {Got, Entry}}, Rest} ->
+            case decode_reply(Etf) of
+                undecodable -> {misaligned, #{why => bad_term, expected => Got, got => Got}};
+                Reply -> {ok, Entry, Reply, Rest}
+            end;
+        {{value, {Expected, _}}, _} ->
+            {misaligned, #{why => seq_mismatch, expected => Expected, got => Got}}
+    end;
+match_reply(_Short, Queue) ->
+    Expected = case queue:peek(Queue) of
+                   {value, {Seq, _}} -> Seq;
+                   empty -> none
+               end,
+    {misaligned, #{why => short_frame, expected => Expected, got => none}}.
 
 %% What a caller gets for a reply.
 -spec call_result(reply()) -> {ok, term()} | {error, term()}.
@@ -699,15 +836,13 @@ call_result({bad_reply, Term}) ->
     Detail = iolist_to_binary(io_lib:format("~0P", [Term, 20])),
     {error, {protocol, 0, <<"UnexpectedReply">>, Detail, []}}.
 
--spec handle_reply(reply(), state()) -> state().
-handle_reply(Reply, State) ->
-    case queue:out(State#state.queue) of
-        {{value, Entry}, Queue} ->
-            deliver(Entry, Reply, State#state{queue = Queue});
-        {empty, _} ->
-            ?LOG_WARNING("poolport ~p: reply with no request pending: ~0P",
-                         [pool_id(State), Reply, 20]),
-            State
+%% A reply frame from the port: delivered to the head of the queue if it
+%% is the head's, else the misalignment (the state is left as it was).
+-spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, misalignment()}.
+handle_data(Data, State) ->
+    case match_reply(Data, State#state.queue) of
+        {ok, Entry, Reply, Queue} -> {ok, deliver(Entry, Reply, State#state{queue = Queue})};
+        {misaligned, _} = Misaligned -> Misaligned
     end.
 
 -spec deliver(entry(), reply(), state()) -> state().
@@ -745,12 +880,17 @@ deliver(sys_info, Reply, State) ->
 
 %% Reply {error, port_closed} to every waiting caller.
 -spec fail_pending(state()) -> state().
-fail_pending(#state{pending = Pending} = State) ->
+fail_pending(State) ->
+    fail_pending(port_closed, State).
+
+%% Reply {error, Error} to every waiting caller.
+-spec fail_pending(port_closed | misaligned, state()) -> state().
+fail_pending(Error, #state{pending = Pending} = State) ->
     maps:foreach(
         fun(MRef, {From, TRef}) ->
             cancel_timer(TRef),
             erlang:demonitor(MRef, [flush]),
-            gen_server:reply(From, {error, port_closed})
+            gen_server:reply(From, {error, Error})
         end, Pending),
     State#state{pending = #{}, errors = State#state.errors + map_size(Pending)}.
 
@@ -776,6 +916,7 @@ info_map(#state{cfg = Cfg} = State) ->
       timeouts => State#state.timeouts,
       dropped => State#state.dropped,
       restarts => State#state.restarts,
+      misaligned => State#state.misaligned,
       os_pid => State#state.os_pid,
       status => case State#state.port of undefined -> restarting; _ -> running end,
       packet => maps:get(packet, Cfg),
@@ -832,9 +973,11 @@ resolve_test_() ->
                    prepare(#{python => "sh", config => undefined}))].
 
 port_args_test_() ->
-    [?_assertEqual(["-m", "poolport", "serve", "--config", "/c.yaml", "--packet", "4"],
+    [?_assertEqual(["-m", "poolport", "serve", "--config", "/c.yaml", "--packet", "4",
+                    "--reply-tags"],
                    port_args(cfg(#{config => "/c.yaml"}))),
-     ?_assertEqual(["-m", "poolport", "serve", "--packet", "2", "--log-level", "debug"],
+     ?_assertEqual(["-m", "poolport", "serve", "--packet", "2", "--reply-tags",
+                    "--log-level", "debug"],
                    port_args(cfg(#{config => undefined, packet => 2,
                                    args => ["--log-level", "debug"]})))].
 
@@ -860,7 +1003,51 @@ decode_reply_test_() ->
      ?_assertEqual(noreply, decode_reply(term_to_binary({noreply}))),
      ?_assertEqual({error, E}, decode_reply(term_to_binary({error, E}))),
      ?_assertEqual({bad_reply, {what}}, decode_reply(term_to_binary({what}))),
-     ?_assertEqual({bad_reply, <<1, 2, 3>>}, decode_reply(<<1, 2, 3>>))].
+     ?_assertEqual(undecodable, decode_reply(<<1, 2, 3>>)),
+     ?_assertEqual(undecodable, decode_reply(<<>>))].
+
+%% A tagged reply frame: Seq, then the ETF of Term.
+tagged(Seq, Term) ->
+    <<Seq:64/big-unsigned, (term_to_binary(Term))/binary>>.
+
+match_reply_test_() ->
+    Q = queue:from_list([{7, sys_info}, {8, cast}]),
+    {_, Rest} = queue:out(Q),
+    [{"the head's number: delivered",
+      ?_assertMatch({ok, sys_info, {reply, x}, Rest}, match_reply(tagged(7, {reply, x}), Q))},
+     {"a wrong shape is still the head's reply",
+      ?_assertMatch({ok, sys_info, {bad_reply, {what}}, _}, match_reply(tagged(7, {what}), Q))},
+     {"a later number (a reply was lost)",
+      ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7, got => 8}},
+                    match_reply(tagged(8, noreply), Q))},
+     {"an earlier number (a reply was sent twice)",
+      ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7, got => 6}},
+                    match_reply(tagged(6, {reply, x}), Q))},
+     {"the highest number",
+      ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7,
+                                   got => 16#FFFFFFFFFFFFFFFF}},
+                    match_reply(tagged(16#FFFFFFFFFFFFFFFF, {reply, x}), Q))},
+     {"no request pending",
+      ?_assertEqual({misaligned, #{why => empty_queue, expected => none, got => 0}},
+                    match_reply(tagged(0, {reply, x}), queue:new()))},
+     {"shorter than a tag",
+      ?_assertEqual({misaligned, #{why => short_frame, expected => 7, got => none}},
+                    match_reply(<<0, 0, 0, 0, 0, 0, 7>>, Q))},
+     {"empty frame, empty queue",
+      ?_assertEqual({misaligned, #{why => short_frame, expected => none, got => none}},
+                    match_reply(<<>>, queue:new()))},
+     {"an untagged reply (Python without --reply-tags)",
+      ?_assertMatch({misaligned, #{}}, match_reply(term_to_binary({reply, 42}), Q))},
+     {"the right number, then no term",
+      ?_assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
+                    match_reply(<<7:64, 1, 2, 3>>, Q))},
+     {"the right number, nothing after it",
+      ?_assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
+                    match_reply(<<7:64>>, Q))}].
+
+next_seq_test_() ->
+    [?_assertEqual(1, next_seq(0)),
+     ?_assertEqual(0, next_seq(16#FFFFFFFFFFFFFFFF))].
 
 call_result_test_() ->
     E = {user, 0, <<"ValueError">>, <<"bad">>, []},
@@ -905,22 +1092,24 @@ os_alive_test() ->
 
 %% FIFO matching with a fake state: replies go to the head entry, late
 %% replies of timed-out callers are dropped, casts and sys_info consume
-%% their own reply.
+%% their own reply; a reply with no request pending is a misalignment.
 fifo_test() ->
     Self = self(),
     Tag2 = make_ref(),
     M1 = erlang:monitor(process, Self),
     M2 = erlang:monitor(process, Self),
     State0 = #state{cfg = cfg(#{}),
-                    queue = queue:from_list([sys_info, {call, M1}, cast, {call, M2}]),
+                    queue = queue:from_list([{0, sys_info}, {1, {call, M1}}, {2, cast},
+                                             {3, {call, M2}}]),
+                    seq = 4,
                     pending = #{M2 => {{Self, Tag2}, undefined}}},
-    S1 = handle_reply({reply, #{workers => 3}}, State0),
+    {ok, S1} = handle_data(tagged(0, {reply, #{workers => 3}}), State0),
     ?assertEqual(3, S1#state.workers),
-    S2 = handle_reply({reply, late}, S1),
+    {ok, S2} = handle_data(tagged(1, {reply, late}), S1),
     ?assertEqual(1, S2#state.dropped),
-    S3 = handle_reply(noreply, S2),
+    {ok, S3} = handle_data(tagged(2, {noreply}), S2),
     ?assertEqual(0, S3#state.errors),
-    S4 = handle_reply({error, {user, 0, <<"E">>, <<>>, []}}, S3),
+    {ok, S4} = handle_data(tagged(3, {error, {user, 0, <<"E">>, <<>>, []}}), S3),
     ?assertEqual(1, S4#state.errors),
     ?assertEqual(#{}, S4#state.pending),
     ?assert(queue:is_empty(S4#state.queue)),
@@ -928,8 +1117,94 @@ fifo_test() ->
     after 0 -> ?assert(false)
     end,
     erlang:demonitor(M1, [flush]),
-    S5 = handle_reply({reply, stray}, S4),
-    ?assertEqual(S4, S5).
+    ?assertEqual({misaligned, #{why => empty_queue, expected => none, got => 4}},
+                 handle_data(tagged(4, {reply, stray}), S4)).
+
+%% A reply with another caller's number reaches nobody: it is not delivered
+%% to the head, and the head's caller is not answered by handle_data/2.
+mismatch_delivers_nothing_test() ->
+    Tag = make_ref(),
+    MRef = erlang:monitor(process, self()),
+    State = #state{cfg = cfg(#{}), queue = queue:from_list([{5, {call, MRef}}]), seq = 6,
+                   pending = #{MRef => {{self(), Tag}, undefined}}},
+    ?assertMatch({misaligned, #{why := seq_mismatch, expected := 5, got := 6}},
+                 handle_data(tagged(6, {reply, not_yours}), State)),
+    receive {Tag, R} -> ?assertEqual(no_reply_expected, R) after 0 -> ok end,
+    erlang:demonitor(MRef, [flush]).
+
+%% Numbering of written frames: sys_info, calls and casts count, the
+%% {info, timeout, _} frame before a call does not; a reopened port starts
+%% at 0 again.
+numbering_test() ->
+    Port = open_port({spawn_executable, "/bin/cat"}, [{packet, 4}, binary, exit_status]),
+    try
+        {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+        S0 = attach(Port, OsPid, #state{cfg = cfg(#{}), seq = 41}),
+        Req = encode_call(m, f, []),
+        {noreply, S1} = handle_call({call, Req, infinity}, {self(), make_ref()}, S0),
+        {noreply, S2} = handle_cast({cast, encode_cast(m, f, [])}, S1),
+        {noreply, S3} = handle_call({call, Req, 100}, {self(), make_ref()}, S2),
+        ?assertMatch([{0, sys_info}, {1, {call, _}}, {2, cast}, {3, {call, _}}],
+                     queue:to_list(S3#state.queue)),
+        ?assertEqual(4, S3#state.seq),
+        %% What Python received: 5 frames, the 4th an info packet.
+        Frames = [receive {Port, {data, F}} -> binary_to_term(F) after 5000 -> timeout end
+                  || _ <- lists:seq(1, 5)],
+        ?assertMatch([{call, '$poolport', info, []}, {call, m, f, []}, {cast, m, f, []},
+                      {info, timeout, [{ms, 100}]}, {call, m, f, []}], Frames),
+        S4 = attach(Port, OsPid, S3),
+        ?assertEqual([{0, sys_info}], queue:to_list(S4#state.queue)),
+        _ = fail_pending(S4)
+    after
+        catch port_close(Port)
+    end,
+    flush_timeouts().
+
+%% A misaligned reply: every waiting caller gets {error, misaligned} (the
+%% one at the head too), the port is closed, the OS process killed, the
+%% counter and the reopen timer set.
+misaligned_test() ->
+    process_flag(trap_exit, true),
+    Port = open_port({spawn_executable, "/bin/sh"},
+                     [{args, ["-c", "trap '' TERM; exec sleep 60"]}, {packet, 4}, binary,
+                      exit_status]),
+    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+    Tags = [make_ref(), make_ref()],
+    MRefs = [erlang:monitor(process, self()) || _ <- Tags],
+    State = #state{cfg = cfg(#{}), port = Port, os_pid = OsPid,
+                   queue = queue:from_list([{0, {call, M}} || M <- MRefs] ++ [{2, cast}]),
+                   seq = 3,
+                   pending = maps:from_list([{M, {{self(), T}, undefined}}
+                                             || {M, T} <- lists:zip(MRefs, Tags)])},
+    %% The reply to request 1 while request 0 is at the head.
+    {noreply, S} = handle_info({Port, {data, tagged(1, {reply, not_yours})}}, State),
+    [receive {T, R} -> ?assertEqual({error, misaligned}, R) after 0 -> ?assert(false) end
+     || T <- Tags],
+    ?assertMatch(#{misaligned := 1, waiting := 0, in_flight := 0, status := restarting,
+                   errors := 2, restarts := 0}, info_map(S)),
+    ?assertEqual(0, S#state.seq),
+    ?assertEqual(undefined, erlang:port_info(Port)),
+    ?assert(is_reference(S#state.reopen_timer)),
+    %% SIGTERM is ignored: the helper goes on to SIGKILL.
+    ?assert(wait_exit(OsPid, 10000)),
+    _ = erlang:cancel_timer(S#state.reopen_timer),
+    receive reopen -> ok after 0 -> ok end,
+    receive {'EXIT', Port, _} -> ok after 0 -> ok end,
+    process_flag(trap_exit, false).
+
+%% Too many misalignments stop the pool like too many deaths of Python.
+misaligned_intensity_test() ->
+    Port = open_port({spawn_executable, "/bin/cat"}, [{packet, 4}, binary]),
+    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+    State = #state{cfg = cfg(#{max_restarts => 0}), port = Port, os_pid = OsPid,
+                   queue = queue:from_list([{0, sys_info}]), seq = 1},
+    ?assertMatch({stop, {restart_intensity, #{last_exit := {misaligned, #{why := short_frame}},
+                                              max_restarts := 0}}, _},
+                 handle_info({Port, {data, <<1, 2>>}}, State)),
+    ?assert(wait_exit(OsPid, 10000)).
+
+flush_timeouts() ->
+    receive {call_timeout, _} -> flush_timeouts() after 0 -> ok end.
 
 fail_pending_test() ->
     Tag = make_ref(),
@@ -937,6 +1212,11 @@ fail_pending_test() ->
     S = fail_pending(#state{cfg = cfg(#{}), pending = #{MRef => {{self(), Tag}, undefined}}}),
     ?assertEqual(#{}, S#state.pending),
     ?assertEqual(1, S#state.errors),
-    receive {Tag, R} -> ?assertEqual({error, port_closed}, R) after 0 -> ?assert(false) end.
+    receive {Tag, R} -> ?assertEqual({error, port_closed}, R) after 0 -> ?assert(false) end,
+    Tag2 = make_ref(),
+    MRef2 = erlang:monitor(process, self()),
+    S2 = fail_pending(misaligned, S#state{pending = #{MRef2 => {{self(), Tag2}, undefined}}}),
+    ?assertEqual(2, S2#state.errors),
+    receive {Tag2, R2} -> ?assertEqual({error, misaligned}, R2) after 0 -> ?assert(false) end.
 
 -endif.

@@ -4,6 +4,9 @@
 %% Python package sits next to erlang/, it is put first on PYTHONPATH, so the
 %% tests also run from a plain checkout; in CI it is pip-installed.
 %% Handlers: test/fixtures/pp_handlers.py, config: test/fixtures/poolport_test.yaml.
+%% The misalignment tests run test/fixtures/fake_tagged_serve.py instead (through
+%% a shell wrapper written to $TMPDIR), a stand-in that breaks the reply stream
+%% on request.
 %%
 %% Tests wait on monitors and messages; where only the pool's counters can
 %% tell (wait_until/2), they poll them. Timeouts are generous: their only job
@@ -49,6 +52,19 @@ own_pool_test_() ->
         {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0},
         {"no pool: call/info return {error, noproc}, cast ok, caller survives", fun absent_pool/0},
         {"pool on another node: works, then {error, {nodedown, Node}}", fun remote_pool/0}
+    ]].
+
+%% Misaligned reply streams, provoked by test/fixtures/fake_tagged_serve.py
+%% standing in for `poolport serve --reply-tags'.
+misaligned_test_() ->
+    [{Title, {timeout, 120, Test}} || {Title, Test} <- [
+        {"fake server: tagged replies reach their callers", fun fake_aligned/0},
+        {"lost reply: waiting callers get {error, misaligned}, pool reopens",
+         fun lost_reply/0},
+        {"duplicate reply never reaches the next caller", fun duplicate_reply/0},
+        {"short reply frame is a misalignment", fun short_reply/0},
+        {"misaligned first reply: start fails", fun misaligned_start/0},
+        {"real server: frames Python refuses keep their numbers", fun refused_frames_aligned/0}
     ]].
 
 start_shared() ->
@@ -172,9 +188,9 @@ info(Pool) ->
     Info = poolport:info(Pool),
     [?assert(maps:is_key(K, Info))
      || K <- [workers, in_flight, calls, errors, restarts, os_pid, casts, timeouts,
-              dropped, waiting, status]],
+              dropped, waiting, status, misaligned]],
     #{workers := 2, in_flight := 0, restarts := 0, os_pid := OsPid, status := running,
-      calls := Calls, packet := 4} = Info,
+      calls := Calls, packet := 4, misaligned := 0} = Info,
     ?assert(is_integer(OsPid) andalso os_alive(OsPid)),
     ?assertEqual({ok, 1}, poolport:call(Pool, ?M, echo, [1])),
     ?assertMatch(#{calls := C} when C =:= Calls + 1, poolport:info(Pool)),
@@ -450,6 +466,162 @@ remote_pool_() ->
     after
         catch peer:stop(Peer)
     end.
+
+%% Misalignment tests.
+
+fake_aligned() ->
+    with_fake_pool(#{}, fun(Pool) ->
+        ?assertMatch(#{workers := 1, misaligned := 0, status := running}, poolport:info(Pool)),
+        ?assertEqual({ok, [21]}, poolport:call(Pool, fake, echo, [21])),
+        ?assertEqual(ok, poolport:cast(Pool, fake, echo, [x])),
+        ?assertEqual({ok, [a, <<"b">>]}, poolport:call(Pool, fake, echo, [a, <<"b">>], 5000)),
+        ?assertMatch({error, {server, 2, _, _, _}}, poolport:call(Pool, fake, nope, [])),
+        %% Pipelined callers, each with its own answer.
+        Answers = pmap(fun(I) -> poolport:call(Pool, fake, echo, [I], ?DEADLOCK) end,
+                       lists:seq(1, 200)),
+        ?assertEqual([{ok, [I]} || I <- lists:seq(1, 200)], Answers),
+        ?assertMatch(#{misaligned := 0, restarts := 0, in_flight := 0}, poolport:info(Pool))
+    end).
+
+%% The fake swallows the reply to `b': without the tags, `b''s caller would
+%% get `c''s answer and `c''s caller the next one's.
+lost_reply() ->
+    with_fake_pool(#{name => pp_misaligned}, fun(Pool) ->
+        #{os_pid := OsPid1} = poolport:info(Pool),
+        ?assertEqual({ok, ok}, poolport:call(Pool, fake, lose_next, [])),
+        Self = self(),
+        B = spawn_link(fun() ->
+                Self ! {b, self(), poolport:call(Pool, fake, echo, [b], ?DEADLOCK)}
+            end),
+        wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) =:= 1 end, ?DEADLOCK),
+        {C, Mailbox} = in_fresh_process(fun() ->
+            poolport:call(Pool, fake, echo, [c], ?DEADLOCK)
+        end),
+        ?assertEqual({error, misaligned}, C),
+        ?assertEqual([], Mailbox),
+        receive {b, B, RB} -> ?assertEqual({error, misaligned}, RB)
+        after ?DEADLOCK -> error(deadlock)
+        end,
+        ?assertMatch(#{misaligned := 1, waiting := 0, in_flight := 0}, poolport:info(Pool)),
+        assert_recovered(Pool, pp_misaligned, OsPid1)
+    end).
+
+%% The fake sends the reply to `a' twice; the copy arrives while `b' waits.
+duplicate_reply() ->
+    with_fake_pool(#{}, fun(Pool) ->
+        #{os_pid := OsPid1, errors := E0} = poolport:info(Pool),
+        ?assertEqual({ok, [a]}, poolport:call(Pool, fake, dup, [a])),
+        {B, Mailbox} = in_fresh_process(fun() ->
+            poolport:call(Pool, fake, echo, [b], ?DEADLOCK)
+        end),
+        ?assertEqual({error, misaligned}, B),
+        ?assertEqual([], Mailbox),
+        ?assertMatch(#{misaligned := 1, errors := E} when E =:= E0 + 1, poolport:info(Pool)),
+        assert_recovered(Pool, undefined, OsPid1),
+        %% Again on the new port: counted again, recovered again.
+        ?assertEqual({ok, [a2]}, poolport:call(Pool, fake, dup, [a2])),
+        ?assertEqual({error, misaligned}, poolport:call(Pool, fake, echo, [b2], ?DEADLOCK)),
+        wait_until(fun() ->
+            #{restarts := R, status := S} = poolport:info(Pool),
+            R =:= 2 andalso S =:= running
+        end, ?DEADLOCK),
+        ?assertMatch(#{misaligned := 2}, poolport:info(Pool)),
+        ?assertEqual({ok, [c]}, poolport:call(Pool, fake, echo, [c]))
+    end).
+
+short_reply() ->
+    with_fake_pool(#{}, fun(Pool) ->
+        #{os_pid := OsPid1} = poolport:info(Pool),
+        ?assertEqual({error, misaligned}, poolport:call(Pool, fake, short, [], ?DEADLOCK)),
+        ?assertMatch(#{misaligned := 1}, poolport:info(Pool)),
+        assert_recovered(Pool, undefined, OsPid1)
+    end).
+
+misaligned_start() ->
+    Wrapper = fake_python(),
+    try
+        Opts = (fake_opts(Wrapper))#{env => [{"POOLPORT_FAKE_SEQ_OFFSET", "1"}]},
+        ?assertMatch({error, {misaligned, #{why := seq_mismatch, expected := 0, got := 1}}},
+                     poolport:start(Opts))
+    after
+        ok = file:delete(Wrapper)
+    end.
+
+%% The real `poolport serve --reply-tags': a frame over its max_frame_bytes
+%% gets an error reply that counts as a request (with and without the
+%% timeout info packet before it), so the following replies stay aligned.
+refused_frames_aligned() ->
+    {ok, Pool} = poolport:start_link(opts(#{args => ["--max-frame-bytes", "1000"]})),
+    unlink(Pool),
+    try
+        Big = binary:copy(<<1>>, 2000),
+        Results = pmap(fun({I, T}) ->
+                           case I rem 3 of
+                               0 -> {I, poolport:call(Pool, ?M, echo, [Big], T)};
+                               _ -> {I, poolport:call(Pool, ?M, echo, [I], T)}
+                           end
+                       end, [{I, T} || I <- lists:seq(1, 60), T <- [infinity, ?DEADLOCK]]),
+        [case I rem 3 of
+             0 -> ?assertMatch({I, {error, {protocol, _, <<"FrameTooLarge">>, _, _}}}, R);
+             _ -> ?assertEqual({I, {ok, I}}, R)
+         end || {I, _} = R <- Results],
+        ?assertEqual(ok, poolport:cast(Pool, ?M, echo, [Big])),
+        ?assertEqual({ok, 1}, poolport:call(Pool, ?M, echo, [1])),
+        ?assertMatch(#{misaligned := 0, restarts := 0, in_flight := 0}, poolport:info(Pool))
+    after
+        ok = poolport:stop(Pool)
+    end.
+
+%% After a misalignment: the same pool process (and name) reopened the port
+%% to a new OS process, the old one is gone, calls are answered again.
+assert_recovered(Pool, Name, OldOsPid) ->
+    wait_until(fun() ->
+        #{os_pid := P, status := S} = poolport:info(Pool),
+        is_integer(P) andalso P =/= OldOsPid andalso S =:= running
+    end, ?DEADLOCK),
+    ?assert(is_process_alive(Pool)),
+    [?assertEqual(Pool, whereis(Name)) || Name =/= undefined],
+    ?assertMatch(#{restarts := 1, workers := 1}, poolport:info(Pool)),
+    ?assertEqual({ok, [after_restart]}, poolport:call(Pool, fake, echo, [after_restart])),
+    Answers = pmap(fun(I) -> poolport:call(Pool, fake, echo, [I], ?DEADLOCK) end,
+                   lists:seq(1, 50)),
+    ?assertEqual([{ok, [I]} || I <- lists:seq(1, 50)], Answers),
+    wait_until(fun() -> not os_alive(OldOsPid) end, ?DEADLOCK).
+
+%% Run Test with a pool whose "python" is the fake server; stop it after.
+with_fake_pool(Extra, Test) ->
+    Wrapper = fake_python(),
+    try
+        {ok, Pool} = poolport:start_link(maps:merge(fake_opts(Wrapper), Extra)),
+        unlink(Pool),
+        try Test(Pool) after ok = poolport:stop(Pool) end
+    after
+        ok = file:delete(Wrapper)
+    end.
+
+fake_opts(Wrapper) ->
+    #{python => Wrapper, config => undefined, max_restarts => 10}.
+
+%% An executable that the pool runs as its "python": it runs
+%% test/fixtures/fake_tagged_serve.py with the real interpreter, passing on
+%% the command line (`-m poolport serve ... --reply-tags').
+fake_python() ->
+    Python = os:getenv("POOLPORT_PYTHON", "python3"),
+    Exe = case lists:member($/, Python) of
+              true -> filename:absname(Python);
+              false -> os:find_executable(Python)
+          end,
+    ?assert(is_list(Exe)),
+    Script = filename:absname(filename:join(fixtures_dir(), "fake_tagged_serve.py")),
+    Wrapper = filename:join(tmp_dir(), "poolport_fake_python_" ++ os:getpid() ++ "_"
+                                       ++ integer_to_list(erlang:unique_integer([positive]))),
+    ok = file:write_file(Wrapper, ["#!/bin/sh\nexec ", sh_quote(Exe), " ", sh_quote(Script),
+                                   " \"$@\"\n"]),
+    ok = file:change_mode(Wrapper, 8#700),
+    Wrapper.
+
+sh_quote(S) ->
+    "'" ++ lists:flatten(string:replace(S, "'", "'\\''", all)) ++ "'".
 
 start_distribution() ->
     case node() of

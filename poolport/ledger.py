@@ -1,0 +1,210 @@
+"""Sans-IO bookkeeping of every request between stdin and stdout: the one owner of reply order.
+
+::
+
+    admit ─▶ pending (queued) ─take_run─▶ runs[slot] (sent) ─answered─▶ reorder ─release─▶ stdout
+                  ▲                              │
+                  └──────── lost: re-queued ─────┤  (the rest of a dead worker's runs)
+                         lost: error reply ◀─────┘  (the call it was running; a second death)
+
+Every request gets a sequence number when its frame is complete. From then on
+it is in exactly one place: queued, in a run sent to one slot, or answered (a
+reply waiting in the reorder buffer or already released). Replies leave only
+through :meth:`Ledger.release`, in sequence order, so exactly one reply per
+request in request order is this module's invariant; the dispatcher around it
+only moves bytes. ``ReorderBuffer.add`` refuses a second reply for any number,
+so a bookkeeping error fails loudly instead of shifting the stream.
+
+The poison-pill rule lives here too: a request whose worker dies while it is
+queued or running there is re-run once; a second death answers it with an
+error, so no request can keep killing workers forever.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import deque
+from typing import Callable
+
+from .framing import Segment
+from .pending import Pending, take_head
+from .reorder import Buffer, ReorderBuffer
+
+MAX_DEATHS = 2  # a request whose worker died this many times is answered with an error, not re-run
+
+
+class Run:
+    """Requests ``start .. start + count - 1``, their frames in ``data``, sent to one slot.
+
+    ``data[bounds[k]:bounds[k + 1]]`` is request ``start + k`` (its ``{info, ...}`` frames
+    included); ``base`` is how many requests the slot's process had been sent before.
+    """
+
+    __slots__ = ("start", "data", "bounds", "count", "done", "base", "sent_at", "deaths")
+
+    def __init__(self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float,
+                 deaths: int) -> None:
+        self.start, self.data, self.bounds = start, data, bounds
+        self.count = len(bounds) - 1
+        self.done = 0  # requests answered so far, in order
+        self.base = base
+        self.sent_at = sent_at
+        self.deaths = deaths  # worker deaths these requests have already been through
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+Blame = Callable[[int, str], bytes]
+"""``blame(seq, why)``: the framed error reply for a request lost with its worker;
+``why`` is ``"running"`` (the worker died or was killed during it) or ``"again"``
+(its worker died a second time while it was queued there)."""
+
+
+class Ledger:
+    """Where every admitted request is, and the replies waiting for their turn."""
+
+    def __init__(self, slots: int) -> None:
+        self.pending: deque[Pending] = deque()
+        self.queued = 0  # requests in pending
+        self.queued_bytes = 0
+        self.runs: list[deque[Run]] = [deque() for _ in range(slots)]
+        self.sent = [0] * slots  # requests sent to each slot's current process
+        self.run_bytes = 0
+        self.reorder = ReorderBuffer()
+        self.reply_bytes = 0
+        self.next_seq = 0
+        self.reruns = 0  # requests re-queued after their worker died
+        self.abandoned = 0  # requests answered with an error after a second death
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet released to stdout."""
+        return self.next_seq - self.reorder.next_seq
+
+    @property
+    def held_bytes(self) -> int:
+        """Request and reply bytes held: what ``max_in_flight_bytes`` bounds."""
+        return self.queued_bytes + self.run_bytes + self.reply_bytes
+
+    # ------------------------------------------------------------------ in
+
+    def admit(self, segment: Segment) -> None:
+        """Number the requests of a segment and queue them."""
+        count = len(segment)
+        self.pending.append(Pending(segment, self.next_seq))
+        self.next_seq += count
+        self.queued += count
+        self.queued_bytes += segment.bounds[-1] - segment.bounds[0]
+
+    def answer_now(self, reply: bytes) -> int:
+        """Number a request that is answered without a worker (an oversized frame)."""
+        seq = self.next_seq
+        self.next_seq += 1
+        self._add(seq, 1, reply)
+        return seq
+
+    # ------------------------------------------------------------------ to workers
+
+    def take_run(self, slot: int, size: int, max_bytes: int, now: float, strict: bool = False) -> Run | None:
+        """Cut a run of up to ``size`` requests (at most ``max_bytes``, but always at least one,
+        unless ``strict``: then ``None`` if the first request alone is over ``max_bytes``)."""
+        if not self.pending:
+            return None
+        head = take_head(self.pending, size)
+        seg, i = head.segment, head.pos
+        bounds = seg.bounds
+        j = min(i + size, len(bounds) - 1)
+        if bounds[j] - bounds[i] > max_bytes:
+            j = max(i + 1, bisect_right(bounds, bounds[i] + max_bytes, i + 1, j) - 1)
+            if bounds[j] - bounds[i] > max_bytes and strict:
+                return None
+        start = bounds[i]
+        run = Run(head.seq, seg.data[start : bounds[j]], [b - start for b in bounds[i : j + 1]],
+                  self.sent[slot], now, head.deaths)
+        head.pos, head.seq = j, head.seq + run.count
+        if head.pos == len(bounds) - 1:
+            self.pending.popleft()
+        self.queued -= run.count
+        self.queued_bytes -= len(run)
+        self.run_bytes += len(run)
+        self.sent[slot] += run.count
+        self.runs[slot].append(run)
+        return run
+
+    # ------------------------------------------------------------------ from workers
+
+    def answered(self, slot: int, count: int, data: Buffer) -> Run | None:
+        """A chunk of ``count`` replies from ``slot``, answering its oldest unanswered requests.
+
+        Returns the run if this chunk completed it. Raises ``ValueError`` for a chunk that
+        answers more than the slot's current run holds (a worker that broke the link protocol).
+        """
+        runs = self.runs[slot]
+        if not runs or count < 1 or count > runs[0].count - runs[0].done:
+            raise ValueError(f"slot {slot} sent {count} replies; it owes "
+                             f"{runs[0].count - runs[0].done if runs else 0} in its current run")
+        run = runs[0]
+        self._add(run.start + run.done, count, data)
+        run.done += count
+        if run.done < run.count:
+            return None
+        runs.popleft()
+        self.run_bytes -= len(run)
+        return run
+
+    def holds_head(self, slot: int) -> bool:
+        """True if ``slot`` owes the reply that stdout waits for: its replies must be read."""
+        seq = self.reorder.next_seq
+        return any(run.start + run.done <= seq < run.start + run.count for run in self.runs[slot])
+
+    def index_of(self, slot: int, index: int) -> int | None:
+        """Sequence number of the ``index``-th request sent to the slot's current process."""
+        for run in self.runs[slot]:
+            if run.base <= index < run.base + run.count:
+                return run.start + index - run.base
+        return None
+
+    def lost(self, slot: int, running: int | None, blame: Blame) -> int:
+        """The slot's process is gone: answer the request it was running (its ``running``-th,
+        if known) with ``blame``, re-queue the rest once, answer twice-lost ones with ``blame``.
+        Returns how many requests were re-queued."""
+        requeue: list[Pending] = []
+        for run in self.runs[slot]:
+            k = run.done
+            while k < run.count:
+                seq = run.start + k
+                if run.base + k == running:
+                    self._add(seq, 1, blame(seq, "running"))
+                    k += 1
+                elif run.deaths + 1 >= MAX_DEATHS:
+                    self._add(seq, 1, blame(seq, "again"))
+                    self.abandoned += 1
+                    k += 1
+                else:  # the longest stretch up to the running request goes back as one entry
+                    end = run.count
+                    if running is not None and run.base + k < running < run.base + run.count:
+                        end = running - run.base
+                    requeue.append(Pending(Segment(run.data, run.bounds[k : end + 1]), seq, deaths=run.deaths + 1))
+                    self.queued += end - k
+                    self.queued_bytes += run.bounds[end] - run.bounds[k]
+                    self.reruns += end - k
+                    k = end
+            self.run_bytes -= len(run)
+        self.runs[slot].clear()
+        self.sent[slot] = 0
+        self.pending.extendleft(reversed(requeue))
+        return sum(len(p) for p in requeue)
+
+    # ------------------------------------------------------------------ out
+
+    def release(self) -> list[Buffer]:
+        """Every reply chunk whose turn has come, in order."""
+        ready = self.reorder.pop_ready()
+        for data in ready:
+            self.reply_bytes -= len(data)
+        return ready
+
+    def _add(self, seq: int, count: int, data: Buffer) -> None:
+        self.reorder.add(seq, count, data)
+        self.reply_bytes += len(data)

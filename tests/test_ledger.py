@@ -1,0 +1,174 @@
+"""The ledger's promises, attacked by a model: fake workers take runs, answer them in chunks of
+any size, and die at any instant (running a call or between calls), in every order hypothesis
+finds. Whatever happens, every request gets exactly one reply, released in request order, no
+request is handed to workers more than MAX_DEATHS times, and nothing is held once all is done.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from poolport.framing import Segment, frame
+from poolport.ledger import MAX_DEATHS, Ledger
+
+SLOTS = 3
+
+
+def segment(first: int, count: int) -> Segment:
+    """``count`` request frames whose payloads name their sequence numbers."""
+    frames = [frame(b"q%d" % seq) for seq in range(first, first + count)]
+    bounds = [0]
+    for f in frames:
+        bounds.append(bounds[-1] + len(f))
+    return Segment(b"".join(frames), bounds)
+
+
+def requests_of(run) -> list[int]:
+    """What a worker reads in a run: the sequence numbers in its request frames."""
+    return [int(bytes(run.data[run.bounds[k] + 4 : run.bounds[k + 1]])[1:]) for k in range(run.count)]
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ledger = Ledger(SLOTS)
+        self.out = bytearray()
+        self.handed = Counter()  # seq -> times sent to a worker
+        self.running_at_death: set[int] = set()
+
+    @rule(count=st.integers(1, 6))
+    def admit(self, count: int) -> None:
+        self.ledger.admit(segment(self.ledger.next_seq, count))
+
+    @rule()
+    def oversized(self) -> None:
+        seq = self.ledger.next_seq
+        assert self.ledger.answer_now(b"o%d;" % seq) == seq
+
+    @rule(slot=st.integers(0, SLOTS - 1), size=st.integers(1, 8), max_bytes=st.integers(1, 64),
+          strict=st.booleans())
+    def take_run(self, slot: int, size: int, max_bytes: int, strict: bool) -> None:
+        if len(self.ledger.runs[slot]) >= 2:
+            return
+        run = self.ledger.take_run(slot, size, max_bytes, 0.0, strict)
+        if run is None:
+            return
+        got = requests_of(run)
+        assert got == list(range(run.start, run.start + run.count))  # a run is consecutive requests
+        assert 1 <= run.count <= size
+        for seq in got:
+            self.handed[seq] += 1
+            assert self.handed[seq] <= MAX_DEATHS, f"request {seq} handed out {self.handed[seq]} times"
+            assert self.ledger.index_of(slot, run.base + seq - run.start) == seq
+
+    @rule(slot=st.integers(0, SLOTS - 1), data=st.data())
+    def answer(self, slot: int, data: st.DataObject) -> None:
+        runs = self.ledger.runs[slot]
+        if not runs:
+            return
+        run = runs[0]
+        count = data.draw(st.integers(1, run.count - run.done))
+        seqs = requests_of(run)[run.done : run.done + count]
+        self.ledger.answered(slot, count, b"".join(b"r%d;" % s for s in seqs))
+
+    @rule(slot=st.integers(0, SLOTS - 1), while_running=st.booleans())
+    def die(self, slot: int, while_running: bool) -> None:
+        runs = self.ledger.runs[slot]
+        running = None
+        if while_running and runs:  # the call it was running: the first one not answered
+            running = runs[0].base + runs[0].done
+            self.running_at_death.add(runs[0].start + runs[0].done)
+        self.ledger.lost(slot, running, lambda seq, why: b"e%d;" % seq)
+        assert not self.ledger.runs[slot] and self.ledger.sent[slot] == 0
+
+    @rule()
+    def release(self) -> None:
+        for chunk in self.ledger.release():
+            self.out += chunk
+
+    @invariant()
+    def replies_are_exactly_once_and_in_order(self) -> None:
+        tokens = bytes(self.out).split(b";")[:-1]
+        assert [int(t[1:]) for t in tokens] == list(range(len(tokens)))
+        assert len(tokens) == self.ledger.reorder.next_seq
+        for t in tokens:
+            seq = int(t[1:])
+            if t[:1] == b"e":  # an error only for a call that was running, or handed out twice
+                assert seq in self.running_at_death or self.handed[seq] == MAX_DEATHS
+
+    @invariant()
+    def every_request_is_in_exactly_one_place(self) -> None:
+        ledger = self.ledger
+        queued = sum(len(p) for p in ledger.pending)
+        in_runs = sum(r.count - r.done for runs in ledger.runs for r in runs)
+        answered = sum(count for count, _ in ledger.reorder._chunks.values())
+        assert queued == ledger.queued
+        assert queued + in_runs + answered == ledger.in_flight
+        assert ledger.queued_bytes == sum(p.segment.bounds[-1] - p.segment.bounds[p.pos] for p in ledger.pending)
+        assert ledger.run_bytes == sum(len(r) for runs in ledger.runs for r in runs)
+        assert ledger.reply_bytes == sum(len(d) for _, d in ledger.reorder._chunks.values())
+
+    @rule()
+    def drain(self) -> None:
+        """Healthy workers finish everything: all admitted requests are answered, nothing held."""
+        ledger = self.ledger
+        while ledger.pending or any(ledger.runs):
+            for slot in range(SLOTS):
+                if ledger.pending and len(ledger.runs[slot]) < 2:
+                    ledger.take_run(slot, 4, 1 << 20, 0.0)
+                if ledger.runs[slot]:
+                    run = ledger.runs[slot][0]
+                    seqs = requests_of(run)[run.done :]
+                    ledger.answered(slot, len(seqs), b"".join(b"r%d;" % s for s in seqs))
+        self.release()
+        assert ledger.in_flight == 0 and ledger.held_bytes == 0
+
+
+LedgerMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=60, deadline=None,
+                                           suppress_health_check=list(HealthCheck))
+test_ledger_model = LedgerMachine.TestCase
+
+
+def test_the_call_a_worker_was_running_is_blamed_and_the_rest_rerun_once():
+    ledger = Ledger(2)
+    ledger.admit(segment(0, 5))
+    run = ledger.take_run(0, 5, 1 << 20, 0.0)
+    assert run is not None and run.count == 5
+    ledger.answered(0, 1, b"r0;")
+    assert ledger.lost(0, 2, lambda seq, why: b"e%d:%s;" % (seq, why.encode())) == 3  # 1, 3, 4 re-queued
+    rerun = ledger.take_run(1, 5, 1 << 20, 0.0)
+    assert rerun is not None and requests_of(rerun) == [1]  # the stretch before the culprit ...
+    rerun2 = ledger.take_run(1, 5, 1 << 20, 0.0)
+    assert rerun2 is not None and requests_of(rerun2) == [3, 4]  # ... and after it: not merged over the gap
+    assert ledger.lost(1, None, lambda seq, why: b"e%d:%s;" % (seq, why.encode())) == 0  # second death
+    assert b"".join(ledger.release()) == b"r0;e1:again;e2:running;e3:again;e4:again;"
+    assert ledger.abandoned == 3 and ledger.reruns == 3
+
+
+def test_a_second_reply_for_a_request_is_refused_loudly():
+    ledger = Ledger(1)
+    ledger.admit(segment(0, 2))
+    ledger.take_run(0, 2, 1 << 20, 0.0)
+    ledger.answered(0, 2, b"r0;r1;")
+    try:
+        ledger.answered(0, 1, b"r1;")
+    except ValueError as exc:
+        assert "owes 0" in str(exc)
+    else:
+        raise AssertionError("a chunk nobody waited for was accepted")
+
+
+def test_holds_head_names_the_worker_owing_the_next_reply():
+    ledger = Ledger(2)
+    ledger.admit(segment(0, 4))
+    ledger.take_run(0, 1, 1 << 20, 0.0)  # seq 0: slow call on slot 0
+    ledger.take_run(1, 3, 1 << 20, 0.0)  # seqs 1-3 on slot 1
+    assert ledger.holds_head(0) and not ledger.holds_head(1)
+    ledger.answered(1, 3, b"r1;r2;r3;")
+    assert ledger.release() == []  # held behind the slow call
+    ledger.answered(0, 1, b"r0;")
+    assert b"".join(ledger.release()) == b"r0;r1;r2;r3;"
