@@ -43,7 +43,7 @@ import functools
 import logging
 import math
 import os
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -64,6 +64,8 @@ from .spin import spin
 from .worker import worker_main
 
 log = logging.getLogger("poolport")
+POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+HANG_UP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 READ_SMALL = 64 << 10  # bytes asked of stdin per read: a bigger request costs a big allocation
 READ_BIG = 1 << 20  # ... unless a frame this big is in progress (the pipe is enlarged to this)
@@ -77,6 +79,38 @@ COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call av
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
 DEATH_WAIT_S = 2.0  # after a worker's link is lost, how long loky may take to say how it died
 HELLO_WAIT_S = 5.0  # a link connection that has not said hello by then is dropped
+
+
+class Poller:
+    """``select.poll`` with a tag per descriptor (cheaper than ``selectors`` in the idle spin).
+
+    Unlike ``selectors``, a descriptor may be watched for no event at all: poll still reports
+    its hang-up or error. That is how stdin EOF is noticed while stdin is not being read
+    (back-pressure), and a dead Erlang VM or worker while nothing is being written to it.
+    """
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._tags: dict[int, Any] = {}
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self._tags
+
+    def watch(self, fd: int, events: int, tag: Any) -> None:
+        if fd in self._tags:
+            self._poll.modify(fd, events)
+        else:
+            self._poll.register(fd, events)
+        self._tags[fd] = tag
+
+    def forget(self, fd: int) -> None:
+        if self._tags.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def poll(self, timeout_s: float | None) -> list[tuple[Any, int]]:
+        tags = self._tags
+        return [(tags[fd], mask) for fd, mask in
+                self._poll.poll(None if timeout_s is None else math.ceil(timeout_s * 1000))]
 
 
 class Slot:
@@ -136,7 +170,8 @@ class Dispatcher:
         self.cost = 0.0  # smoothed seconds per call, measured from chunks
         self.closing = False
         self.deadline = math.inf
-        self.sel = selectors.PollSelector()  # poll, unlike epoll, also accepts a regular file as stdin
+        self.poller = Poller()
+        self._poll_now = functools.partial(self.poller.poll, 0)
         self.tmpdir = tempfile.mkdtemp(prefix="poolport-")
         self.address = os.path.join(self.tmpdir, "link")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -152,7 +187,8 @@ class Dispatcher:
         self.counters = Counters(self.counters_path, create=True)
         self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
                      "protocol": config.protocol}
-        self.reading = False
+        self.reading = False  # stdin is watched from the start; POLLIN is asked for while reading
+        self.poller.watch(in_fd, 0, "stdin")
         self.stdout_watched = False
         self.spin_s = config.idle_spin_us / 1e6
         self.stats = dict.fromkeys(("loops", "reads", "runs", "run_items", "chunks"), 0)  # for DEBUG
@@ -160,8 +196,9 @@ class Dispatcher:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
-        self.sel.register(self.listener, selectors.EVENT_READ, "listener")
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.poller.watch(self.listener.fileno(), POLLIN, "listener")
+        self.poller.watch(self.wake_r, POLLIN, "wake")
+        self.poller.watch(self.out_fd, 0, "stdout")  # no event asked: still told if the reader is gone
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old_wakeup = signal.set_wakeup_fd(self.wake_w)
         try:
@@ -184,17 +221,24 @@ class Dispatcher:
                     log.warning("grace period over: %d call(s) abandoned", self.ledger.in_flight)
                 return 0
             events = spin(self._poll_now, self.spin_s) if self.spin_s else None
-            for key, mask in events or self.sel.select(self._select_timeout(now)):
-                tag = key.data
+            for tag, mask in events or self.poller.poll(self._select_timeout(now)):
                 if type(tag) is Slot:
-                    if mask & selectors.EVENT_WRITE:
+                    if mask & POLLOUT:
                         self._flush_slot(tag)
-                    if mask & selectors.EVENT_READ:
-                        self._read_slot(tag, key.fileobj)
+                    if mask & ~POLLOUT:  # data, or the worker's end closed
+                        self._read_slot(tag)
                 elif tag == "stdin":
-                    self._read_stdin()
+                    if self.reading:
+                        self._read_stdin()
+                    elif mask & HANG_UP:  # EOF seen while not reading: the Erlang side is gone
+                        log.info("stdin closed while not being read: finishing %d in-flight call(s)",
+                                 self.ledger.in_flight)
+                        self._close_input()
                 elif tag == "stdout":
-                    self._flush_stdout()
+                    if mask & HANG_UP:
+                        self._stdout_gone("the port owner closed it")
+                    else:
+                        self._flush_stdout()
                 elif tag == "listener":
                     self._accept(now)
                 elif tag == "wake":
@@ -212,10 +256,7 @@ class Dispatcher:
                                   ledger.held_bytes + self.stdout.size + self.frames.held
                                   < self.config.max_in_flight_bytes)
             self._schedule(now)  # late: a worker woken by a run may take this CPU right away
-            self._watch_slots()  # after: a run the worker has not taken in whole needs EVENT_WRITE
-
-    def _poll_now(self) -> list[tuple[Any, int]]:
-        return self.sel.select(0)
+            self._watch_slots()  # after: a run the worker has not taken in whole needs POLLOUT
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("received %s: finishing in-flight calls", signal.Signals(signum).name)
@@ -226,6 +267,7 @@ class Dispatcher:
             self.closing = True
             self.deadline = time.monotonic() + self.config.shutdown_grace_ms / 1000
             self._set_reading(False)
+            self.poller.forget(self.in_fd)
             if len(self.frames):
                 log.warning("input ended inside a frame or after an info packet with no call")
 
@@ -252,11 +294,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ stdin
 
     def _set_reading(self, on: bool) -> None:
+        """Read stdin or not; while not, stdin stays watched for no event, so EOF is still seen."""
         if on != self.reading:
-            if on:
-                self.sel.register(self.in_fd, selectors.EVENT_READ, "stdin")
-            else:
-                self.sel.unregister(self.in_fd)
+            if self.in_fd in self.poller:
+                self.poller.watch(self.in_fd, POLLIN if on else 0, "stdin")
             self.reading = on
 
     def _read_stdin(self) -> None:
@@ -295,25 +336,38 @@ class Dispatcher:
 
     def _release(self) -> None:
         ready = self.ledger.release()
-        if ready:
-            self.stdout.push(*ready)
-            self._flush_stdout()
+        if not ready:
+            return
+        if len(ready) == 1 and not self.stdout:  # the usual case: one chunk, the pipe has room
+            try:
+                n = os.write(self.out_fd, ready[0])
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n = 0  # EPIPE: _flush_stdout below sees it again and closes
+            if n == len(ready[0]):
+                return
+            ready[0] = memoryview(ready[0])[n:]
+        self.stdout.push(*ready)
+        self._flush_stdout()
 
     def _flush_stdout(self) -> None:
         try:
             done = self.stdout.flush(self.write_stdout)
         except OSError as exc:  # EPIPE: the port owner is gone
-            log.info("stdout closed by the port owner (%s)", exc)
-            self.stdout.clear()
-            self._close_input()
-            self.deadline = 0.0
-            done = True
-        if done == self.stdout_watched:  # watch for room exactly while something waits
-            if done:
-                self.sel.unregister(self.out_fd)
-            else:
-                self.sel.register(self.out_fd, selectors.EVENT_WRITE, "stdout")
+            self._stdout_gone(str(exc))
+            return
+        if done == self.stdout_watched and self.out_fd in self.poller:  # watch for room while something waits
+            self.poller.watch(self.out_fd, 0 if done else POLLOUT, "stdout")
             self.stdout_watched = not done
+
+    def _stdout_gone(self, why: str) -> None:
+        """Nobody reads the replies any more: stop at once."""
+        log.info("stdout closed by the port owner (%s)", why)
+        self.stdout.clear()
+        self._close_input()
+        self.poller.forget(self.out_fd)
+        self.deadline = 0.0
 
     # ------------------------------------------------------------------ scheduling
 
@@ -361,16 +415,11 @@ class Dispatcher:
         for slot in self.slots:
             if slot.sock is None:
                 continue
-            events = selectors.EVENT_WRITE if slot.outbox else 0
+            events = POLLOUT if slot.outbox else 0
             if holder is None or holder is slot:
-                events |= selectors.EVENT_READ
-            if events != slot.events:
-                if not slot.events:
-                    self.sel.register(slot.sock, events, slot)
-                elif not events:
-                    self.sel.unregister(slot.sock)
-                else:
-                    self.sel.modify(slot.sock, events, slot)
+                events |= POLLIN
+            if events != slot.events:  # 0 still reports the worker's end closing
+                self.poller.watch(slot.sock.fileno(), events, slot)
                 slot.events = events
 
     # ------------------------------------------------------------------ workers
@@ -398,7 +447,7 @@ class Dispatcher:
         conn.setblocking(False)
         hello = Hello(conn, now)
         self.hellos.append(hello)
-        self.sel.register(conn, selectors.EVENT_READ, hello)
+        self.poller.watch(conn.fileno(), POLLIN, hello)
 
     def _read_hello(self, hello: Hello, now: float) -> None:
         try:
@@ -410,7 +459,7 @@ class Dispatcher:
         hello.data += chunk
         if chunk and len(hello.data) < HEADER.size:
             return
-        self.sel.unregister(hello.sock)
+        self.poller.forget(hello.sock.fileno())
         self.hellos.remove(hello)
         if len(hello.data) < HEADER.size:
             hello.sock.close()
@@ -428,12 +477,13 @@ class Dispatcher:
         tune(hello.sock)
         slot.sock, slot.pid = hello.sock, pid
         slot.reader = MessageReader()
-        slot.events = 0
+        slot.events = POLLIN
+        self.poller.watch(hello.sock.fileno(), POLLIN, slot)
         log.debug("worker %d ready (pid %d)", index, pid)
 
     def _expire_hellos(self, now: float) -> None:
         for hello in [h for h in self.hellos if now - h.since > HELLO_WAIT_S]:
-            self.sel.unregister(hello.sock)
+            self.poller.forget(hello.sock.fileno())
             self.hellos.remove(hello)
             hello.sock.close()
 
@@ -446,9 +496,10 @@ class Dispatcher:
             if slot.future is not None and slot.future.done():
                 self._link_lost(slot, "worker process ended")
 
-    def _read_slot(self, slot: Slot, sock: Any) -> None:
-        if sock is not slot.sock:
-            return  # this socket's worker died earlier in the same batch of events
+    def _read_slot(self, slot: Slot) -> None:
+        sock = slot.sock
+        if sock is None:
+            return  # this worker died earlier in the same batch of events
         try:
             messages = slot.reader.read_from(sock)
         except (BlockingIOError, InterruptedError):
@@ -463,6 +514,7 @@ class Dispatcher:
             self._on_chunk(slot, count, data)
             if slot.sock is None:
                 return
+        self._release()  # at once: in lock-step this reply is what the Erlang side waits for
 
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         self.stats["chunks"] += 1
@@ -520,8 +572,7 @@ class Dispatcher:
         if slot.executor is None or slot.dying_since:
             return
         if slot.sock is not None:
-            if slot.events:
-                self.sel.unregister(slot.sock)
+            self.poller.forget(slot.sock.fileno())
             slot.sock.close()
             slot.sock = None
             slot.events = 0
@@ -533,7 +584,8 @@ class Dispatcher:
         self._check_deaths(slot.dying_since)
 
     def _check_deaths(self, now: float) -> None:
-        self._expire_hellos(now)
+        if self.hellos:
+            self._expire_hellos(now)
         for slot in self.slots:
             if slot.dying_since and (slot.future is None or slot.future.done()
                                      or now - slot.dying_since >= DEATH_WAIT_S):
