@@ -56,8 +56,8 @@ import loky
 from . import bert, etf
 from .config import Config
 from .framing import FrameBuffer, Oversized, frame
-from .ledger import Ledger
-from .link import HEADER, SEQ, Buffer, MessageReader, tune
+from .ledger import Ledger, Run
+from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
 from .progress import Counters, Progress
 from .spin import spin
@@ -375,27 +375,42 @@ class Dispatcher:
         ledger = self.ledger
         if not ledger.queued:
             return
-        ready = [s for s in self.slots if s.ready and len(ledger.runs[s.index]) < MAX_QUEUED_RUNS]
-        if not ready:
+        runs = ledger.runs
+        ranked = sorted((_load(s, ledger, now), s.index) for s in self.slots
+                        if s.sock is not None and s.killed is None and len(runs[s.index]) < MAX_QUEUED_RUNS)
+        if not ranked:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
         share = -(-ledger.queued // len(self.slots))  # starting slots get their share later
         size = min(by_cost, share, MAX_RUN_FRAMES)
         pipeline = self.cost < PIPELINE_COST_S
-        ranked = sorted((_load(s, ledger, now), s.index) for s in ready)
         for (busy, _), index in ranked:
             if not ledger.pending:
                 break
             if busy and not pipeline:
                 continue
-            slot = self.slots[index]
             run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy)
-            if run is None:
-                continue
-            self.stats["runs"] += 1
-            self.stats["run_items"] += run.count
-            slot.outbox.push(HEADER.pack(len(run) + SEQ.size, run.count) + SEQ.pack(run.start), run.data)
-            self._flush_slot(slot)
+            if run is not None:
+                self._send_run(self.slots[index], run)
+
+    def _send_run(self, slot: Slot, run: Run) -> None:
+        self.stats["runs"] += 1
+        self.stats["run_items"] += run.count
+        head = HEADER.pack(run.size + SEQ.size, run.count) + SEQ.pack(run.start)
+        if not slot.outbox and run.size < SMALL_MESSAGE:  # the usual case: one send, no buffering
+            message = head + run.data
+            try:
+                sent = slot.sock.send(message)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._link_lost(slot, f"link lost while sending: {exc}")
+                return
+            if sent < len(message):
+                slot.outbox.push(memoryview(message)[sent:])
+            return
+        slot.outbox.push(head, run.data)
+        self._flush_slot(slot)
 
     def _flush_slot(self, slot: Slot) -> None:
         if slot.sock is None:

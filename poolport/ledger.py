@@ -40,19 +40,18 @@ class Run:
     included); ``base`` is how many requests the slot's process had been sent before.
     """
 
-    __slots__ = ("start", "data", "bounds", "count", "done", "base", "sent_at", "deaths")
+    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "deaths")
 
     def __init__(self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float,
                  deaths: int) -> None:
         self.start, self.data, self.bounds = start, data, bounds
         self.count = len(bounds) - 1
+        self.size = len(data)
         self.done = 0  # requests answered so far, in order
         self.base = base
         self.sent_at = sent_at
         self.deaths = deaths  # worker deaths these requests have already been through
 
-    def __len__(self) -> int:
-        return len(self.data)
 
 
 Blame = Callable[[int, str], bytes]
@@ -114,20 +113,22 @@ class Ledger:
         head = take_head(self.pending, size)
         seg, i = head.segment, head.pos
         bounds = seg.bounds
-        j = min(i + size, len(bounds) - 1)
-        if bounds[j] - bounds[i] > max_bytes:
-            j = max(i + 1, bisect_right(bounds, bounds[i] + max_bytes, i + 1, j) - 1)
-            if bounds[j] - bounds[i] > max_bytes and strict:
-                return None
+        last = len(bounds) - 1
+        j = min(i + size, last)
         start = bounds[i]
-        run = Run(head.seq, seg.data[start : bounds[j]], [b - start for b in bounds[i : j + 1]],
+        if bounds[j] - start > max_bytes:
+            j = max(i + 1, bisect_right(bounds, start + max_bytes, i + 1, j) - 1)
+            if bounds[j] - start > max_bytes and strict:
+                return None
+        run = Run(head.seq, seg.data[start : bounds[j]],
+                  [0, bounds[j] - start] if j == i + 1 else [b - start for b in bounds[i : j + 1]],
                   self.sent[slot], now, head.deaths)
         head.pos, head.seq = j, head.seq + run.count
-        if head.pos == len(bounds) - 1:
+        if j == last:
             self.pending.popleft()
         self.queued -= run.count
-        self.queued_bytes -= len(run)
-        self.run_bytes += len(run)
+        self.queued_bytes -= run.size
+        self.run_bytes += run.size
         self.sent[slot] += run.count
         self.runs[slot].append(run)
         return run
@@ -150,7 +151,7 @@ class Ledger:
         if run.done < run.count:
             return None
         runs.popleft()
-        self.run_bytes -= len(run)
+        self.run_bytes -= run.size
         return run
 
     def holds_head(self, slot: int) -> bool:
@@ -190,7 +191,7 @@ class Ledger:
                     self.queued_bytes += run.bounds[end] - run.bounds[k]
                     self.reruns += end - k
                     k = end
-            self.run_bytes -= len(run)
+            self.run_bytes -= run.size
         self.runs[slot].clear()
         self.sent[slot] = 0
         self.pending.extendleft(reversed(requeue))

@@ -109,7 +109,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert queued == ledger.queued
         assert queued + in_runs + answered == ledger.in_flight
         assert ledger.queued_bytes == sum(p.segment.bounds[-1] - p.segment.bounds[p.pos] for p in ledger.pending)
-        assert ledger.run_bytes == sum(len(r) for runs in ledger.runs for r in runs)
+        assert ledger.run_bytes == sum(r.size for runs in ledger.runs for r in runs)
         assert ledger.reply_bytes == sum(len(d) for _, d in ledger.reorder._chunks.values())
 
     @rule()
