@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from poolport import etf
 from poolport.framing import frame
 from portclient import HANDLERS, call
@@ -51,26 +53,19 @@ def test_stdin_eof_is_noticed_while_back_pressure_keeps_stdin_unread(tmp_path):
     assert exits_within(proc, 20) == 0
 
 
-def test_sigterm_is_noticed_while_the_erlang_side_reads_no_replies(tmp_path):
-    """Replies of 4 MB pile up in a pipe nobody reads: SIGTERM still ends the server."""
+@pytest.mark.parametrize("stop", ["sigterm", "stdin-eof"])
+def test_the_end_is_noticed_while_the_erlang_side_reads_no_replies(tmp_path, stop):
+    """Replies of 4 MB pile up in a pipe nobody reads: SIGTERM or stdin EOF still ends the server."""
     proc = serve(tmp_path, "--workers", "2")
     big = os.urandom(4 << 20)
     for _ in range(8):
         proc.stdin.write(frame(etf.encode(call("pp_handlers", "echo", big))))
         proc.stdin.flush()
     time.sleep(3)  # replies are done and stuck: the stdout pipe is full
-    proc.send_signal(signal.SIGTERM)
-    assert exits_within(proc, 20) == 0
-
-
-def test_stdin_eof_is_noticed_while_the_erlang_side_reads_no_replies(tmp_path):
-    proc = serve(tmp_path, "--workers", "2")
-    big = os.urandom(4 << 20)
-    for _ in range(8):
-        proc.stdin.write(frame(etf.encode(call("pp_handlers", "echo", big))))
-        proc.stdin.flush()
-    time.sleep(3)
-    proc.stdin.close()
+    if stop == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        proc.stdin.close()
     assert exits_within(proc, 20) == 0
 
 
