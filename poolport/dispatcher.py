@@ -647,8 +647,8 @@ class Dispatcher:
 
     def _crash_error(self, slot: Slot, snap: Any, reason: str, why: str) -> Any:
         if why == "again":
-            detail = (f"the worker holding this call died again ({reason}); it had been re-run once "
-                      "after an earlier worker death and is not run again")
+            detail = (f"the worker holding this call died ({reason}), and so did a worker before: "
+                      "this call may be what kills them, so it is not run again")
             return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed", detail, bare=self.bare)
         if slot.killed is not None and slot.killed.startswith("timeout") and snap is not None:
             return bert.error(bert.SERVER, bert.TIMEOUT, "Timeout",

@@ -15,9 +15,14 @@ request in request order is this module's invariant; the dispatcher around it
 only moves bytes. ``ReorderBuffer.add`` refuses a second reply for any number,
 so a bookkeeping error fails loudly instead of shifting the stream.
 
-The poison-pill rule lives here too: a request whose worker dies while it is
-queued or running there is re-run once; a second death answers it with an
-error, so no request can keep killing workers forever.
+The poison-pill rule lives here too. The request a worker was running when it
+died is answered with an error at once. The others it held are re-run, and
+charged *strikes*: two when the death could not be blamed on a call (it
+happened between calls, or while replies were being sent: any of them may
+have caused it), one when another call was blamed (they are bystanders). A
+request with ``MAX_STRIKES`` is answered with an error instead of being re-run,
+so no request can keep killing workers: one that does it between calls is
+answered after its second death, and a bystander is re-run at most three times.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from .framing import Segment
 from .pending import Pending, take_head
 from .reorder import Buffer, ReorderBuffer
 
-MAX_DEATHS = 2  # a request whose worker died this many times is answered with an error, not re-run
+MAX_STRIKES = 4  # a request with this many is answered with an error, not re-run again
+SUSPECT = 2  # strikes for each request a worker held when it died and no call could be blamed
+BYSTANDER = 1  # strikes for each request it held when the call it was running was blamed
 
 
 class Run:
@@ -40,17 +47,17 @@ class Run:
     included); ``base`` is how many requests the slot's process had been sent before.
     """
 
-    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "deaths")
+    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes")
 
     def __init__(self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float,
-                 deaths: int) -> None:
+                 strikes: int) -> None:
         self.start, self.data, self.bounds = start, data, bounds
         self.count = len(bounds) - 1
         self.size = len(data)
         self.done = 0  # requests answered so far, in order
         self.base = base
         self.sent_at = sent_at
-        self.deaths = deaths  # worker deaths these requests have already been through
+        self.strikes = strikes  # from the worker deaths these requests have been through
 
 
 
@@ -122,7 +129,7 @@ class Ledger:
                 return None
         run = Run(head.seq, seg.data[start : bounds[j]],
                   [0, bounds[j] - start] if j == i + 1 else [b - start for b in bounds[i : j + 1]],
-                  self.sent[slot], now, head.deaths)
+                  self.sent[slot], now, head.strikes)
         head.pos, head.seq = j, head.seq + run.count
         if j == last:
             self.pending.popleft()
@@ -168,17 +175,19 @@ class Ledger:
 
     def lost(self, slot: int, running: int | None, blame: Blame) -> int:
         """The slot's process is gone: answer the request it was running (its ``running``-th,
-        if known) with ``blame``, re-queue the rest once, answer twice-lost ones with ``blame``.
-        Returns how many requests were re-queued."""
+        if known) with ``blame``, re-queue the rest with their strikes, answer those that have
+        ``MAX_STRIKES`` with ``blame``. Returns how many requests were re-queued."""
         requeue: list[Pending] = []
+        charge = SUSPECT if running is None else BYSTANDER
         for run in self.runs[slot]:
+            strikes = run.strikes + charge
             k = run.done
             while k < run.count:
                 seq = run.start + k
                 if run.base + k == running:
                     self._add(seq, 1, blame(seq, "running"))
                     k += 1
-                elif run.deaths + 1 >= MAX_DEATHS:
+                elif strikes >= MAX_STRIKES:
                     self._add(seq, 1, blame(seq, "again"))
                     self.abandoned += 1
                     k += 1
@@ -186,7 +195,7 @@ class Ledger:
                     end = run.count
                     if running is not None and run.base + k < running < run.base + run.count:
                         end = running - run.base
-                    requeue.append(Pending(Segment(run.data, run.bounds[k : end + 1]), seq, deaths=run.deaths + 1))
+                    requeue.append(Pending(Segment(run.data, run.bounds[k : end + 1]), seq, strikes=strikes))
                     self.queued += end - k
                     self.queued_bytes += run.bounds[end] - run.bounds[k]
                     self.reruns += end - k

@@ -15,12 +15,12 @@ from .framing import Segment
 
 class Pending:
     """Items not yet sent: ``segment`` items from index ``pos`` on, the first numbered ``seq``;
-    ``deaths``: how many workers already died holding them (see ledger.MAX_DEATHS)."""
+    ``strikes``: what the worker deaths they went through count against them (see ledger)."""
 
-    __slots__ = ("segment", "pos", "seq", "deaths")
+    __slots__ = ("segment", "pos", "seq", "strikes")
 
-    def __init__(self, segment: Segment, seq: int, pos: int = 0, deaths: int = 0) -> None:
-        self.segment, self.seq, self.pos, self.deaths = segment, seq, pos, deaths
+    def __init__(self, segment: Segment, seq: int, pos: int = 0, strikes: int = 0) -> None:
+        self.segment, self.seq, self.pos, self.strikes = segment, seq, pos, strikes
 
     def __len__(self) -> int:
         return len(self.segment.bounds) - 1 - self.pos
@@ -32,11 +32,11 @@ def take_head(queue: deque[Pending], size: int) -> Pending:
     Following entries are merged into it (their bytes copied once into a new
     segment) while their sequence numbers continue the head's; an oversized
     frame or a re-queued call leaves a gap, and merging stops there, as it does between
-    entries with different ``deaths``.
+    entries with different ``strikes``.
     """
     head = queue[0]
     if (len(head) >= size or len(queue) == 1 or queue[1].seq != head.seq + len(head)
-            or queue[1].deaths != head.deaths):
+            or queue[1].strikes != head.strikes):
         return head
     queue.popleft()
     seg, i = head.segment, head.pos
@@ -44,12 +44,12 @@ def take_head(queue: deque[Pending], size: int) -> Pending:
     parts = [seg.data[start : seg.bounds[-1]]]
     bounds = [b - start for b in seg.bounds[i:]]
     while (queue and len(bounds) - 1 < size and queue[0].seq == head.seq + len(bounds) - 1
-           and queue[0].deaths == head.deaths):
+           and queue[0].strikes == head.strikes):
         nxt = queue.popleft()
         nb = nxt.segment.bounds
         shift = bounds[-1] - nb[nxt.pos]
         bounds.extend([b + shift for b in nb[nxt.pos + 1 :]])
         parts.append(nxt.segment.data[nb[nxt.pos] : nb[-1]])
-    merged = Pending(Segment(b"".join(parts), bounds), head.seq, deaths=head.deaths)
+    merged = Pending(Segment(b"".join(parts), bounds), head.seq, strikes=head.strikes)
     queue.appendleft(merged)
     return merged
