@@ -4,14 +4,18 @@
  * well-formed cases itself and hands everything else to the Python functions it was
  * built with, so errors, odd types and edge cases come out exactly as Python's:
  *
- * Decoder(fallback, special, atom_type).decode(data, pos, depth) -> (term, end)
+ * Decoder(fallback, special, atom_type, improper_list, wrap_map).decode(data, pos, depth)
+ *     -> (term, end)
  *     fallback is etf's Python ``dec(data, pos, depth)``; special maps atom names to
- *     True/False/None; atom_type is terms.Atom. Integers (97, 98, bignums up to 8
- *     digit bytes), finite NEW_FLOATs, atoms up to 255 bytes, binaries, tuples, NIL,
- *     STRING_EXT, proper LIST_EXTs and maps whose keys a plain dict holds as they are
- *     are decoded here; any other tag, or anything short, odd or out of depth, goes
- *     to fallback for that sub-term (an improper list or a map with clashing or
- *     unhashable keys is restarted in Python from its first byte).
+ *     True/False/None; atom_type is terms.Atom, improper_list terms.ImproperList and
+ *     wrap_map etf's ``_map_with_wrapped_keys(keys, values, pos)``. Integers (97, 98,
+ *     bignums up to 8 digit bytes), finite NEW_FLOATs, atoms up to 255 bytes, binaries,
+ *     tuples, NIL, STRING_EXT, lists (improper ones too) and maps are decoded here (a map
+ *     with clashing or unhashable keys is finished by wrap_map); any other tag, or
+ *     anything short, odd or out of depth, goes to fallback for that sub-term. A
+ *     container found malformed half-way is restarted in Python from its first byte,
+ *     which then raises: every sub-term is decoded at most once on the way to a result,
+ *     so decoding stays linear in the input, however deeply the rare cases nest.
  *
  * Encoder(fallback, none_bytes, atom_type).encode(term, put)
  *     fallback is etf's Python ``enc(x, put)``; none_bytes the encoding of none_atom.
@@ -44,6 +48,8 @@ typedef struct {
     PyObject *fallback;
     PyObject *special;
     PyObject *atom_type;
+    PyObject *improper_list;
+    PyObject *wrap_map;
     AtomSlot atoms[ATOM_SLOTS];
 } DecoderObject;
 
@@ -164,13 +170,69 @@ dec_atom(DecState *st, const unsigned char *name, Py_ssize_t n, int utf8)
 
 static PyObject *dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level);
 
-/* A container C does not take after all: decode it in Python from its first byte. */
+/* A container found malformed half-way: Python decodes it again from its first byte and
+ * raises the proper error. Only for errors: a restart that succeeded would decode the
+ * sub-terms twice, once per nesting level of such containers. */
 static PyObject *
 dec_restart(DecState *st, PyObject *partial, Py_ssize_t start, Py_ssize_t *pos, Py_ssize_t depth)
 {
     Py_XDECREF(partial);
     *pos = start;
     return dec_fallback(st, pos, depth);
+}
+
+/* Decode a term and append it to list; -1 on error. */
+static int
+dec_append(DecState *st, PyObject *list, Py_ssize_t *pos, Py_ssize_t depth, int level)
+{
+    PyObject *item = dec_term(st, pos, depth, level);
+    int rc;
+
+    if (item == NULL)
+        return -1;
+    rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* The rest of the MAP_EXT at start whose pair i has a key that the dict done cannot take
+ * as it is (see etf's map_slow): decode the remaining pairs here and let wrap_map build
+ * the dict. Steals done and key. */
+static PyObject *
+dec_map_wrapped(DecState *st, PyObject *done, PyObject *key, Py_ssize_t i, Py_ssize_t n,
+                Py_ssize_t start, Py_ssize_t q, Py_ssize_t *pos, Py_ssize_t depth, int level)
+{
+    PyObject *keys = NULL, *values = NULL, *args[3], *result = NULL;
+
+    if (PyDict_GET_SIZE(done) != i) { /* two equal atom keys merged: Python raises */
+        Py_DECREF(key);
+        return dec_restart(st, done, start, pos, depth);
+    }
+    keys = PyDict_Keys(done);
+    values = PyDict_Values(done);
+    Py_DECREF(done);
+    if (keys == NULL || values == NULL || PyList_Append(keys, key) < 0)
+        goto done;
+    if (dec_append(st, values, &q, depth - 1, level + 1) < 0)
+        goto done;
+    for (i++; i < n; i++) {
+        if (dec_append(st, keys, &q, depth - 1, level + 1) < 0
+            || dec_append(st, values, &q, depth - 1, level + 1) < 0)
+            goto done;
+    }
+    args[0] = keys;
+    args[1] = values;
+    args[2] = PyLong_FromSsize_t(start);
+    if (args[2] == NULL)
+        goto done;
+    result = PyObject_Vectorcall(st->self->wrap_map, args, 3, NULL);
+    Py_DECREF(args[2]);
+    *pos = q;
+done:
+    Py_DECREF(key);
+    Py_XDECREF(keys);
+    Py_XDECREF(values);
+    return result;
 }
 
 static PyObject *
@@ -342,10 +404,48 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
             }
             PyList_SET_ITEM(result, i, item);
         }
-        if (q < 0 || q >= len || s[q] != 106) /* improper, continued or truncated */
+        /* A LIST_EXT tail continues the same list, in a loop as in Python. */
+        while (q >= 0 && q < len && s[q] == 108) {
+            if (len - q < 5)
+                return dec_restart(st, result, p, pos, depth);
+            n = (Py_ssize_t)get_u32(s + q + 1);
+            q += 5;
+            if (n < 0 || n >= len - q)
+                return dec_restart(st, result, p, pos, depth);
+            for (i = 0; i < n; i++) {
+                if (dec_append(st, result, &q, depth - 1, level + 1) < 0) {
+                    Py_DECREF(result);
+                    return NULL;
+                }
+            }
+        }
+        if (q < 0 || q >= len) /* truncated */
             return dec_restart(st, result, p, pos, depth);
-        *pos = q + 1;
-        return result;
+        if (s[q] == 106) {
+            *pos = q + 1;
+            return result;
+        }
+        value = dec_term(st, &q, depth - 1, level + 1); /* an improper list's tail */
+        if (value == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        *pos = q;
+        if (PyList_CheckExact(value)) { /* a STRING_EXT tail: more elements */
+            i = PyList_GET_SIZE(result);
+            if (PyList_SetSlice(result, i, i, value) < 0)
+                Py_CLEAR(result);
+            Py_DECREF(value);
+            return result;
+        }
+        if (PyList_GET_SIZE(result) == 0) { /* [] ++ Tail is Tail */
+            Py_DECREF(result);
+            return value;
+        }
+        item = PyObject_CallFunctionObjArgs(st->self->improper_list, result, value, NULL);
+        Py_DECREF(result);
+        Py_DECREF(value);
+        return item;
     }
     case 116: { /* MAP_EXT */
         Py_ssize_t q;
@@ -365,12 +465,18 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
                 Py_DECREF(result);
                 return NULL;
             }
-            clash = PyDict_Contains(result, item);
-            if (clash != 0) { /* a duplicate, a key Python's == merges, or unhashable */
+            /* As in Python: an Atom key can only equal another Atom (a duplicate, caught
+             * below); any other key is checked for a clash first. */
+            clash = Py_TYPE(item) == (PyTypeObject *)st->self->atom_type
+                        ? 0 : PyDict_Contains(result, item);
+            if (clash < 0 && !PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear(); /* not unhashable: Python raises it again */
                 Py_DECREF(item);
-                if (clash < 0)
-                    PyErr_Clear(); /* Python meets the same error, if it is one */
                 return dec_restart(st, result, p, pos, depth);
+            }
+            if (clash != 0) { /* a duplicate, a key Python's == merges, or unhashable */
+                PyErr_Clear();
+                return dec_map_wrapped(st, result, item, i, n, p, q, pos, depth, level);
             }
             value = dec_term(st, &q, depth - 1, level + 1);
             if (value == NULL || PyDict_SetItem(result, item, value) < 0) {
@@ -382,6 +488,8 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
             Py_DECREF(item);
             Py_DECREF(value);
         }
+        if (PyDict_GET_SIZE(result) != n) /* two equal atom keys merged: Python raises */
+            return dec_restart(st, result, p, pos, depth);
         *pos = q;
         return result;
     }
@@ -439,17 +547,19 @@ Decoder_decode(DecoderObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *fallback, *special, *atom_type;
+    PyObject *fallback, *special, *atom_type, *improper_list, *wrap_map;
     DecoderObject *self;
 
     if (kwds != NULL && PyDict_Size(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError, "Decoder takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OO!O:Decoder", &fallback, &PyDict_Type, &special, &atom_type))
+    if (!PyArg_ParseTuple(args, "OO!OOO:Decoder", &fallback, &PyDict_Type, &special, &atom_type,
+                          &improper_list, &wrap_map))
         return NULL;
-    if (!PyCallable_Check(fallback) || !PyCallable_Check(atom_type)) {
-        PyErr_SetString(PyExc_TypeError, "Decoder needs a callable fallback and atom type");
+    if (!PyCallable_Check(fallback) || !PyCallable_Check(atom_type)
+        || !PyCallable_Check(improper_list) || !PyCallable_Check(wrap_map)) {
+        PyErr_SetString(PyExc_TypeError, "Decoder needs callable arguments after special");
         return NULL;
     }
     self = (DecoderObject *)type->tp_alloc(type, 0); /* zeroed, atom slots included */
@@ -461,6 +571,10 @@ Decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->special = special;
     Py_INCREF(atom_type);
     self->atom_type = atom_type;
+    Py_INCREF(improper_list);
+    self->improper_list = improper_list;
+    Py_INCREF(wrap_map);
+    self->wrap_map = wrap_map;
     return (PyObject *)self;
 }
 
@@ -471,6 +585,8 @@ Decoder_traverse(DecoderObject *self, visitproc visit, void *arg)
     Py_VISIT(self->fallback);
     Py_VISIT(self->special);
     Py_VISIT(self->atom_type);
+    Py_VISIT(self->improper_list);
+    Py_VISIT(self->wrap_map);
     return 0;
 }
 
@@ -481,6 +597,8 @@ Decoder_clear(DecoderObject *self)
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->special);
     Py_CLEAR(self->atom_type);
+    Py_CLEAR(self->improper_list);
+    Py_CLEAR(self->wrap_map);
     for (i = 0; i < ATOM_SLOTS; i++) {
         Py_CLEAR(self->atoms[i].name);
         Py_CLEAR(self->atoms[i].value);
@@ -510,7 +628,8 @@ static PyType_Slot Decoder_slots[] = {
     {Py_tp_traverse, Decoder_traverse},
     {Py_tp_clear, Decoder_clear},
     {Py_tp_methods, Decoder_methods},
-    {Py_tp_doc, "Decoder(fallback, special, atom_type): ETF decoder, see the module docs."},
+    {Py_tp_doc, "Decoder(fallback, special, atom_type, improper_list, wrap_map): ETF decoder, see the "
+                   "module docs."},
     {0, NULL},
 };
 

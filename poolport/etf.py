@@ -53,7 +53,8 @@ Decisions worth knowing:
   ``max_length`` so it never produces more than ``max_inflated`` bytes, and its
   declared size must match. LOCAL_EXT (121, node-local, undocumented format),
   atom cache references (82) and compressed terms below the top level are
-  refused.
+  refused. Decoding time is linear in the (inflated) input, however deeply
+  terms nest: no sub-term is decoded again for each level around it.
 
 Speed: the decoder walks a ``bytes`` object with a position index, dispatches
 on the tag with the most common tags first and handles small integers,
@@ -70,6 +71,7 @@ import operator
 import os
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -549,7 +551,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             if depth <= 0:
                 raise _too_deep(pos)
             p = _pid_end(data, _int_end(data, _int_end(data, _atom_end(data, pos + 30))))
-            p = _skip_terms(data, p, _u32(data, pos + 26)[0], depth - 1, "fun", pos)
+            p, mark = free_vars(data, p, _u32(data, pos + 26)[0], depth - 1, pos)
             if p != end:
                 raise DecodeError(
                     f"fun at byte {pos} has size {size} but its fields take {p - pos - 1}"
@@ -559,7 +561,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             if depth <= 0:
                 raise _too_deep(pos)
             p = _int_end(data, _int_end(data, _atom_end(data, _pid_end(data, pos + 5))))
-            end = _skip_terms(data, p, _u32(data, pos + 1)[0], depth - 1, "fun", pos)
+            end, mark = free_vars(data, p, _u32(data, pos + 1)[0], depth - 1, pos)
             cls = Fun
         elif tag == 80:
             raise DecodeError(f"compressed term at byte {pos} is not at the top level")
@@ -569,6 +571,8 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             raise DecodeError(f"{what} at byte {pos}")
         if end > len(data):
             raise _claims(cls.__name__.lower(), pos, end - pos, "bytes", len(data) - pos)
+        if tag == 112 or tag == 117:
+            return fun(data, pos, end, mark), end
         return cls(data[pos:end]), end
 
     def map_slow(
@@ -598,13 +602,52 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             key = _MISSING
         return _map_with_wrapped_keys(keys, values, start), pos
 
-    def _skip_terms(data: bytes, pos: int, n: int, depth: int, what: str, at: int) -> int:
-        """Validate ``n`` terms (a fun's free variables) and return where they end."""
+    nested = threading.local()  # .funs: (start, end, digest) of funs met in free variables
+
+    def free_vars(data: bytes, pos: int, n: int, depth: int, at: int) -> tuple[int, int]:
+        """Validate the fun at ``at``'s ``n`` free variables: (where they end, mark for ``fun``).
+
+        Their terms are only checked, not kept: the fun keeps its bytes.
+        """
         if n > len(data) - pos:
-            raise _claims(what, at, n, "free variables", len(data) - pos)
-        for _ in range(n):
-            pos = dec(data, pos, depth)[1]
-        return pos
+            raise _claims("fun", at, n, "free variables", len(data) - pos)
+        funs = getattr(nested, "funs", None)
+        if funs is not None:  # inside another fun's free variables
+            mark = len(funs)
+            for _ in range(n):
+                pos = dec(data, pos, depth)[1]
+            return pos, mark
+        nested.funs = []
+        try:
+            for _ in range(n):
+                pos = dec(data, pos, depth)[1]
+        finally:
+            nested.funs = None
+        return pos, -1
+
+    def fun(data: bytes, pos: int, end: int, mark: int) -> Fun:
+        """The fun ``data[pos:end]``; ``mark`` is what ``free_vars`` returned for it.
+
+        A fun inside another fun's free variables is thrown away and matters only
+        as a map key, where it must equal exactly the funs with the same bytes.
+        Copying (or hashing) its bytes would cost once per fun it is nested in, so it
+        stands as a digest of its bytes with each fun nested in it replaced by that
+        fun's own digest: every byte is hashed once.
+        """
+        if mark < 0:
+            return Fun(data[pos:end])
+        funs = nested.funs
+        h = hashlib.blake2b(digest_size=32)
+        at = pos
+        for start, stop, digest in funs[mark:]:  # the funs right inside this one, in order
+            h.update(data[at : start + 1])  # up to and with its tag
+            h.update(digest)
+            at = stop
+        h.update(data[at:end])
+        digest = h.digest()
+        del funs[mark:]
+        funs.append((pos, end, digest))
+        return Fun(b"\xff" + digest)  # 255 is no tag, so it equals no real fun's bytes
 
     return dec
 
@@ -621,9 +664,18 @@ def _decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, in
         if dec is None:
             dec = _DECODERS[none_atom] = _make_decoder(none_atom)
         if ACCELERATED:
-            dec = _cetf.Decoder(dec, _special_atoms(none_atom), Atom).decode
+            dec = _c_decoder(dec, none_atom)
         _ACTIVE_DECODERS[none_atom] = dec
     return dec
+
+
+def _c_decoder(
+    fallback: Callable[[bytes, int, int], tuple[Any, int]], none_atom: str | None
+) -> Callable[[bytes, int, int], tuple[Any, int]]:
+    """The C decoder that hands what it does not take to ``fallback`` (the Python ``dec``)."""
+    return _cetf.Decoder(
+        fallback, _special_atoms(none_atom), Atom, ImproperList, _map_with_wrapped_keys
+    ).decode
 
 
 def _inflate(data: bytes, max_inflated: int) -> bytes:
@@ -1012,7 +1064,9 @@ def _canonical(x: Any, put: Callable[[bytes], Any], enc: Callable[[Any, Any], No
     if x is None:
         put(b"\0")  # no ETF tag is 0, so this equals no atom
     elif isinstance(x, MapKey):
-        _canonical(x.term, put, enc)
+        # The key's own memo of canonical(x.term): a key nested in keys (as the decoder
+        # builds them, inside out) is walked once, not once per level it is nested in.
+        put(x._key())
     elif isinstance(x, Mapping):
         # Each key stands as a digest of its canonical form: entries get an order of their
         # own, and keys nested inside keys are hashed once, so hostile input stays linear.
