@@ -61,7 +61,7 @@ class MessageReader:
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = b""  # the start of a message not complete yet
         self._big: bytearray | None = None
         self._view = memoryview(b"")
         self._got = 0
@@ -85,12 +85,15 @@ class MessageReader:
         return self._split(data)
 
     def _split(self, data: bytes) -> list[tuple[int, Buffer]]:
-        buf = self._buf
-        if buf:
-            buf += data
-            data = bytes(buf)
-        out: list[tuple[int, Buffer]] = []
+        if self._buf:
+            data = self._buf + data
         pos, n, h = 0, len(data), HEADER.size
+        if n >= h:  # the usual case: exactly one whole message
+            size, count = HEADER.unpack_from(data)
+            if h + size == n:
+                self._buf = b""
+                return [(count, data[h:])]
+        out: list[tuple[int, Buffer]] = []
         while n - pos >= h:
             size, count = HEADER.unpack_from(data, pos)
             end = pos + h + size
@@ -104,5 +107,5 @@ class MessageReader:
                 break
             out.append((count, data[pos + h : end]))
             pos = end
-        self._buf = bytearray(data[pos:]) if pos < n else bytearray()
+        self._buf = data[pos:] if pos < n else b""
         return out
