@@ -246,9 +246,7 @@ class Dispatcher:
                 else:
                     self._read_hello(tag, now)
             now = time.monotonic()
-            self._check_deaths(now)
-            self._check_timeouts(now)
-            self._restart_due(now)
+            self._chores(now)
             self._release()
             if not self.closing:
                 ledger = self.ledger
@@ -549,20 +547,31 @@ class Dispatcher:
             self.cost = per_call if self.cost <= 0 else (
                 COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
 
-    def _check_timeouts(self, now: float) -> None:
+    def _chores(self, now: float) -> None:
+        """Once per loop, one pass over the slots: timeouts, deaths to account, restarts due."""
+        if self.hellos:
+            self._expire_hellos(now)
+        runs = self.ledger.runs
         for slot in self.slots:
-            if not self.ledger.runs[slot.index] or not slot.ready or slot.progress.wake_at(now) > now:  # type: ignore[union-attr]
-                continue
-            snap = slot.progress.read()  # type: ignore[union-attr]
-            if snap.running and snap.timeout_ms and now - snap.started_at > snap.timeout_ms / 1000:
-                seq = self.ledger.index_of(slot.index, snap.started - 1)
-                if seq is None:
-                    continue
-                log.warning("call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
-                            seq, snap.timeout_ms, slot.index, slot.pid)
-                self._kill(slot, f"timeout of call #{seq}")
-                slot.culprit = snap.started - 1
-                self.counters.add("timeouts")
+            if slot.sock is not None:
+                if slot.killed is None and runs[slot.index] and slot.progress.wake_at(now) <= now:  # type: ignore[union-attr]
+                    self._check_timeout(slot, now)
+            elif slot.dying_since:
+                self._check_death(slot, now)
+            elif slot.restart_at and now >= slot.restart_at and not self.closing:
+                self._start(slot)
+
+    def _check_timeout(self, slot: Slot, now: float) -> None:
+        snap = slot.progress.read()  # type: ignore[union-attr]
+        if snap.running and snap.timeout_ms and now - snap.started_at > snap.timeout_ms / 1000:
+            seq = self.ledger.index_of(slot.index, snap.started - 1)
+            if seq is None:
+                return
+            log.warning("call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
+                        seq, snap.timeout_ms, slot.index, slot.pid)
+            self._kill(slot, f"timeout of call #{seq}")
+            slot.culprit = snap.started - 1
+            self.counters.add("timeouts")
 
     def _select_timeout(self, now: float) -> float | None:
         soonest = self.deadline if self.closing else math.inf
@@ -596,17 +605,14 @@ class Dispatcher:
             _kill(slot.pid)  # whatever state it is in, it will not serve again
         slot.dying_since = time.monotonic()
         slot.link_error = reason
-        self._check_deaths(slot.dying_since)
+        self._check_death(slot, slot.dying_since)
 
-    def _check_deaths(self, now: float) -> None:
-        if self.hellos:
-            self._expire_hellos(now)
-        for slot in self.slots:
-            if slot.dying_since and (slot.future is None or slot.future.done()
-                                     or now - slot.dying_since >= DEATH_WAIT_S):
-                reason = _describe_exit(slot.future) if slot.future is not None and slot.future.done() \
-                    else slot.link_error
-                self._on_death(slot, reason)
+    def _check_death(self, slot: Slot, now: float) -> None:
+        """Account for a worker whose link is gone once loky saw it end (or it took too long)."""
+        if slot.future is None or slot.future.done() or now - slot.dying_since >= DEATH_WAIT_S:
+            reason = _describe_exit(slot.future) if slot.future is not None and slot.future.done() \
+                else slot.link_error
+            self._on_death(slot, reason)
 
     def _on_death(self, slot: Slot, reason: str) -> None:
         """Blame the call the process was running, re-queue the others, start a new process."""
@@ -656,11 +662,6 @@ class Dispatcher:
                               bare=self.bare)
         return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed",
                           f"worker process {slot.pid} died during this call: {reason}", bare=self.bare)
-
-    def _restart_due(self, now: float) -> None:
-        for slot in self.slots:
-            if slot.restart_at and now >= slot.restart_at and not self.closing:
-                self._start(slot)
 
 
 def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:

@@ -120,6 +120,11 @@ class FrameBuffer:
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         p, limit, attach, unpack = self.packet, self.max_frame, self.attach, self._header.unpack_from
         n = len(buf)
+        if not self._scan and n > p and p + unpack(buf)[0] == n and n - p <= limit and (
+                attach is None or not attach(buf, p)):  # the usual case in lock-step: one whole request
+            self._parts, self._have, self._need = [], 0, p
+            out.append(Segment(buf, [0, n]))
+            return out
         item, pos = 0, self._scan  # start of the item in progress; scan position (never rescanned)
         bounds = [0]
         while n - pos >= p:
