@@ -79,6 +79,7 @@ COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call av
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
 DEATH_WAIT_S = 2.0  # after a worker's link is lost, how long loky may take to say how it died
 HELLO_WAIT_S = 5.0  # a link connection that has not said hello by then is dropped
+MAX_WAIT_S = 3600.0  # the longest single wait in poll (a far deadline is simply waited for again)
 
 
 class Poller:
@@ -109,8 +110,8 @@ class Poller:
 
     def poll(self, timeout_s: float | None) -> list[tuple[Any, int]]:
         tags = self._tags
-        return [(tags[fd], mask) for fd, mask in
-                self._poll.poll(None if timeout_s is None else math.ceil(timeout_s * 1000))]
+        ms = None if timeout_s is None else math.ceil(min(timeout_s, MAX_WAIT_S) * 1000)
+        return [(tags[fd], mask) for fd, mask in self._poll.poll(ms)]
 
 
 class Slot:
@@ -249,12 +250,19 @@ class Dispatcher:
             self._chores(now)
             self._release()
             if not self.closing:
-                ledger = self.ledger
-                self._set_reading(ledger.in_flight < self.config.max_in_flight and
-                                  ledger.held_bytes + self.stdout.size + self.frames.held
-                                  < self.config.max_in_flight_bytes)
+                self._set_reading(self._admitting())
             self._schedule(now)  # late: a worker woken by a run may take this CPU right away
             self._watch_slots()  # after: a run the worker has not taken in whole needs POLLOUT
+
+    def _admitting(self) -> bool:
+        """Whether stdin is read: below both limits, counting info frames waiting for their call.
+        With nothing else held, reading goes on whatever those weigh: only the call they wait
+        for can free them (and FrameBuffer keeps just the latest MAX_ATTACHED bytes of them)."""
+        ledger = self.ledger
+        if ledger.in_flight >= self.config.max_in_flight:
+            return False
+        held = ledger.held_bytes + self.stdout.size
+        return held + self.frames.held < self.config.max_in_flight_bytes or (held == 0 and ledger.in_flight == 0)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("received %s: finishing in-flight calls", signal.Signals(signum).name)
@@ -558,7 +566,7 @@ class Dispatcher:
                     self._check_timeout(slot, now)
             elif slot.dying_since:
                 self._check_death(slot, now)
-            elif slot.restart_at and now >= slot.restart_at and not self.closing:
+            elif slot.restart_at and now >= slot.restart_at and (self.ledger.queued or not self.closing):
                 self._start(slot)
 
     def _check_timeout(self, slot: Slot, now: float) -> None:
@@ -644,8 +652,8 @@ class Dispatcher:
             slot.progress = None
         if slot.failures >= MAX_STARTUP_FAILURES:
             raise SystemExit(f"worker {slot.index} died {slot.failures} times before serving: {reason}")
-        if self.closing:
-            return
+        if self.closing and not self.ledger.queued:
+            return  # closing with nothing left for a new process to do
         delay = 0.0 if slot.failures == 0 else min(5.0, 0.1 * 2 ** slot.failures)
         slot.restart_at = time.monotonic() + delay
         if not delay:
