@@ -383,42 +383,9 @@ opts() ->
                end,
     #{config => undefined,
       python => os:getenv("POOLPORT_PYTHON", "python3"),
-      env => python_env(),
+      env => poolport_e2e_tests:python_env(),
       args => ["--workers", integer_to_list(?WORKERS), "--module", atom_to_list(?M),
-               "--python-path", filename:absname(fixtures_dir()), "--log-level", LogLevel]}.
-
-fixtures_dir() ->
-    Candidates = [filename:join(filename:dirname(?FILE), "fixtures"),
-                  filename:join(filename:dirname(code:which(?MODULE)), "fixtures"),
-                  filename:absname("test/fixtures")],
-    case [D || D <- Candidates, filelib:is_regular(filename:join(D, "pp_chaos_erl.py"))] of
-        [Dir | _] -> Dir;
-        [] -> error({no_fixtures, Candidates})
-    end.
-
-%% Put the repository's Python package first on PYTHONPATH if erlang/ sits
-%% in a checkout of it (as poolport_e2e_tests does).
-python_env() ->
-    case repo_root(filename:absname(fixtures_dir())) of
-        undefined ->
-            [];
-        Root ->
-            Path = case os:getenv("PYTHONPATH") of
-                       false -> Root;
-                       "" -> Root;
-                       Old -> Root ++ ":" ++ Old
-                   end,
-            [{"PYTHONPATH", Path}]
-    end.
-
-repo_root("/") ->
-    undefined;
-repo_root(Dir) ->
-    case filelib:is_regular(filename:join([Dir, "poolport", "__init__.py"])) andalso
-         filelib:is_regular(filename:join(Dir, "pyproject.toml")) of
-        true -> Dir;
-        false -> repo_root(filename:dirname(Dir))
-    end.
+               "--python-path", filename:absname(poolport_e2e_tests:fixtures_dir()), "--log-level", LogLevel]}.
 
 ps_cmd(OsPid) ->
     string:trim(os:cmd("ps -o args= -p " ++ integer_to_list(OsPid))).

@@ -15,6 +15,9 @@
 
 -include_lib("eunit/include/eunit.hrl").
 
+%% Shared with poolport_chaos_tests.
+-export([fixtures_dir/0, python_env/0]).
+
 -define(M, pp_handlers).
 %% Upper bound for anything that should take well under a second.
 -define(DEADLOCK, 30000).
