@@ -10,6 +10,7 @@ Errors are ``{error, {Type, Code, Class, Detail, Backtrace}}`` (bare mode:
 from __future__ import annotations
 
 import reprlib
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,15 +87,28 @@ def info_timeout(term: Any) -> int | None:
 _INFO_ATOMS = (b"w\x04info", b"s\x04info", b"d\x00\x04info", b"v\x00\x04info")
 
 
-def is_info(data: bytes, start: int = 0) -> bool:
-    """Byte-level test for an ``{info, ...}`` packet at ``data[start:]`` (payload, no header).
+def is_info(data: bytes, start: int = 0, end: int | None = None) -> bool:
+    """Byte-level test for an ``{info, ...}`` packet at ``data[start:end]`` (payload, no header).
 
     Lets the dispatcher keep an info packet with the call it precedes without
     decoding anything: calls are 4-tuples, info packets the only 3-tuples.
-    Cheap on the hot path: two byte reads rule out every call.
+    Cheap on the hot path: two byte reads rule out every call. A compressed
+    term (``term_to_binary(T, [compressed])``) has only its first bytes inflated.
     """
-    return (len(data) > start + 8 and data[start + 2] == 3 and data[start + 1] == 104
-            and data.startswith(_INFO_ATOMS, start + 3))
+    if len(data) <= start + 8:
+        return False
+    if data[start + 1] == 104:
+        return data[start + 2] == 3 and data.startswith(_INFO_ATOMS, start + 3)
+    return data[start + 1] == 80 and _compressed_info(data[start + 6 : len(data) if end is None else end])
+
+
+def _compressed_info(stream: bytes) -> bool:
+    """True if the zlib ``stream`` inflates to the head of an ``{info, ...}`` tuple."""
+    try:
+        head = zlib.decompressobj().decompress(stream[:64], 12)
+    except zlib.error:
+        return False
+    return head[:2] == b"h\x03" and head.startswith(_INFO_ATOMS, 2)
 
 
 def reply(result: Any) -> tuple[Any, ...]:

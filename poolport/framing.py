@@ -36,8 +36,8 @@ MAX_ATTACHED = 64 << 10  # info frames waiting for one call beyond this: only th
 
 HEADERS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I")}
 
-Attach = Callable[[bytes, int], bool]
-"""``attach(data, payload_start)``: True if this frame belongs with the frame after it."""
+Attach = Callable[[bytes, int, int], bool]
+"""``attach(data, payload_start, payload_end)``: True if this frame belongs with the frame after it."""
 
 
 class Segment:
@@ -121,7 +121,7 @@ class FrameBuffer:
         p, limit, attach, unpack = self.packet, self.max_frame, self.attach, self._header.unpack_from
         n = len(buf)
         if not self._scan and n > p and p + unpack(buf)[0] == n and n - p <= limit and (
-                attach is None or not attach(buf, p)):  # the usual case in lock-step: one whole request
+                attach is None or not attach(buf, p, n)):  # the usual case in lock-step: one whole request
             self._parts, self._have, self._need = [], 0, p
             out.append(Segment(buf, [0, n]))
             return out
@@ -145,7 +145,7 @@ class FrameBuffer:
                 continue
             if end > n:
                 break
-            if attach is None or not attach(buf, pos + p):
+            if attach is None or not attach(buf, pos + p, end):
                 bounds.append(end)
                 item = end
             elif end - item > MAX_ATTACHED and pos > item:  # a flood of info frames: keep the latest

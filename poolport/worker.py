@@ -158,7 +158,7 @@ class Worker:
                     entry = head and (self._fast.get(data[start:head]) or self._learn(data, start, head))
                     if entry:
                         self._last = (data[start:head], entry)
-                elif arity == 3 and bert.is_info(data, start):
+                elif arity == 3 and bert.is_info(data, start, end):
                     self._take_info(data[start:end])
                     return None
         if not entry:

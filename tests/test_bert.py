@@ -1,6 +1,6 @@
 import pytest
 
-from poolport import bert
+from poolport import bert, etf
 from poolport.errors import ProtocolError
 from poolport.terms import Atom as A
 
@@ -66,3 +66,16 @@ def test_error_terms():
     assert bert.error(bert.USER, 0, "ValueError", "bad", ["l1", "l2"]) == (
         A("error"), (A("user"), 0, b"ValueError", b"bad", [b"l1", b"l2"]))
     assert bert.error(bert.SERVER, 1, "X", "y", bare=True) == (A("error"), (A("server"), b"X", b"y"))
+
+
+def test_is_info_sees_through_compression():
+    """A compressed info packet (term_to_binary(T, [compressed])) is still an info packet: it
+    must ride with its call and get no reply, or every later reply would be shifted."""
+    info = (A("info"), A("timeout"), [(A("ms"), 500), (A("pad"), b"x" * 200)])
+    data = etf.encode(info, compressed=6)
+    assert data[1] == 80  # really compressed
+    assert bert.is_info(data) and bert.is_info(b"\x00" * 3 + data, 3, 3 + len(data))
+    call = etf.encode((A("call"), A("m"), A("f"), [b"x" * 200]), compressed=6)
+    assert call[1] == 80 and not bert.is_info(call)
+    assert not bert.is_info(data[:7] + b"\xff" * 40)  # not a zlib stream: not info
+    assert not bert.is_info(data, 0, 9)  # cut short: too little to tell, not info

@@ -21,7 +21,7 @@ from poolport.framing import frame
 from poolport.terms import ImproperList
 from chaos_client import (ERROR, OK, PROTOCOL, SERVER, USER, Server, encode_frames,
                           error_head, is_crashed, short)
-from portclient import A, call
+from portclient import A, PortClient, call
 
 MiB = 1 << 20
 SEED = int(os.environ.get("POOLPORT_TEST_SEED") or random.randrange(1 << 30))
@@ -407,3 +407,22 @@ def test_decoding_counts_towards_the_call_timeout(compressed):
         assert s.recv() == (OK, 12)
         s.join_writer()
         assert s.finish() == 0
+
+
+# ---------------------------------------------------------------------- compressed info packets
+
+
+def test_a_compressed_info_packet_gets_no_reply_and_shifts_nothing():
+    """term_to_binary({info, timeout, ...}, [compressed]) is still an info packet: it rides with
+    its call (and sets its timeout), and gets no reply of its own."""
+    info = (A("info"), A("timeout"), [(A("ms"), 300), (A("pad"), b"p" * 300)])
+    packet = etf.encode(info, compressed=6)
+    assert packet[1] == 80
+    with PortClient("--workers", "2", "-m", "pp_handlers", "--log-level", "WARNING") as c:
+        c.send_raw(frame(packet))
+        c.send(call("pp_handlers", "sleep_ms", 2000, 1))  # the compressed timeout applies to it
+        c.send(call("pp_handlers", "twice", 21))
+        kind, (typ, code, cls, *_rest) = c.recv(timeout=60)
+        assert (kind, typ, code, cls) == (A("error"), A("server"), 3, b"Timeout")
+        assert c.recv(timeout=60) == (OK, 42)
+        assert c.request(call("pp_handlers", "twice", 2)) == (OK, 4)

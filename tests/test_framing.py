@@ -64,7 +64,7 @@ def test_any_split_of_the_stream_gives_the_same_frames(payloads, step, packet):
     assert feed_all(FrameBuffer(packet), wire, step) == [frame(p, packet) for p in payloads]
 
 
-def _attach_if_starts_with_i(data: bytes, start: int) -> bool:
+def _attach_if_starts_with_i(data: bytes, start: int, end: int) -> bool:
     return data[start : start + 1] == b"i"
 
 
@@ -114,9 +114,9 @@ def test_info_frames_are_scanned_once_and_a_flood_keeps_only_the_latest():
     call = frame(b"\x83h\x04w\x04call" + bytes(20))
     seen = []
 
-    def attach(data: bytes, start: int) -> bool:
+    def attach(data: bytes, start: int, end: int) -> bool:
         seen.append(start)
-        return is_info(data, start)
+        return is_info(data, start, end)
 
     fb = FrameBuffer(4, 1 << 20, attach=attach)
     floods = 15_000_000 // len(info)
