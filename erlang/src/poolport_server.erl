@@ -559,7 +559,7 @@ check_frame(Frame, Packet) ->
             Detail = iolist_to_binary(io_lib:format(
                 "request of ~b bytes does not fit {packet, ~b} (at most ~b bytes)",
                 [Size, Packet, Max])),
-            {error, {protocol, 0, <<"FrameTooLarge">>, Detail, []}}
+            {error, {protocol, 1, <<"FrameTooLarge">>, Detail, []}}
     end.
 
 %% A freshly opened port: numbering starts again at 0, and the first request
@@ -1061,7 +1061,7 @@ call_result_test_() ->
 
 check_frame_test_() ->
     [?_assertEqual(ok, check_frame(<<0:255/unit:8>>, 1)),
-     ?_assertMatch({error, {protocol, 0, <<"FrameTooLarge">>, _, []}},
+     ?_assertMatch({error, {protocol, 1, <<"FrameTooLarge">>, _, []}},
                    check_frame(<<0:256/unit:8>>, 1)),
      ?_assertEqual(ok, check_frame(<<0:65535/unit:8>>, 2)),
      ?_assertMatch({error, _}, check_frame(<<0:65536/unit:8>>, 2)),

@@ -319,7 +319,7 @@ start_supervised() ->
     ?assertEqual({ok, <<"hi">>}, poolport:call(pp_sup, ?M, echo, [<<"hi">>])),
     ?assertMatch(#{packet := 2}, poolport:info(pp_sup)),
     %% A request that does not fit {packet, 2} is refused, the pool carries on.
-    ?assertMatch({error, {protocol, _, <<"FrameTooLarge">>, _, _}},
+    ?assertMatch({error, {protocol, 1, <<"FrameTooLarge">>, _, _}},
                  poolport:call(pp_sup, ?M, echo, [binary:copy(<<0>>, 70000)])),
     ?assertEqual({ok, 2}, poolport:call(pp_sup, ?M, twice, [1])),
     %% A crash of the pool process is repaired by the supervisor.
@@ -565,7 +565,7 @@ refused_frames_aligned() ->
                            end
                        end, [{I, T} || I <- lists:seq(1, 60), T <- [infinity, ?DEADLOCK]]),
         [case I rem 3 of
-             0 -> ?assertMatch({I, {error, {protocol, _, <<"FrameTooLarge">>, _, _}}}, R);
+             0 -> ?assertMatch({I, {error, {protocol, 1, <<"FrameTooLarge">>, _, _}}}, R);
              _ -> ?assertEqual({I, {ok, I}}, R)
          end || {I, _} = R <- Results],
         ?assertEqual(ok, poolport:cast(Pool, ?M, echo, [Big])),
