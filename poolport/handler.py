@@ -23,13 +23,14 @@ nothing); a worker that is replaced after a crash or a timeout runs it again.
 from __future__ import annotations
 
 import importlib
+import inspect
 import types
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, overload
 
 from .errors import PoolportError
 
-__all__ = ["HandlerSettings", "aliases", "handler", "run_worker_init", "settings_of",
+__all__ = ["HandlerSettings", "aliases", "handler", "is_handler", "run_worker_init", "settings_of",
            "worker_state"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,14 +71,27 @@ def handler(fn: Any = None, /, *, timeout_ms: int | None = None, name: str | Non
 
 
 def settings_of(fn: Any) -> HandlerSettings | None:
-    """The settings ``@poolport.handler`` attached to ``fn``, if any."""
+    """The settings ``@poolport.handler`` attached to ``fn``, if any.
+
+    Read statically (no ``__getattr__``, property or descriptor of ``fn`` runs): this is
+    asked of objects a request names, before anything decides they may be called.
+    """
     try:
-        settings = fn.__poolport__
-    except AttributeError:
-        return None
-    except Exception:  # noqa: BLE001 - an odd object whose __getattr__ raises something else
+        settings = inspect.getattr_static(fn, "__poolport__", None)
+    except Exception:  # noqa: BLE001 - an object too odd to inspect is not a handler
         return None
     return settings if isinstance(settings, HandlerSettings) else None
+
+
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def is_handler(obj: Any) -> bool:
+    """Only functions are callable through a request: a ``def`` (or a compiled function), or
+    an object marked with ``@poolport.handler`` itself. Never a class, an instance, a
+    ``functools.partial`` or a bound method. Decided from types alone, running no code of ``obj``.
+    """
+    return type(obj) in _FUNCTIONS or settings_of(obj) is not None
 
 
 def aliases(module: types.ModuleType) -> dict[str, Callable[..., Any]]:

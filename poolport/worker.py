@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from . import bert, etf
 from . import typed  # typed handlers, @poolport.handler, worker_init:
-from .handler import aliases, exposed_name, run_worker_init, settings_of
+from .handler import aliases, exposed_name, is_handler, run_worker_init, settings_of
 from .config import Config
 from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import HEADERS
@@ -91,9 +91,10 @@ class Handlers:
             except Exception as exc:  # noqa: BLE001
                 return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
                         f"{module}.{function}: looking it up raised {type(exc).__name__}: {_safe_str(exc)}")
-        if fn is None or not callable(fn):
-            return (bert.NO_SUCH_FUNCTION, "NoSuchFunction", f"{module}.{function} is not a public function")
-        owner = getattr(fn, "__module__", None)
+        if fn is None or not is_handler(fn):
+            what = "" if fn is None else f" (it is a {type(fn).__name__}: only functions can be called)"
+            return (bert.NO_SUCH_FUNCTION, "NoSuchFunction", f"{module}.{function} is not a public function{what}")
+        owner = getattr(fn, "__module__", None)  # safe: fn is a function, or marked by its author
         if not (isinstance(owner, str) and self.config.allowed(owner)):
             return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
                     f"{module}.{function} is defined in {owner!r}, which is not allowlisted")

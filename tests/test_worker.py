@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from hypothesis import given, settings, strategies as st
 
@@ -71,3 +74,28 @@ def test_a_run_of_mixed_frames_gets_one_reply_per_call_in_order():
     assert len(replies) == len(names) - 1  # the info packet gets no reply
     assert replies[0] == (Atom("reply"), (7, b"abc")) and replies[1] == (Atom("reply"), 5)
     assert replies[3][0] == Atom("error") and replies[5] == (Atom("noreply"),)
+
+
+NOT_FUNCTIONS = ["Spawn", "Touch", "instance", "partial_touch", "bound_method", "sneaky"]
+
+
+@pytest.mark.parametrize("name", NOT_FUNCTIONS)
+def test_only_functions_are_callable_nothing_else_runs(tmp_path, name):
+    """Classes, instances, partials, bound methods: NoSuchFunction, and none of their code ran
+    (each would create the file if it did)."""
+    target = tmp_path / "ran"
+    w = Worker(Config(modules=["pp_sandbox"]), {"workers": 1})
+    reply = etf.decode(w.handle(request("call", "pp_sandbox", name, [str(target).encode()])))
+    kind, (typ, code, cls, detail, _trace) = reply
+    assert (kind, typ, code, cls) == (Atom("error"), Atom("server"), 2, b"NoSuchFunction")
+    assert b"only functions can be called" in detail
+    time.sleep(0.2)  # a spawned process would have had time to create it
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("name", ["touch", "marked_touch"])
+def test_functions_and_marked_handlers_are_callable(tmp_path, name):
+    target = tmp_path / "ran"
+    w = Worker(Config(modules=["pp_sandbox"]), {"workers": 1})
+    reply = etf.decode(w.handle(request("call", "pp_sandbox", name, [str(target).encode()])))
+    assert reply == (Atom("reply"), True) and target.exists()

@@ -1,0 +1,56 @@
+"""Callables that are not functions, in an allowlisted module: none may run through a request.
+
+Each would create the file named by its argument if it ran (the tests check it never appears).
+"""
+
+import functools
+import subprocess
+
+import poolport
+
+
+def touch(path):
+    """The one plain function here: callable."""
+    open(path, "w").close()
+    return True
+
+
+class Spawn(subprocess.Popen):
+    """A class: calling it would run its constructor (here: a shell command)."""
+
+    def __init__(self, path):
+        super().__init__(["touch", path])
+
+
+class Touch:
+    def __init__(self, path):
+        touch(path)
+
+
+class _Callable:
+    def __call__(self, path):
+        return touch(path)
+
+
+instance = _Callable()
+partial_touch = functools.partial(touch)
+bound_method = Touch.__new__(Touch).__init__
+
+
+class _Sneaky:
+    """Looking an attribute up on it runs code: resolving a handler must not."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"code ran while {name!r} was looked up")
+
+    def __call__(self, path):
+        return touch(path)
+
+
+sneaky = _Sneaky()
+
+
+@poolport.handler(name="marked_touch")
+def _marked(path):
+    """Marked by its author: callable under its alias."""
+    return touch(path)
