@@ -62,13 +62,18 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
         return any(module == m or module.startswith(m + ".") for m in self.modules)
 
     def timeout_for(self, module: str, function: str, handler_ms: int | None = None) -> int:
-        """Timeout in ms for a function (0 = none): the config's entry for the function, then
-        for its module, then ``handler_ms`` (``@poolport.handler(timeout_ms=...)``), then global."""
-        for key in (f"{module}.{function}", module):
-            settings = self.functions.get(key)
-            if settings is not None and settings.timeout_ms is not None:
-                return settings.timeout_ms
-        return self.timeout_ms if handler_ms is None else handler_ms
+        """Timeout in ms for a function (0 = none): the smallest of those set among the
+        function's (its ``functions:`` entry, else ``handler_ms`` from
+        ``@poolport.handler(timeout_ms=...)``), its module's entry and the global one."""
+        entry = self.functions.get(f"{module}.{function}")
+        own = entry.timeout_ms if entry is not None and entry.timeout_ms is not None else handler_ms
+        entry = self.functions.get(module)
+        return smallest_timeout(own, entry.timeout_ms if entry is not None else None, self.timeout_ms)
+
+
+def smallest_timeout(*timeouts_ms: int | None) -> int:
+    """The smallest of the timeouts that are set (``None`` and ``0`` are not); 0 if none is."""
+    return min((t for t in timeouts_ms if t), default=0)
 
 
 def load_config(data: bytes | str, base_dir: str = ".", overrides: dict[str, Any] | None = None,

@@ -4,9 +4,10 @@
 function (``fn.__poolport__``, a :class:`HandlerSettings`) and returns the same
 function, so it is still a plain callable from Python and costs nothing per call:
 
-* ``timeout_ms`` is the call's timeout unless the config has an entry for that
-  function or its module (``functions:`` in the YAML), which wins; the global
-  ``timeout_ms`` is the last fallback. ``0`` means no timeout.
+* ``timeout_ms`` is the function's timeout, unless the config has an entry for
+  that function (``functions:`` in the YAML), which replaces it. The call's
+  timeout is the smallest set among the caller's (info packet), the function's,
+  its module's and the global one. ``0`` means not set.
 * ``name`` exposes the function under that name *instead of* its Python name:
   ``@handler(name="sum") def sum_(...)`` answers ``{call, mod, sum, ...}`` and
   ``{call, mod, sum_, ...}`` is ``NoSuchFunction``. The function must be defined

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from . import bert, etf
 from . import typed  # typed handlers, @poolport.handler, worker_init:
 from .handler import aliases, exposed_name, is_handler, run_worker_init, settings_of
-from .config import Config
+from .config import Config, smallest_timeout
 from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import HEADERS
 from .link import HEADER, SEQ, MessageReader, send_message, tune
@@ -166,7 +166,7 @@ class Worker:
             return self.handle(data[start:end])
         fn, cast, timeout, module, function = entry
         info_ms, self._next_timeout = self._next_timeout, None
-        self.progress.begin(timeout if info_ms is None else info_ms)
+        self.progress.begin(smallest_timeout(info_ms, timeout))
         try:
             try:
                 args, pos = self._dec(data, head, self._depth)
@@ -204,7 +204,7 @@ class Worker:
             self._take_info(payload)
             return None
         info_ms, self._next_timeout = self._next_timeout, None
-        self.progress.begin(self.config.timeout_ms if info_ms is None else info_ms)  # until resolved
+        self.progress.begin(smallest_timeout(info_ms, self.config.timeout_ms))  # until resolved
         try:
             return self._answer(payload, info_ms)
         except BaseException as exc:  # noqa: BLE001 - the last resort: never lose a request
@@ -244,9 +244,7 @@ class Worker:
         fn = self.handlers.resolve(module, request.function)
         if type(fn) is tuple:
             return self._error(bert.SERVER, *fn)
-        if timeout is None:
-            timeout = self._timeout_for(module, request.function)
-        self.progress.set_timeout(timeout)
+        self.progress.set_timeout(smallest_timeout(timeout, self._timeout_for(module, request.function)))
         return self._invoke(fn, request.kind == "cast", module, request.function,  # type: ignore[arg-type]
                             request.args)
 

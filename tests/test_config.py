@@ -76,11 +76,15 @@ def test_bare_module_is_allowlisted_implicitly():
     assert config.allowed("seedmod")
 
 
-def test_function_timeouts_override_module_and_global():
-    config = load_config(b"timeout_ms: 100\nfunctions: {m: {timeout_ms: 50}, m.slow: {timeout_ms: 9000}}")
-    assert config.timeout_for("m", "slow") == 9000
+def test_the_smallest_timeout_set_applies():
+    config = load_config(b"timeout_ms: 100\nfunctions: {m: {timeout_ms: 50}, m.slow: {timeout_ms: 9000}, "
+                         b"m.quick: {timeout_ms: 20}, n: {timeout_ms: 0}}")
+    assert config.timeout_for("m", "slow") == 50  # the module's is smaller than the function's
+    assert config.timeout_for("m", "quick") == 20
     assert config.timeout_for("m", "fast") == 50
+    assert config.timeout_for("n", "f") == 100  # 0 is "not set"
     assert config.timeout_for("other", "f") == 100
+    assert load_config(b"").timeout_for("m", "f") == 0
 
 
 def test_cli_flags_override_the_file(tmp_path, capsys):

@@ -208,3 +208,16 @@ def test_bare_mode_speaks_the_seed_protocol():
         assert c.request((A("hello"), list(b"World"))) == b"Hello, World"
         assert c.request((A("nope"), 1)) == (ERROR, (A("server"), b"NoSuchFunction",
                                                      b"seed_handlers.nope is not a public function"))
+
+
+def test_the_smallest_timeout_set_applies_even_when_the_caller_sends_a_longer_one():
+    """The OTP client sends {info, timeout, ...} with its own (longer) timeout before every
+    call: the YAML's shorter timeout_ms must still stop the call."""
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--timeout-ms", "500") as c:
+        c.send((A("info"), A("timeout"), [(A("ms"), 5000)]), call("pp_handlers", "sleep_ms", 3000, 1))
+        kind, (typ, code, cls, _detail, _trace) = c.recv(timeout=60)
+        assert (kind, typ, code, cls) == (A("error"), A("server"), 3, b"Timeout")
+        c.send((A("info"), A("timeout"), [(A("ms"), 200)]), call("pp_handlers", "sleep_ms", 1000, 2))
+        kind, (typ, code, cls, _detail, _trace) = c.recv(timeout=60)  # the caller's shorter one too
+        assert (kind, typ, code, cls) == (A("error"), A("server"), 3, b"Timeout")
+        assert c.request(call("pp_handlers", "sleep_ms", 10, 3)) == (A("reply"), 3)
