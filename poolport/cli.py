@@ -65,8 +65,22 @@ def read_config(args: argparse.Namespace) -> Config:
         config = msgspec.structs.replace(
             config, modules=[*config.modules, *extra_modules],
             python_path=[*extra_paths, *config.python_path])
-        config = msgspec.convert(msgspec.to_builtins(config), Config)  # re-validate names
+        try:
+            config = msgspec.convert(msgspec.to_builtins(config), Config)  # re-validate names
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"--module/--python-path: {exc}") from None
     return config
+
+
+def _positive_int(value: str) -> int:
+    """An argparse type: a misuse ends with status 2 and one line, like every other."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
 
 
 def _int_flag(flag: str, value: str) -> int:
@@ -133,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="validate a configuration and print it")
     _add_config_flags(p_check)
     p_demo = sub.add_parser("demo", help="Erlang calls a CPU-heavy function: 1 worker vs N")
-    p_demo.add_argument("--calls", type=int, default=200, help="calls per measurement")
-    p_demo.add_argument("--steps", type=int, default=200_000, help="loop steps per call")
-    p_demo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p_demo.add_argument("--calls", type=_positive_int, default=200, help="calls per measurement")
+    p_demo.add_argument("--steps", type=_positive_int, default=200_000, help="loop steps per call")
+    p_demo.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
     sub.add_parser("bench", help="the benchmark: poolport vs a single-process port, from a real erl",
                    add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
