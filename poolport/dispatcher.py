@@ -173,7 +173,8 @@ class Dispatcher:
         self.deadline = math.inf
         self.poller = Poller()
         self._poll_now = functools.partial(self.poller.poll, 0)
-        self.tmpdir = tempfile.mkdtemp(prefix="poolport-")
+        sweep_stale_dirs()
+        self.tmpdir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
         self.address = os.path.join(self.tmpdir, "link")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.address)
@@ -685,6 +686,40 @@ def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:
     if slot.progress is not None and slot.progress.finished >= ledger.sent[slot.index]:
         return 0, -now
     return len(runs), 0.0
+
+
+TMP_PREFIX = "poolport-"  # + the dispatcher's pid + "-" + random: its private directory
+
+
+def sweep_stale_dirs(root: str | None = None) -> list[str]:
+    """Remove the private directories of dispatchers that died without cleaning up (kill -9).
+
+    Only directories of this user, named ``poolport-<pid>-...``, whose pid no longer runs.
+    A pid reused by another process keeps its directory until a later sweep: harmless.
+    """
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        pid_text = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not name.startswith(TMP_PREFIX) or not pid_text.isdigit():
+            continue
+        path = os.path.join(root, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            continue  # alive (EPERM: another user's process) or gone meanwhile
+    if removed:
+        log.info("removed %d directory(ies) left by dispatchers that were killed", len(removed))
+    return removed
 
 
 def _kill(pid: int) -> None:

@@ -78,3 +78,33 @@ def test_a_reader_that_goes_away_ends_the_server_at_once(tmp_path):
     time.sleep(2)
     proc.stdout.close()
     assert exits_within(proc, 20) == 0
+
+
+def test_a_killed_dispatcher_leaves_nothing_behind_after_the_next_start(tmp_path):
+    """kill -9 of the dispatcher cannot clean up; the next `poolport serve` removes its
+    directory (and only the directories of dispatchers that are gone)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    first = subprocess.Popen([sys.executable, "-m", "poolport", "serve", "--workers", "1",
+                              "--python-path", HANDLERS, "-m", "pp_handlers"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    first.stdin.write(frame(etf.encode(call("pp_handlers", "twice", 1))))
+    first.stdin.flush()
+    assert first.stdout.read(4)  # serving: its directory exists
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("poolport-")]
+    assert len(left) == 1
+    foreign = tmp_path / "poolport-notapid-x"  # not ours to judge: kept
+    foreign.mkdir()
+    first.kill()
+    first.wait()
+    exits_within(first, 5)
+    second = subprocess.Popen([sys.executable, "-m", "poolport", "serve", "--workers", "1",
+                               "--python-path", HANDLERS, "-m", "pp_handlers"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    second.stdin.write(frame(etf.encode(call("pp_handlers", "twice", 1))))
+    second.stdin.flush()
+    assert second.stdout.read(4)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert left[0] not in names and foreign.name in names
+    second.stdin.close()
+    assert exits_within(second, 20) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name]
