@@ -33,6 +33,24 @@ WORKER_CRASHED = 4  # the worker process died while running this call (or twice 
 INTERNAL = 5  # poolport itself failed outside the handler (a bug, or out of memory): the worker goes on
 # user errors: the handler raised (or returned something unencodable)
 USER_ERROR = 0
+# made by the OTP client itself: a reply of the wrong shape for its request
+UNEXPECTED_REPLY = 0
+
+# Every error Class poolport names itself, with its Type and Code: the one table the Erlang
+# client and the README are checked against (tests/test_error_codes.py). Other Classes are
+# exception names: `server` 1 (the import failed), `server` 5, `user` 0.
+ERRORS: dict[str, tuple[Atom, int]] = {
+    "FrameTooLarge": (PROTOCOL, BAD_FRAME),
+    "DecodeError": (PROTOCOL, BAD_REQUEST),
+    "BadRequest": (PROTOCOL, BAD_REQUEST),
+    "UnexpectedReply": (PROTOCOL, UNEXPECTED_REPLY),
+    "ModuleNotAllowed": (SERVER, NO_SUCH_MODULE),
+    "NoSuchFunction": (SERVER, NO_SUCH_FUNCTION),
+    "Timeout": (SERVER, TIMEOUT),
+    "WorkerCrashed": (SERVER, WORKER_CRASHED),
+    "ArgumentError": (USER, USER_ERROR),
+    "EncodeError": (USER, USER_ERROR),
+}
 
 
 @dataclass(frozen=True, slots=True)
