@@ -157,6 +157,11 @@ call(Pool, Module, Function, Args) ->
 
 %% @doc Call `Module.Function(*Args)' in Python, waiting at most `Timeout' ms.
 %%
+%% `Timeout' is `infinity' or an integer >= 0; anything else raises
+%% `badarg' in the caller, before the pool is asked. An integer above
+%% 4294967295 (ms, about 49.7 days, the largest timer value) is clamped to
+%% 4294967295, which is also the value sent to Python.
+%%
 %% An integer timeout is also sent to Python, which stops the call when it
 %% expires. After `{error, timeout}' no late reply ever reaches the caller's
 %% mailbox: the pool drops it.
@@ -175,7 +180,8 @@ call(Pool, Module, Function, Args) ->
 call(Pool, Module, Function, Args, Timeout)
   when is_atom(Module), is_atom(Function), is_list(Args),
        (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
-    poolport_server:call(Pool, poolport_server:encode_call(Module, Function, Args), Timeout);
+    poolport_server:call(Pool, poolport_server:encode_call(Module, Function, Args),
+                         poolport_server:clamp_timeout(Timeout));
 call(Pool, Module, Function, Args, Timeout) ->
     erlang:error(badarg, [Pool, Module, Function, Args, Timeout]).
 
@@ -218,7 +224,9 @@ info(Pool) ->
 %% `stop_timeout' ms it is sent SIGTERM, then SIGKILL.
 -spec stop(pool()) -> ok.
 stop(Pool) ->
-    gen_server:stop(Pool, normal, infinity).
+    ok = gen_server:stop(Pool, normal, infinity),
+    %% A pool of poolport_sup leaves a stopped child specification behind.
+    poolport_sup:purge().
 
 %% Internal.
 

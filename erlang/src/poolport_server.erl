@@ -56,6 +56,7 @@
 -export([prepare/1]).
 -export([check_opts/1]).
 -export([shutdown_timeout/1]).
+-export([clamp_timeout/1]).
 -export([encode_call/3]).
 -export([encode_cast/3]).
 
@@ -72,6 +73,10 @@
 %% Extra time a caller waits beyond its timeout for the server's own
 %% `{error, timeout}' before it gives up itself (only if the server is stuck).
 -define(CALLER_MARGIN, 1000).
+%% Largest call timeout (ms, about 49.7 days): the largest value every OTP
+%% release accepts in `erlang:send_after/3' and in `receive ... after'
+%% (which `gen_server:call/3' uses). Longer timeouts are clamped to it.
+-define(MAX_TIMEOUT, 4294967295).
 %% How long info/1 waits for the pool (gen_server:call/2's default).
 -define(INFO_TIMEOUT, 5000).
 %% First reopen delay after the Python process died, doubled on each
@@ -164,8 +169,9 @@ start_link(#{name := Name} = Cfg) ->
 -spec call(poolport:pool(), binary(), timeout()) -> {ok, term()} | {error, poolport:reason()}.
 call(Pool, Request, infinity) ->
     server_call(Pool, {call, Request, infinity}, infinity);
-call(Pool, Request, Timeout) ->
-    server_call(Pool, {call, Request, Timeout}, Timeout + ?CALLER_MARGIN).
+call(Pool, Request, Timeout0) ->
+    Timeout = clamp_timeout(Timeout0),
+    server_call(Pool, {call, Request, Timeout}, min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)).
 
 %% `gen_server:call/3' that returns `{error, Reason}' instead of exiting
 %% when the pool is not there or the call timed out (thanks to the process
@@ -194,6 +200,19 @@ cast(Pool, Request) ->
 -spec info(poolport:pool()) -> map() | {error, noproc | {nodedown, node()} | timeout}.
 info(Pool) ->
     server_call(Pool, info, ?INFO_TIMEOUT).
+
+%% @doc A valid call timeout, clamped to the largest timer value.
+%%
+%% `infinity' and integers from 0 to 4294967295 (ms, about 49.7 days) are
+%% returned unchanged, a larger integer as 4294967295. Anything else
+%% (a negative integer, another atom, a float) raises `badarg'.
+-spec clamp_timeout(timeout()) -> timeout().
+clamp_timeout(infinity) ->
+    infinity;
+clamp_timeout(Timeout) when is_integer(Timeout), Timeout >= 0 ->
+    min(Timeout, ?MAX_TIMEOUT);
+clamp_timeout(Timeout) ->
+    erlang:error(badarg, [Timeout]).
 
 %% @doc Check options and resolve the interpreter and the config path.
 %%
@@ -274,7 +293,12 @@ init(Cfg) ->
     {reply, term(), state()} | {noreply, state()}.
 handle_call({call, _Request, _Timeout}, _From, #state{port = undefined} = State) ->
     {reply, {error, port_closed}, count_error(State#state{calls = State#state.calls + 1})};
-handle_call({call, Request, Timeout}, {Pid, _} = From, State0) ->
+handle_call({call, _Request, Timeout}, _From, State)
+  when Timeout =/= infinity, not (is_integer(Timeout) andalso Timeout >= 0) ->
+    %% Only a caller bypassing poolport:call/5 can send this; never crash on it.
+    {reply, {error, badarg}, State};
+handle_call({call, Request, Timeout0}, {Pid, _} = From, State0) ->
+    Timeout = clamp_timeout(Timeout0),
     State = State0#state{calls = State0#state.calls + 1},
     #state{cfg = #{packet := Packet}, port = Port} = State,
     Frames = case Timeout of

@@ -5,12 +5,21 @@
 %% are `transient': a pool that crashes (for instance because its Python
 %% process kept dying) is restarted, one stopped with {@link poolport:stop/1}
 %% is removed.
+%%
+%% The strategy is `one_for_one' with one child specification per pool
+%% (not `simple_one_for_one', whose children all share one `shutdown'):
+%% each pool's `shutdown' comes from its own `stop_timeout', computed by
+%% {@link poolport_server:shutdown_timeout/1} exactly as for
+%% {@link poolport:child_spec/1}, so a pool with a long `stop_timeout' is
+%% never killed in the middle of its shutdown.
 -module(poolport_sup).
 -behaviour(supervisor).
 
 %% API.
 -export([start_link/0]).
 -export([start_pool/1]).
+-export([child_spec/1]).
+-export([purge/0]).
 
 %% supervisor.
 -export([init/1]).
@@ -26,12 +35,47 @@ start_link() ->
 %% {@link poolport_server:prepare/1}.
 -spec start_pool(poolport_server:cfg()) -> {ok, pid()} | {error, term()}.
 start_pool(Cfg) ->
-    case supervisor:start_child(?MODULE, [Cfg]) of
+    purge(),
+    case supervisor:start_child(?MODULE, child_spec(Cfg)) of
         {ok, Pid} when is_pid(Pid) -> {ok, Pid};
         {ok, Pid, _Info} when is_pid(Pid) -> {ok, Pid};
         {ok, _} -> {error, ignore};
         {ok, _, _} -> {error, ignore};
+        %% A failed start comes back as {Reason, ChildRecord}; callers
+        %% get the pool's own reason, as before.
+        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
+            {error, Reason};
         {error, _} = Error -> Error
+    end.
+
+%% @doc The child specification of a pool under `poolport_sup'.
+%%
+%% A unique id, `transient', and the `shutdown' of
+%% {@link poolport_server:shutdown_timeout/1} (the same as
+%% {@link poolport:child_spec/1} gives for the same options).
+-spec child_spec(poolport_server:cfg()) -> supervisor:child_spec().
+child_spec(Cfg) ->
+    #{id => {poolport_server, make_ref()},
+      start => {poolport_server, start_link, [Cfg]},
+      restart => transient,
+      shutdown => poolport_server:shutdown_timeout(Cfg),
+      type => worker,
+      modules => [poolport_server]}.
+
+%% @doc Forget the pools that have stopped for good (a `transient' child
+%% that exited normally keeps its specification under `one_for_one').
+%%
+%% Called by {@link poolport:stop/1} and {@link start_pool/1}; does nothing
+%% if the supervisor is not running.
+-spec purge() -> ok.
+purge() ->
+    try supervisor:which_children(?MODULE) of
+        Children ->
+            _ = [supervisor:delete_child(?MODULE, Id)
+                 || {Id, undefined, _, _} <- Children],
+            ok
+    catch
+        exit:_ -> ok
     end.
 
 %% supervisor.
@@ -39,12 +83,5 @@ start_pool(Cfg) ->
 %% @private
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
-    SupFlags = #{strategy => simple_one_for_one, intensity => 5, period => 10},
-    Pool = #{id => poolport_server,
-             start => {poolport_server, start_link, []},
-             restart => transient,
-             %% Longer than any pool's bounded stop (see poolport:stop/1).
-             shutdown => 60000,
-             type => worker,
-             modules => [poolport_server]},
-    {ok, {SupFlags, [Pool]}}.
+    SupFlags = #{strategy => one_for_one, intensity => 5, period => 10},
+    {ok, {SupFlags, []}}.

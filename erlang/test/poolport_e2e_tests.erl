@@ -38,6 +38,10 @@ shared_pool_test_() ->
              {"caller-side timeout: alias drops the late reply", fun caller_timeout/1},
              {"dead caller's reply is discarded", fun dead_caller/1},
              {"infinity timeout", fun infinity/1},
+             {"timeout 1 bsl 59 / 1 bsl 64: clamped, call and bystander fine",
+              fun huge_timeout/1},
+             {"timeout -1 or an atom: badarg in the caller, pool stays up",
+              fun bad_timeout/1},
              {"info/1 fields", fun info/1}
          ]]
      end}.
@@ -187,6 +191,60 @@ dead_caller(Pool) ->
 infinity(Pool) ->
     ?assertEqual({ok, 10}, poolport:call(Pool, ?M, sleep_ms, [10], infinity)).
 
+huge_timeout(Pool) ->
+    %% Issue 13: erlang:send_after/3 refused such a timeout inside the pool,
+    %% which crashed and took every call in flight with it. Now the timeout
+    %% is clamped to 4294967295 ms, also in the packet Python gets.
+    Max = 4294967295,
+    Self = self(),
+    Bystander = spawn_link(fun() ->
+        Self ! {bystander, self(), poolport:call(Pool, ?M, sleep_ms, [300], ?DEADLOCK)}
+    end),
+    wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) >= 1 end, ?DEADLOCK),
+    %% Record the {info, timeout, ...} packets the pool encodes meanwhile.
+    erlang:trace_pattern({poolport_server, encode_timeout, 1},
+                         [{'_', [], [{return_trace}]}], [local]),
+    1 = erlang:trace(Pool, true, [call, {tracer, self()}]),
+    try
+        ?assertEqual({ok, 50}, poolport:call(Pool, ?M, sleep_ms, [50], 1 bsl 59)),
+        ?assertEqual({ok, 7}, poolport:call(Pool, ?M, echo, [7], 1 bsl 64)),
+        ?assertEqual({ok, 8}, poolport:call(Pool, ?M, echo, [8], Max + 1)),
+        ?assertEqual({ok, 9}, poolport:call(Pool, ?M, echo, [9], Max))
+    after
+        erlang:trace(Pool, false, [call]),
+        erlang:trace_pattern({poolport_server, encode_timeout, 1}, false, [local])
+    end,
+    receive {bystander, Bystander, R} -> ?assertEqual({ok, 300}, R)
+    after ?DEADLOCK -> error(deadlock)
+    end,
+    Sent = trace_returns(Pool),
+    ?assertEqual([{info, timeout, [{ms, Max}]} || _ <- lists:seq(1, 4)],
+                 [binary_to_term(B) || B <- Sent]),
+    ?assertEqual(Max, poolport_server:clamp_timeout(1 bsl 64)),
+    ?assertEqual(0, poolport_server:clamp_timeout(0)),
+    ?assertEqual(infinity, poolport_server:clamp_timeout(infinity)),
+    ?assertMatch(#{status := running, waiting := 0, in_flight := 0}, poolport:info(Pool)),
+    ?assertEqual({ok, 1}, poolport:call(Pool, ?M, echo, [1])).
+
+trace_returns(Pid) ->
+    receive
+        {trace, Pid, return_from, {poolport_server, encode_timeout, 1}, Bin} ->
+            [Bin | trace_returns(Pid)];
+        {trace, Pid, call, {poolport_server, encode_timeout, _}} ->
+            trace_returns(Pid)
+    after 1000 ->
+        []
+    end.
+
+bad_timeout(Pool) ->
+    #{calls := C0} = poolport:info(Pool),
+    [?assertError(badarg, poolport:call(Pool, ?M, echo, [1], T))
+     || T <- [-1, -(1 bsl 64), forever, undefined, 1.5, "5000"]],
+    ?assert(is_process_alive(Pool)),
+    %% Refused in the caller: the pool never saw these calls.
+    ?assertMatch(#{calls := C0, status := running}, poolport:info(Pool)),
+    ?assertEqual({ok, 2}, poolport:call(Pool, ?M, twice, [1])).
+
 info(Pool) ->
     Info = poolport:info(Pool),
     [?assert(maps:is_key(K, Info))
@@ -313,9 +371,15 @@ stop_pending() ->
     wait_until(fun() -> not lists:any(fun os_alive/1, Children) end, 10000).
 
 start_supervised() ->
-    {ok, Pool} = poolport:start(opts(#{name => pp_sup, packet => 2})),
+    {ok, Pool} = poolport:start(opts(#{name => pp_sup, packet => 2, stop_timeout => 120000})),
     ?assertEqual(Pool, whereis(pp_sup)),
     ?assert(lists:keymember(Pool, 2, supervisor:which_children(poolport_sup))),
+    %% Its shutdown follows its own stop_timeout, as in poolport:child_spec/1.
+    {Id, Pool, worker, _} = lists:keyfind(Pool, 2, supervisor:which_children(poolport_sup)),
+    {ok, #{shutdown := Shutdown}} = supervisor:get_childspec(poolport_sup, Id),
+    ?assertEqual(maps:get(shutdown, poolport:child_spec(opts(#{stop_timeout => 120000}))),
+                 Shutdown),
+    ?assert(Shutdown > 120000),
     ?assertEqual({ok, <<"hi">>}, poolport:call(pp_sup, ?M, echo, [<<"hi">>])),
     ?assertMatch(#{packet := 2}, poolport:info(pp_sup)),
     %% A request that does not fit {packet, 2} is refused, the pool carries on.
@@ -333,7 +397,24 @@ start_supervised() ->
     ?assertEqual(undefined, whereis(pp_sup)),
     ?assertNot(os_alive(OsPid)),
     ?assertNot(lists:any(fun({_, P, _, _}) -> P =:= Pool end,
-                         supervisor:which_children(poolport_sup))).
+                         supervisor:which_children(poolport_sup))),
+    %% Removed, not left behind as a terminated child.
+    ?assertEqual({error, not_found}, supervisor:get_childspec(poolport_sup, Id)).
+
+%% Issue 13: poolport_sup used a fixed 60000 ms shutdown, so a pool with a
+%% longer stop_timeout was killed in the middle of its shutdown.
+sup_shutdown_test() ->
+    Opts = #{stop_timeout => 120000},
+    {ok, Cfg} = poolport_server:check_opts(Opts),
+    #{shutdown := SupShutdown, restart := transient} = poolport_sup:child_spec(Cfg),
+    #{shutdown := OwnShutdown} = poolport:child_spec(Opts),
+    ?assertEqual(OwnShutdown, SupShutdown),
+    ?assertEqual(poolport_server:shutdown_timeout(Cfg), SupShutdown),
+    ?assert(SupShutdown > 120000),
+    %% Every pool gets its own id.
+    #{id := Id1} = poolport_sup:child_spec(Cfg),
+    #{id := Id2} = poolport_sup:child_spec(Cfg),
+    ?assertNotEqual(Id1, Id2).
 
 start_errors() ->
     ?assertEqual({error, {unknown_option, bogus}}, poolport:start_link(#{bogus => 1})),
