@@ -82,7 +82,7 @@ chaos() ->
 run(Pool, Seed, Blob, Started) ->
     #{os_pid := OsPid, status := running, misaligned := 0} = poolport:info(Pool),
     ?assertEqual({ok, hello}, poolport:call(Pool, ?M, echo, [hello])),
-    wait_until(fun() -> length(workers(OsPid)) =:= ?WORKERS end, ?DEADLOCK),
+    poolport_e2e_tests:wait_until(fun() -> length(workers(OsPid)) =:= ?WORKERS end, ?DEADLOCK),
     Info0 = poolport:info(Pool),
     Self = self(),
     Killer = spawn_link(fun() -> killer(Self, OsPid, Seed) end),
@@ -100,7 +100,7 @@ run(Pool, Seed, Blob, Started) ->
     %% The pool still answers, and nothing was ever out of step.
     ?assertEqual({ok, {after_chaos, Blob}}, poolport:call(Pool, ?M, echo, [{after_chaos, Blob}],
                                                           ?CALL_TIMEOUT)),
-    wait_until(fun() -> maps:get(in_flight, poolport:info(Pool)) =:= 0 end, ?DEADLOCK),
+    poolport_e2e_tests:wait_until(fun() -> maps:get(in_flight, poolport:info(Pool)) =:= 0 end, ?DEADLOCK),
     Info = poolport:info(Pool),
     {ok, Server} = poolport:call(Pool, '$poolport', info, [], ?CALL_TIMEOUT),
     ?debugFmt("chaos: ~p ms of chaos, ~p worker kills, max call latency ~p ms~n"
@@ -152,12 +152,12 @@ run(Pool, Seed, Blob, Started) ->
     Descendants = descendants(OsPid),
     ?assertNotEqual([], Descendants),
     ok = poolport:stop(Pool),
-    ?assertNot(os_alive(OsPid)),
+    ?assertNot(poolport_e2e_tests:os_alive(OsPid)),
     Left = try
-               wait_until(fun() -> not lists:any(fun os_alive/1, Descendants) end, 15000),
+               poolport_e2e_tests:wait_until(fun() -> not lists:any(fun poolport_e2e_tests:os_alive/1, Descendants) end, 15000),
                []
            catch
-               error:wait_until_timeout -> [{P, ps_cmd(P)} || P <- Descendants, os_alive(P)]
+               error:wait_until_timeout -> [{P, ps_cmd(P)} || P <- Descendants, poolport_e2e_tests:os_alive(P)]
            end,
     _ = [os:cmd("kill -KILL " ++ integer_to_list(P)) || {P, _} <- Left],
     ?assertEqual({left_after_stop, []}, {left_after_stop, Left}),
@@ -389,33 +389,3 @@ opts() ->
 
 ps_cmd(OsPid) ->
     string:trim(os:cmd("ps -o args= -p " ++ integer_to_list(OsPid))).
-
-%% Poll Pred every 10 ms until it is true; fail after Timeout ms.
-wait_until(Pred, Timeout) ->
-    Deadline = erlang:monotonic_time(millisecond) + Timeout,
-    wait_until_(Pred, Deadline).
-
-wait_until_(Pred, Deadline) ->
-    case Pred() of
-        true -> ok;
-        false ->
-            case erlang:monotonic_time(millisecond) > Deadline of
-                true -> error(wait_until_timeout);
-                false ->
-                    receive after 10 -> ok end,
-                    wait_until_(Pred, Deadline)
-            end
-    end.
-
-%% kill -0 says whether the OS process exists; a zombie counts as gone.
-os_alive(OsPid) ->
-    P = integer_to_list(OsPid),
-    case os:cmd("kill -0 " ++ P ++ " 2>/dev/null && echo alive") of
-        "alive\n" ->
-            case string:trim(os:cmd("ps -o stat= -p " ++ P)) of
-                "Z" ++ _ -> false;
-                _ -> true
-            end;
-        _ ->
-            false
-    end.

@@ -16,7 +16,7 @@
 -include_lib("eunit/include/eunit.hrl").
 
 %% Shared with poolport_chaos_tests.
--export([fixtures_dir/0, python_env/0]).
+-export([fixtures_dir/0, python_env/0, wait_until/2, os_alive/1]).
 
 -define(M, pp_handlers).
 %% Upper bound for anything that should take well under a second.
