@@ -55,7 +55,7 @@ import loky
 
 from . import bert, etf
 from .config import Config
-from .framing import FrameBuffer, Oversized, frame
+from .framing import MAX_ATTACHED, FrameBuffer, Oversized, frame
 from .ledger import Ledger, Run
 from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
@@ -189,6 +189,8 @@ class Dispatcher:
         self.counters = Counters(self.counters_path, create=True)
         self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
                      "protocol": config.protocol}
+        self.info_dropped = 0  # bytes of info packets the FrameBuffer dropped, as already logged
+        self.info_logged_at = -math.inf
         self.reading = False  # stdin is watched from the start; POLLIN is asked for while reading
         self.poller.watch(in_fd, 0, "stdin")
         self.stdout_watched = False
@@ -331,6 +333,11 @@ class Dispatcher:
                     f"{self.config.max_frame_bytes}", bare=self.bare)))
             else:
                 self.ledger.admit(segment)  # type: ignore[arg-type]
+        if self.frames.dropped != self.info_dropped and time.monotonic() - self.info_logged_at > 1.0:
+            log.warning("dropped %d bytes of {info, ...} packets: more than %d KiB of them waited for "
+                        "one call (only the latest are kept)", self.frames.dropped - self.info_dropped,
+                        MAX_ATTACHED >> 10)
+            self.info_dropped, self.info_logged_at = self.frames.dropped, time.monotonic()
 
     def _reply_frame(self, seq: int, term: Any) -> bytes:
         """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""

@@ -85,7 +85,7 @@ class FrameBuffer:
         self._skip = 0  # bytes of an oversized frame still to discard
         self._skipped = 0  # declared size of the oversized frame being discarded
         self._scan = 0  # bytes at the start of the buffer already scanned: info frames held for a call
-        self.dropped = 0  # info frames dropped because too many waited for one call
+        self.dropped = 0  # bytes of info frames dropped because too many waited for one call
 
     def __len__(self) -> int:
         return self._have
@@ -151,7 +151,7 @@ class FrameBuffer:
             elif end - item > MAX_ATTACHED and pos > item:  # a flood of info frames: keep the latest
                 if len(bounds) > 1:
                     out.append(Segment(buf, bounds))
-                self.dropped += 1
+                self.dropped += pos - item
                 item = pos
                 bounds = [pos]
             pos = end
