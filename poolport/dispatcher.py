@@ -131,7 +131,7 @@ class Slot:
         self.progress: Progress | None = None
         self.reader = MessageReader()
         self.outbox = Outbox()  # runs not yet taken by the worker
-        self.events = 0  # what the selector watches on sock
+        self.events = 0  # what the poller watches on sock
         self.killed: str | None = None  # why we killed it, if we did
         self.culprit: int | None = None  # index of the call it was killed for (a timeout)
         self.failures = 0  # deaths in a row without serving anything
@@ -168,6 +168,7 @@ class Dispatcher:
         self.ledger = Ledger(config.worker_count)
         self.stdout = Outbox()
         self.write_stdout = functools.partial(os.writev, out_fd)
+        self.write_stdout_one = functools.partial(os.write, out_fd)
         self.cost = 0.0  # smoothed seconds per call, measured from chunks
         self.closing = False
         self.deadline = math.inf
@@ -248,7 +249,7 @@ class Dispatcher:
                 elif tag == "wake":
                     self._on_wake()
                 else:
-                    self._read_hello(tag, now)
+                    self._read_hello(tag)
             now = time.monotonic()
             self._chores(now)
             self._release()
@@ -352,17 +353,15 @@ class Dispatcher:
         ready = self.ledger.release()
         if not ready:
             return
-        if len(ready) == 1 and not self.stdout:  # the usual case: one chunk, the pipe has room
+        if len(ready) == 1:  # the usual case: one chunk
             try:
-                n = os.write(self.out_fd, ready[0])
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError:
-                n = 0  # EPIPE: _flush_stdout below sees it again and closes
-            if n == len(ready[0]):
+                if self.stdout.write_now(ready[0], self.write_stdout_one):
+                    return
+            except OSError as exc:  # EPIPE: the port owner is gone
+                self._stdout_gone(str(exc))
                 return
-            ready[0] = memoryview(ready[0])[n:]
-        self.stdout.push(*ready)
+        else:
+            self.stdout.push(*ready)
         self._flush_stdout()
 
     def _flush_stdout(self) -> None:
@@ -411,18 +410,12 @@ class Dispatcher:
         self.stats["runs"] += 1
         self.stats["run_items"] += run.count
         head = HEADER.pack(run.size + SEQ.size, run.count) + SEQ.pack(run.start)
-        if not slot.outbox and run.size < SMALL_MESSAGE:  # the usual case: one send, no buffering
-            message = head + run.data
+        if run.size < SMALL_MESSAGE:  # the usual case: joined, one send
             try:
-                sent = slot.sock.send(message)  # type: ignore[union-attr]
-            except (BlockingIOError, InterruptedError):
-                sent = 0
+                slot.outbox.write_now(head + run.data, slot.sock.send)  # type: ignore[union-attr]
             except OSError as exc:
                 self._link_lost(slot, f"link lost while sending: {exc}")
-                return
-            if sent < len(message):
-                slot.outbox.push(memoryview(message)[sent:])
-            return
+            return  # what the worker did not take yet is sent on POLLOUT (_watch_slots)
         slot.outbox.push(head, run.data)
         self._flush_slot(slot)
 
@@ -478,7 +471,7 @@ class Dispatcher:
         self.hellos.append(hello)
         self.poller.watch(conn.fileno(), POLLIN, hello)
 
-    def _read_hello(self, hello: Hello, now: float) -> None:
+    def _read_hello(self, hello: Hello) -> None:
         try:
             chunk = hello.sock.recv(HEADER.size - len(hello.data))
         except (BlockingIOError, InterruptedError):

@@ -41,6 +41,22 @@ class Outbox:
                 self._parts.append(memoryview(part).cast("B"))
                 self.size += len(part)
 
+    def write_now(self, data: Buffer, write: Callable[[Buffer], int]) -> bool:
+        """The usual case, one buffer and nothing waiting: one plain write, no gather list.
+        What the peer does not take waits here; True once everything is out. ``OSError``
+        other than ``BlockingIOError`` propagates (the peer is gone)."""
+        if self:
+            self.push(data)
+            return False
+        try:
+            n = write(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n < len(data):
+            self.push(memoryview(data)[n:])
+            return False
+        return True
+
     def flush(self, write: Write) -> bool:
         """Write what the peer takes now; True once everything is out. ``OSError`` other than
         ``BlockingIOError`` propagates (the peer is gone)."""

@@ -287,17 +287,15 @@ class Worker:
 
     def _encode_reply(self, result: Any) -> bytes:
         try:
-            return etf.encode(result if self.bare else bert.reply(result), none_atom=self._none)
-        except EncodeError as exc:
-            error: Exception = exc
-        except (MemoryError, RecursionError) as exc:
-            return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__,
-                               f"the result could not be encoded: {_safe_str(exc)}")
-        try:  # -- Structs, dataclasses, Enums (poolport.typed.to_term), if plain encoding failed
-            term = typed.to_term(result)
-            return etf.encode(term if self.bare else bert.reply(term), none_atom=self._none)
-        except EncodeError as exc:
-            error = exc
+            try:
+                return etf.encode(result if self.bare else bert.reply(result), none_atom=self._none)
+            except EncodeError as exc:
+                error: Exception = exc
+            try:  # -- Structs, dataclasses, Enums (poolport.typed.to_term), if plain encoding failed
+                term = typed.to_term(result)
+                return etf.encode(term if self.bare else bert.reply(term), none_atom=self._none)
+            except EncodeError as exc:
+                error = exc
         except (MemoryError, RecursionError) as exc:
             return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__,
                                f"the result could not be encoded: {_safe_str(exc)}")
