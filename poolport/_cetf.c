@@ -4,9 +4,11 @@
  * well-formed cases itself and hands everything else to the Python functions it was
  * built with, so errors, odd types and edge cases come out exactly as Python's:
  *
- * Decoder(fallback, special, atom_type, improper_list, wrap_map).decode(data, pos, depth)
+ * Decoder(fallback, special, atom_type, improper_list, wrap_map).decode(data, pos, depth, budget)
  *     -> (term, end)
- *     fallback is etf's Python ``dec(data, pos, depth)``; special maps atom names to
+ *     fallback is etf's Python ``dec(data, pos, depth, budget)``; budget is a one-item list
+ *     holding how many more elements the term may hold, lowered by every container's
+ *     element count as it is opened (a container over it goes to Python, which raises). special maps atom names to
  *     True/False/None; atom_type is terms.Atom, improper_list terms.ImproperList and
  *     wrap_map etf's ``_map_with_wrapped_keys(keys, values, pos)``. Integers (97, 98,
  *     bignums up to 8 digit bytes), finite NEW_FLOATs, atoms up to 255 bytes, binaries,
@@ -58,6 +60,8 @@ typedef struct {
     PyObject *data;
     const unsigned char *s;
     Py_ssize_t len;
+    PyObject *budget; /* the caller's one-item list; st->left is its value while in C */
+    Py_ssize_t left;
 } DecState;
 
 static uint32_t
@@ -72,13 +76,50 @@ get_u64(const unsigned char *p)
     return ((uint64_t)get_u32(p) << 32) | get_u32(p + 4);
 }
 
+/* Write st->left to the budget list, keeping any exception already raised; -1 on error. */
+static int
+budget_store(DecState *st)
+{
+    PyObject *type, *value, *tb, *left;
+    int rc = -1;
+
+    PyErr_Fetch(&type, &value, &tb);
+    left = PyLong_FromSsize_t(st->left);
+    if (left != NULL)
+        rc = PyList_SetItem(st->budget, 0, left); /* steals left */
+    if (type != NULL)
+        PyErr_Restore(type, value, tb);
+    return rc;
+}
+
+/* Read st->left back from the budget list after Python used it; -1 on error. */
+static int
+budget_load(DecState *st)
+{
+    PyObject *type, *value, *tb, *left;
+    Py_ssize_t n = -1;
+
+    PyErr_Fetch(&type, &value, &tb);
+    left = PyList_GetItem(st->budget, 0);
+    if (left != NULL)
+        n = PyLong_AsSsize_t(left);
+    if (type != NULL)
+        PyErr_Restore(type, value, tb);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    st->left = n;
+    return 0;
+}
+
 /* Decode the sub-term at *pos in Python; returns a new reference and moves *pos. */
 static PyObject *
 dec_fallback(DecState *st, Py_ssize_t *pos, Py_ssize_t depth)
 {
-    PyObject *args[3], *res, *term, *end;
+    PyObject *args[4], *res, *term, *end;
     Py_ssize_t newpos;
 
+    if (budget_store(st) < 0)
+        return NULL;
     args[0] = st->data;
     args[1] = PyLong_FromSsize_t(*pos);
     if (args[1] == NULL)
@@ -88,11 +129,14 @@ dec_fallback(DecState *st, Py_ssize_t *pos, Py_ssize_t depth)
         Py_DECREF(args[1]);
         return NULL;
     }
-    res = PyObject_Vectorcall(st->self->fallback, args, 3, NULL);
+    args[3] = st->budget;
+    res = PyObject_Vectorcall(st->self->fallback, args, 4, NULL);
     Py_DECREF(args[1]);
     Py_DECREF(args[2]);
-    if (res == NULL)
+    if (budget_load(st) < 0 || res == NULL) {
+        Py_XDECREF(res);
         return NULL;
+    }
     if (!PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 2) {
         Py_DECREF(res);
         PyErr_SetString(PyExc_TypeError, "the fallback decoder must return (term, end)");
@@ -172,12 +216,15 @@ static PyObject *dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int l
 
 /* A container found malformed half-way: Python decodes it again from its first byte and
  * raises the proper error. Only for errors: a restart that succeeded would decode the
- * sub-terms twice, once per nesting level of such containers. */
+ * sub-terms twice, once per nesting level of such containers. left0 is the budget as it
+ * was before the container was opened: Python charges it again. */
 static PyObject *
-dec_restart(DecState *st, PyObject *partial, Py_ssize_t start, Py_ssize_t *pos, Py_ssize_t depth)
+dec_restart(DecState *st, PyObject *partial, Py_ssize_t start, Py_ssize_t *pos, Py_ssize_t depth,
+            Py_ssize_t left0)
 {
     Py_XDECREF(partial);
     *pos = start;
+    st->left = left0;
     return dec_fallback(st, pos, depth);
 }
 
@@ -200,13 +247,14 @@ dec_append(DecState *st, PyObject *list, Py_ssize_t *pos, Py_ssize_t depth, int 
  * the dict. Steals done and key. */
 static PyObject *
 dec_map_wrapped(DecState *st, PyObject *done, PyObject *key, Py_ssize_t i, Py_ssize_t n,
-                Py_ssize_t start, Py_ssize_t q, Py_ssize_t *pos, Py_ssize_t depth, int level)
+                Py_ssize_t start, Py_ssize_t q, Py_ssize_t *pos, Py_ssize_t depth, int level,
+                Py_ssize_t left0)
 {
     PyObject *keys = NULL, *values = NULL, *args[3], *result = NULL;
 
     if (PyDict_GET_SIZE(done) != i) { /* two equal atom keys merged: Python raises */
         Py_DECREF(key);
-        return dec_restart(st, done, start, pos, depth);
+        return dec_restart(st, done, start, pos, depth, left0);
     }
     keys = PyDict_Keys(done);
     values = PyDict_Values(done);
@@ -313,8 +361,9 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
         if (len - p < 3)
             break;
         n = ((Py_ssize_t)s[p + 1] << 8) | s[p + 2];
-        if (len - p - 3 < n)
+        if (len - p - 3 < n || n > st->left)
             break;
+        st->left -= n;
         result = PyList_New(n);
         if (result == NULL)
             return NULL;
@@ -369,8 +418,9 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
             n = (Py_ssize_t)get_u32(s + p + 1);
             q = p + 5;
         }
-        if (n < 0 || n > len - q || depth <= 0 || level >= MAX_NEST)
+        if (n < 0 || n > len - q || depth <= 0 || level >= MAX_NEST || n > st->left)
             break;
+        st->left -= n;
         result = PyTuple_New(n);
         if (result == NULL)
             return NULL;
@@ -386,13 +436,14 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
         return result;
     }
     case 108: { /* LIST_EXT */
-        Py_ssize_t q;
+        Py_ssize_t q, left0 = st->left;
         if (depth <= 0 || level >= MAX_NEST || len - p < 5)
             break;
         n = (Py_ssize_t)get_u32(s + p + 1);
         q = p + 5;
-        if (n < 0 || n >= len - q) /* n elements and a tail */
+        if (n < 0 || n >= len - q || n > st->left) /* n elements and a tail */
             break;
+        st->left -= n;
         result = PyList_New(n);
         if (result == NULL)
             return NULL;
@@ -407,11 +458,12 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
         /* A LIST_EXT tail continues the same list, in a loop as in Python. */
         while (q >= 0 && q < len && s[q] == 108) {
             if (len - q < 5)
-                return dec_restart(st, result, p, pos, depth);
+                return dec_restart(st, result, p, pos, depth, left0);
             n = (Py_ssize_t)get_u32(s + q + 1);
             q += 5;
-            if (n < 0 || n >= len - q)
-                return dec_restart(st, result, p, pos, depth);
+            if (n < 0 || n >= len - q || n > st->left)
+                return dec_restart(st, result, p, pos, depth, left0);
+            st->left -= n;
             for (i = 0; i < n; i++) {
                 if (dec_append(st, result, &q, depth - 1, level + 1) < 0) {
                     Py_DECREF(result);
@@ -420,7 +472,7 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
             }
         }
         if (q < 0 || q >= len) /* truncated */
-            return dec_restart(st, result, p, pos, depth);
+            return dec_restart(st, result, p, pos, depth, left0);
         if (s[q] == 106) {
             *pos = q + 1;
             return result;
@@ -448,14 +500,15 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
         return item;
     }
     case 116: { /* MAP_EXT */
-        Py_ssize_t q;
+        Py_ssize_t q, left0 = st->left;
         int clash;
         if (len - p < 5)
             break;
         n = (Py_ssize_t)get_u32(s + p + 1);
         q = p + 5;
-        if (n < 0 || n > (len - q) / 2 || depth <= 0 || level >= MAX_NEST)
+        if (n < 0 || n > (len - q) / 2 || depth <= 0 || level >= MAX_NEST || 2 * n > st->left)
             break;
+        st->left -= 2 * n;
         result = PyDict_New();
         if (result == NULL)
             return NULL;
@@ -472,11 +525,11 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
             if (clash < 0 && !PyErr_ExceptionMatches(PyExc_TypeError)) {
                 PyErr_Clear(); /* not unhashable: Python raises it again */
                 Py_DECREF(item);
-                return dec_restart(st, result, p, pos, depth);
+                return dec_restart(st, result, p, pos, depth, left0);
             }
             if (clash != 0) { /* a duplicate, a key Python's == merges, or unhashable */
                 PyErr_Clear();
-                return dec_map_wrapped(st, result, item, i, n, p, q, pos, depth, level);
+                return dec_map_wrapped(st, result, item, i, n, p, q, pos, depth, level, left0);
             }
             value = dec_term(st, &q, depth - 1, level + 1);
             if (value == NULL || PyDict_SetItem(result, item, value) < 0) {
@@ -489,7 +542,7 @@ dec_term(DecState *st, Py_ssize_t *pos, Py_ssize_t depth, int level)
             Py_DECREF(value);
         }
         if (PyDict_GET_SIZE(result) != n) /* two equal atom keys merged: Python raises */
-            return dec_restart(st, result, p, pos, depth);
+            return dec_restart(st, result, p, pos, depth, left0);
         *pos = q;
         return result;
     }
@@ -506,8 +559,9 @@ Decoder_decode(DecoderObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t pos, depth;
     PyObject *term, *end, *res;
 
-    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1])
-        || !PyLong_CheckExact(args[2]))
+    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1])
+        || !PyLong_CheckExact(args[2]) || !PyList_CheckExact(args[3])
+        || PyList_GET_SIZE(args[3]) != 1 || !PyLong_CheckExact(PyList_GET_ITEM(args[3], 0)))
         return PyObject_Vectorcall(self->fallback, args, (size_t)nargs, NULL);
     pos = PyLong_AsSsize_t(args[1]);
     if (pos == -1 && PyErr_Occurred()) {
@@ -525,9 +579,17 @@ Decoder_decode(DecoderObject *self, PyObject *const *args, Py_ssize_t nargs)
     st.data = args[0];
     st.s = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     st.len = PyBytes_GET_SIZE(args[0]);
+    st.budget = args[3];
+    st.left = PyLong_AsSsize_t(PyList_GET_ITEM(args[3], 0));
+    if (st.left == -1 && PyErr_Occurred()) { /* beyond Py_ssize_t: Python copes */
+        PyErr_Clear();
+        return PyObject_Vectorcall(self->fallback, args, (size_t)nargs, NULL);
+    }
     term = dec_term(&st, &pos, depth, 0);
-    if (term == NULL)
+    if (budget_store(&st) < 0 || term == NULL) {
+        Py_XDECREF(term);
         return NULL;
+    }
     end = PyLong_FromSsize_t(pos);
     if (end == NULL) {
         Py_DECREF(term);
@@ -618,7 +680,7 @@ Decoder_dealloc(DecoderObject *self)
 
 static PyMethodDef Decoder_methods[] = {
     {"decode", (PyCFunction)(void (*)(void))Decoder_decode, METH_FASTCALL,
-     "decode(data, pos, depth) -> (term, end): like etf's Python dec."},
+     "decode(data, pos, depth, budget) -> (term, end): like etf's Python dec."},
     {NULL, NULL, 0, NULL},
 };
 

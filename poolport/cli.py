@@ -32,6 +32,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reply-tags", action="store_const", const=True,
                    help="prefix every reply frame with its request's 64-bit sequence number")
     p.add_argument("--max-frame-bytes", type=int)
+    p.add_argument("--max-term-elements", type=int,
+                   help="list/tuple/map/string elements one request may decode to")
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
     p.add_argument("--idle-spin-us", type=int, help="microseconds to poll before sleeping, 0 = never")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
@@ -50,7 +52,8 @@ def read_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
         "packet": args.packet, "protocol": args.protocol, "bare_module": args.bare_module,
         "timeout_ms": args.timeout_ms, "max_in_flight": args.max_in_flight,
-        "max_frame_bytes": args.max_frame_bytes, "log_level": args.log_level,
+        "max_frame_bytes": args.max_frame_bytes, "max_term_elements": args.max_term_elements,
+        "log_level": args.log_level,
         "max_worker_memory_mb": args.max_worker_memory_mb, "idle_spin_us": args.idle_spin_us,
         "max_in_flight_bytes": args.max_in_flight_bytes, "reply_tags": args.reply_tags,
     }

@@ -44,6 +44,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     max_in_flight: PositiveInt = 10_000
     max_in_flight_bytes: PositiveInt = 256 << 20  # request + reply bytes held; beyond it stdin waits
     max_term_depth: PositiveInt = 512
+    max_term_elements: PositiveInt = 4_000_000  # list/tuple/map/string elements of one request
     shutdown_grace_ms: NonNegativeInt = 5_000
     max_worker_memory_mb: NonNegativeInt = 0  # address-space limit per worker (RLIMIT_AS); 0 = none
     none_atom: str = "undefined"

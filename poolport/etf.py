@@ -51,7 +51,10 @@ Decisions worth knowing:
   list needs at least N more bytes); container nesting is capped by
   ``max_depth``; a compressed term is inflated through ``decompressobj`` with
   ``max_length`` so it never produces more than ``max_inflated`` bytes, and its
-  declared size must match. LOCAL_EXT (121, node-local, undocumented format),
+  declared size must match. A one-byte ``[]`` becomes a 56-byte Python list,
+  so the bytes alone do not bound memory: the elements of every list, tuple,
+  map (keys and values) and string are charged, as each is opened, against
+  ``max_elements`` for the whole term. LOCAL_EXT (121, node-local, undocumented format),
   atom cache references (82) and compressed terms below the top level are
   refused. Decoding time is linear in the (inflated) input, however deeply
   terms nest: no sub-term is decoded again for each level around it.
@@ -105,6 +108,7 @@ ACCELERATED = _cetf is not None and os.environ.get("POOLPORT_PURE_PYTHON", "") i
 VERSION = 131
 DEFAULT_MAX_DEPTH = 512  # container nesting levels accepted by decode
 DEFAULT_MAX_INFLATED = 64 * 1024 * 1024  # bytes a compressed term may inflate to
+DEFAULT_MAX_ELEMENTS = 4_000_000  # list/tuple/map/string elements a decoded term may hold
 _ATOM_CACHE_SIZE = 4096  # distinct atom names memoised per none_atom before a reset
 _MAX_U32 = 0xFFFFFFFF
 
@@ -162,10 +166,22 @@ _TAG_NAMES = {
 # --------------------------------------------------------------------------- decoding
 
 
+# dec(data, pos, depth, budget) -> (term, end); budget is [elements the term may still hold]
+Dec = Callable[[bytes, int, int, list[int]], tuple[Any, int]]
+
+
 def _claims(what: str, pos: int, count: int, unit: str, left: int) -> DecodeError:
     """A length field that promises more than the input holds."""
     return DecodeError(
         f"{what} at byte {pos} claims {count} {unit} but only {max(left, 0)} bytes remain"
+    )
+
+
+def _too_many(what: str, pos: int, count: int, left: int) -> DecodeError:
+    """A container that would take the term past its element budget (``max_elements``)."""
+    return DecodeError(
+        f"{what} at byte {pos} holds {count} elements but the term may hold only {left} more"
+        " (max_term_elements)"
     )
 
 
@@ -252,10 +268,10 @@ def _special_atoms(none_atom: str | None) -> dict[str, Any]:
     return special
 
 
-def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, int]]:
+def _make_decoder(none_atom: str | None) -> Dec:
     """Build the recursive decoder whose atom memo maps names to Atom/bool/None.
 
-    ``dec(data, pos, depth)`` decodes the term at ``pos`` and returns it with the
+    ``dec(data, pos, depth, budget)`` decodes the term at ``pos`` and returns it with the
     position after it; ``depth`` is how many more containers may be opened (a
     container at ``depth <= 0`` is refused).
     Positions may run past the end of ``data`` on truncated input: every later
@@ -289,7 +305,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
         memo[name] = value
         return value
 
-    def dec(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
+    def dec(data: bytes, pos: int, depth: int, budget: list[int]) -> tuple[Any, int]:
         tag = data[pos]
         # ---- leaves, most common first
         if tag == 97:  # SMALL_INTEGER_EXT
@@ -330,6 +346,9 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             if depth <= 0:
                 raise _too_deep(start)
             depth -= 1
+            if 2 * n > budget[0]:
+                raise _too_many("map", start, 2 * n, budget[0])
+            budget[0] -= 2 * n
             result: dict[Any, Any] = {}
             for i in range(n):
                 t = data[pos]
@@ -349,14 +368,14 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                         x = new_atom(data, pos, pos + 3, end, False)
                     pos = end
                 else:
-                    x, pos = dec(data, pos, depth)
+                    x, pos = dec(data, pos, depth, budget)
                 if type(x) is not Atom:
                     try:
                         clash = x in result
                     except TypeError:  # unhashable: a list, map, ... key
                         clash = True
                     if clash:
-                        return map_slow(data, pos, depth, result, x, n - i, start, n)
+                        return map_slow(data, pos, depth, budget, result, x, n - i, start, n)
                 t = data[pos]
                 if t == 97:
                     result[x] = data[pos + 1]
@@ -375,7 +394,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                     result[x] = v
                     pos = end
                 else:
-                    result[x], pos = dec(data, pos, depth)
+                    result[x], pos = dec(data, pos, depth, budget)
             if len(result) != n:
                 raise DecodeError(f"map at byte {start} has duplicate keys")
             return result, pos
@@ -391,6 +410,9 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                 pos += 5
                 if n >= len(data) - pos:  # n elements and a tail
                     raise _claims("list", start, n, "elements", len(data) - pos)
+                if n > budget[0]:
+                    raise _too_many("list", start, n, budget[0])
+                budget[0] -= n
                 for _ in range(n):
                     t = data[pos]
                     if t == 97:
@@ -412,14 +434,14 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                         put(data[pos + 5 : end])
                         pos = end
                     else:
-                        x, pos = dec(data, pos, depth)
+                        x, pos = dec(data, pos, depth, budget)
                         put(x)
                 t = data[pos]
                 if t == 106:
                     return items, pos + 1
                 if t != 108:
                     break
-            tail, pos = dec(data, pos, depth)
+            tail, pos = dec(data, pos, depth, budget)
             if type(tail) is list:  # a STRING_EXT tail
                 items.extend(tail)
                 return items, pos
@@ -437,6 +459,9 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             if depth <= 0:
                 raise _too_deep(start)
             depth -= 1
+            if n > budget[0]:
+                raise _too_many("tuple", start, n, budget[0])
+            budget[0] -= n
             items = []
             put = items.append
             for _ in range(n):
@@ -459,13 +484,16 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
                     put(x)
                     pos = end
                 else:
-                    x, pos = dec(data, pos, depth)
+                    x, pos = dec(data, pos, depth, budget)
                     put(x)
             return tuple(items), pos
         if tag == 107:  # STRING_EXT: a charlist, i.e. a list of small ints
             end = pos + 3 + _u16(data, pos + 1)[0]
             if end > len(data):
                 raise _claims("string", pos, end - pos - 3, "bytes", len(data) - pos - 3)
+            if end - pos - 3 > budget[0]:
+                raise _too_many("string", pos, end - pos - 3, budget[0])
+            budget[0] -= end - pos - 3
             return list(data[pos + 3 : end]), end
         # ---- rarer leaves
         if tag == 110 or tag == 111:  # SMALL_BIG_EXT, LARGE_BIG_EXT
@@ -551,7 +579,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             if depth <= 0:
                 raise _too_deep(pos)
             p = _pid_end(data, _int_end(data, _int_end(data, _atom_end(data, pos + 30))))
-            p, mark = free_vars(data, p, _u32(data, pos + 26)[0], depth - 1, pos)
+            p, mark = free_vars(data, p, _u32(data, pos + 26)[0], depth - 1, budget, pos)
             if p != end:
                 raise DecodeError(
                     f"fun at byte {pos} has size {size} but its fields take {p - pos - 1}"
@@ -561,7 +589,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
             if depth <= 0:
                 raise _too_deep(pos)
             p = _int_end(data, _int_end(data, _atom_end(data, _pid_end(data, pos + 5))))
-            end, mark = free_vars(data, p, _u32(data, pos + 1)[0], depth - 1, pos)
+            end, mark = free_vars(data, p, _u32(data, pos + 1)[0], depth - 1, budget, pos)
             cls = Fun
         elif tag == 80:
             raise DecodeError(f"compressed term at byte {pos} is not at the top level")
@@ -579,6 +607,7 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
         data: bytes,
         pos: int,
         depth: int,
+        budget: list[int],
         done: dict[Any, Any],
         key: Any,
         left: int,
@@ -595,16 +624,18 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
         values = list(done.values())
         for _ in range(left):
             if key is _MISSING:
-                key, pos = dec(data, pos, depth)
+                key, pos = dec(data, pos, depth, budget)
             keys.append(key)
-            value, pos = dec(data, pos, depth)
+            value, pos = dec(data, pos, depth, budget)
             values.append(value)
             key = _MISSING
         return _map_with_wrapped_keys(keys, values, start), pos
 
     nested = threading.local()  # .funs: (start, end, digest) of funs met in free variables
 
-    def free_vars(data: bytes, pos: int, n: int, depth: int, at: int) -> tuple[int, int]:
+    def free_vars(
+        data: bytes, pos: int, n: int, depth: int, budget: list[int], at: int
+    ) -> tuple[int, int]:
         """Validate the fun at ``at``'s ``n`` free variables: (where they end, mark for ``fun``).
 
         Their terms are only checked, not kept: the fun keeps its bytes.
@@ -615,12 +646,12 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
         if funs is not None:  # inside another fun's free variables
             mark = len(funs)
             for _ in range(n):
-                pos = dec(data, pos, depth)[1]
+                pos = dec(data, pos, depth, budget)[1]
             return pos, mark
         nested.funs = []
         try:
             for _ in range(n):
-                pos = dec(data, pos, depth)[1]
+                pos = dec(data, pos, depth, budget)[1]
         finally:
             nested.funs = None
         return pos, -1
@@ -652,11 +683,11 @@ def _make_decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[An
     return dec
 
 
-_DECODERS: dict[str | None, Callable[[bytes, int, int], tuple[Any, int]]] = {}  # pure Python
-_ACTIVE_DECODERS: dict[str | None, Callable[[bytes, int, int], tuple[Any, int]]] = {}
+_DECODERS: dict[str | None, Dec] = {}  # pure Python
+_ACTIVE_DECODERS: dict[str | None, Dec] = {}
 
 
-def _decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, int]]:
+def _decoder(none_atom: str | None) -> Dec:
     """The decoder decode() and term_codec() use: C when ACCELERATED, else Python."""
     dec = _ACTIVE_DECODERS.get(none_atom)
     if dec is None:
@@ -670,8 +701,8 @@ def _decoder(none_atom: str | None) -> Callable[[bytes, int, int], tuple[Any, in
 
 
 def _c_decoder(
-    fallback: Callable[[bytes, int, int], tuple[Any, int]], none_atom: str | None
-) -> Callable[[bytes, int, int], tuple[Any, int]]:
+    fallback: Dec, none_atom: str | None
+) -> Dec:
     """The C decoder that hands what it does not take to ``fallback`` (the Python ``dec``)."""
     return _cetf.Decoder(
         fallback, _special_atoms(none_atom), Atom, ImproperList, _map_with_wrapped_keys
@@ -715,12 +746,14 @@ def decode(
     none_atom: str | None = "undefined",
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_inflated: int = DEFAULT_MAX_INFLATED,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Any:
     """Decode one ETF term (version byte 131 first); the whole input must be used.
 
     ``none_atom`` is the atom that becomes ``None`` (``None``: no atom does);
     ``max_depth`` caps container nesting, ``max_inflated`` the size a compressed
-    term may inflate to. Every failure raises DecodeError.
+    term may inflate to, ``max_elements`` the elements of all its lists, tuples,
+    maps and strings together. Every failure raises DecodeError.
     """
     if type(data) is not bytes:
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -738,9 +771,9 @@ def decode(
             data = _inflate(data, max_inflated)
             size = len(data)
             where = " of the inflated data"
-            term, end = dec(data, 0, max_depth)
+            term, end = dec(data, 0, max_depth, [max_elements])
         else:
-            term, end = dec(data, 1, max_depth)
+            term, end = dec(data, 1, max_depth, [max_elements])
     except (IndexError, struct.error):
         raise DecodeError(f"truncated input: the term goes on past byte {size}{where}") from None
     except RecursionError:
@@ -1109,16 +1142,16 @@ def _canonical(x: Any, put: Callable[[bytes], Any], enc: Callable[[Any, Any], No
 
 def term_codec(
     none_atom: str = "undefined",
-) -> tuple[
-    Callable[[bytes, int, int], tuple[Any, int]], Callable[[Any, Callable[[bytes], Any]], None]
-]:
+) -> tuple[Dec, Callable[[Any, Callable[[bytes], Any]], None]]:
     """The raw decoder and encoder behind :func:`decode` and :func:`encode`.
 
     For a caller that walks an envelope itself and must not pay for a second
-    pass (the worker's request fast path): ``dec(data, pos, depth)`` returns
-    ``(term, end)`` and may raise IndexError, struct.error, RecursionError or
-    DecodeError on bad input (callers fall back to :func:`decode` for the
-    message); ``enc(term, put)`` writes the term without the version byte.
+    pass (the worker's request fast path): ``dec(data, pos, depth, budget)``
+    returns ``(term, end)``, lowering ``budget[0]`` (elements the term may still
+    hold) by the elements it decoded, and may raise IndexError, struct.error,
+    RecursionError or DecodeError on bad input (callers fall back to
+    :func:`decode` for the message); ``enc(term, put)`` writes the term without
+    the version byte.
     Both are the C ones when ACCELERATED (the C ``enc`` calls ``put`` once).
     """
     return _decoder(none_atom), _active_encoder(none_atom)

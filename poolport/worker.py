@@ -38,6 +38,7 @@ from .terms import Atom
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
 FLUSH_BYTES = 1 << 20  # ... and send replies on once this many bytes wait (bounds a chunk's size)
 PARENT_CHECK_S = 0.5  # how often a worker checks that its dispatcher is still alive
+INFO_MAX_ELEMENTS = 1024  # an {info, Command, Options} packet is a small hint
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
 _REPLY_PREFIX = b"\x83h\x02w\x05reply"  # version byte and the head of {reply, Result}
 
@@ -169,7 +170,7 @@ class Worker:
         self.progress.begin(smallest_timeout(info_ms, timeout))
         try:
             try:
-                args, pos = self._dec(data, head, self._depth)
+                args, pos = self._dec(data, head, self._depth, [self.config.max_term_elements])
             except Exception:  # noqa: BLE001 - _answer() reports it properly
                 pos = -1
             if pos == end and type(args) is list:
@@ -183,9 +184,10 @@ class Worker:
     def _learn(self, data: bytes, start: int, head: int) -> tuple[Any, ...] | None:
         """Resolve the ``{call|cast, M, F,`` head once and remember it; None if unusual."""
         try:
-            kind, pos = self._dec(data, start + 3, 1)
-            module, pos = self._dec(data, pos, 1)
-            function, pos = self._dec(data, pos, 1)
+            budget = [0]  # atoms only
+            kind, pos = self._dec(data, start + 3, 1, budget)
+            module, pos = self._dec(data, pos, 1, budget)
+            function, pos = self._dec(data, pos, 1, budget)
             if not (kind in (bert.CALL, bert.CAST) and type(module) is Atom and type(function) is Atom
                     and module != BUILTIN_MODULE):
                 return None
@@ -215,7 +217,8 @@ class Worker:
     def _take_info(self, payload: bytes) -> None:
         try:
             timeout = bert.info_timeout(etf.decode(payload, none_atom=self._none, max_depth=8,
-                                                   max_inflated=self.config.max_frame_bytes))
+                                                   max_inflated=self.config.max_frame_bytes,
+                                                   max_elements=INFO_MAX_ELEMENTS))
         except BaseException as exc:  # noqa: BLE001 - an info packet is a hint: never fatal
             log.warning("ignoring an info packet that cannot be read: %s: %s", type(exc).__name__,
                         _safe_str(exc))
@@ -226,7 +229,8 @@ class Worker:
     def _answer(self, payload: bytes, timeout: int | None) -> bytes:
         try:
             term = etf.decode(payload, none_atom=self._none, max_depth=self.config.max_term_depth,
-                              max_inflated=self.config.max_frame_bytes)
+                              max_inflated=self.config.max_frame_bytes,
+                              max_elements=self.config.max_term_elements)
         except DecodeError as exc:
             return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "DecodeError", str(exc))
         except Exception as exc:  # noqa: BLE001 - MemoryError under max_worker_memory_mb, ...

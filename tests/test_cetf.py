@@ -122,18 +122,31 @@ def assert_same_outcome(py: tuple[Any, ...], c: tuple[Any, ...]) -> None:
         assert py == c
 
 
-def check_decode(data: bytes, none_atom: str | None = "undefined", max_depth: int = 512) -> None:
-    """decode() and the raw dec agree; Python runs first (see the module docstring)."""
+def check_decode(data: bytes, none_atom: str | None = "undefined", max_depth: int = 512,
+                 max_elements: int = etf.DEFAULT_MAX_ELEMENTS) -> None:
+    """decode() and the raw dec agree, on the term and on the element budget it leaves;
+    Python runs first (see the module docstring)."""
     results = {}
     for accelerated in (False, True):
         with backend(accelerated):
             dec = etf._decoder(none_atom)  # term_codec() needs a str none_atom for its enc
+            budget = [max_elements]
             results[accelerated] = (
-                outcome(etf.decode, data, none_atom=none_atom, max_depth=max_depth),
-                outcome(dec, data, 1, max_depth),
+                outcome(etf.decode, data, none_atom=none_atom, max_depth=max_depth,
+                        max_elements=max_elements),
+                outcome(dec, data, 1, max_depth, budget),
+                ("budget", budget),
             )
     for py, c in zip(results[False], results[True]):
         assert_same_outcome(py, c)
+
+
+def elements_of(data: bytes) -> int:
+    """The elements decoding ``data`` charges, as the pure-Python decoder counts them."""
+    budget = [etf.DEFAULT_MAX_ELEMENTS]
+    with backend(False):
+        etf._decoder("undefined")(data, 1, 512, budget)
+    return etf.DEFAULT_MAX_ELEMENTS - budget[0]
 
 
 def check_encode(term: Any, none_atom: str = "undefined") -> bytes | None:
@@ -313,6 +326,9 @@ def test_terms_encode_and_decode_the_same(term: Any, none_atom: str) -> None:
     assert data is not None
     check_decode(data, none_atom)
     check_decode(data, none_atom, max_depth=3)
+    used = elements_of(data)
+    for max_elements in {used, max(used - 1, 0), used // 2, 1, 0}:
+        check_decode(data, none_atom, max_elements=max_elements)
 
 
 @needs_c
@@ -510,16 +526,20 @@ def test_decoder_with_unusual_arguments_defers_to_python() -> None:
     data = etf.encode([(1, b"abc")])
     with backend(True):
         dec, _ = etf.term_codec()
-    assert dec(data, 1, 512) == ([(1, b"abc")], len(data))
-    assert dec(bytearray(data), 1, 512) == ([(1, bytearray(b"abc"))], len(data))  # as Python
-    assert type(dec(bytearray(data), 1, 512)[0][0][1]) is bytearray
-    assert dec(data, 1, 2.0) == ([(1, b"abc")], len(data))  # float depth, as Python
+    assert dec(data, 1, 512, [9]) == ([(1, b"abc")], len(data))
+    assert dec(bytearray(data), 1, 512, [9]) == ([(1, bytearray(b"abc"))], len(data))  # as Python
+    assert type(dec(bytearray(data), 1, 512, [9])[0][0][1]) is bytearray
+    assert dec(data, 1, 2.0, [9]) == ([(1, b"abc")], len(data))  # float depth, as Python
+    huge = [10**30]  # more than a Py_ssize_t: Python decodes it
+    assert dec(data, 1, 512, huge) == ([(1, b"abc")], len(data)) and huge == [10**30 - 3]
     for pos in (-1, len(data), 10**30):
         with backend(False):
-            py = outcome(etf.term_codec()[0], data, pos, 512)
-        assert outcome(dec, data, pos, 512) == py
+            py = outcome(etf.term_codec()[0], data, pos, 512, [9])
+        assert outcome(dec, data, pos, 512, [9]) == py
     with pytest.raises(TypeError):
-        dec(data, 1)
+        dec(data, 1, 512)
+    with pytest.raises(TypeError):
+        dec(data, 1, 512, (9,))  # Python's dec cannot lower a tuple's item
 
 
 def _rss() -> int:
@@ -544,12 +564,12 @@ def test_no_leaks_over_many_calls() -> None:
     probe = [b"abc", A("reply"), result, long]
 
     def once() -> None:
-        dec(good, 1, 512)
-        dec(wrapped, 1, 512)
-        dec(improper, 1, 512)
+        dec(good, 1, 512, [99])
+        dec(wrapped, 1, 512, [99])
+        dec(improper, 1, 512, [99])
         for blob in bad:
             try:
-                dec(blob, 1, 512)
+                dec(blob, 1, 512, [99])
             except (IndexError, etf.DecodeError):
                 pass
         parts: list[bytes] = []

@@ -398,7 +398,7 @@ def test_decoding_counts_towards_the_call_timeout(compressed):
     args = [[100_000] * 12_000_000]
     request = etf.encode((A("call"), A("pp_handlers"), A("echo"), args), compressed=6 if compressed else 0)
     assert len(request) < 64 * MiB
-    with Server("--workers", "1", *BASE) as s:
+    with Server("--workers", "1", *BASE, "--max-term-elements", "20000000") as s:
         s.send_async(batched([frame(etf.encode((A("info"), A("timeout"), [(A("ms"), 50)]))),
                               frame(request), frame(etf.encode(call("pp_handlers", "twice", 6)))],
                              4 * MiB))

@@ -409,6 +409,34 @@ def test_deep_nesting_is_capped_by_max_depth(tag: bytes) -> None:
         decode(ok, max_depth=99)
 
 
+@pytest.mark.parametrize(("term", "elements"), [
+    pytest.param([[], [], []], 3, id="list-of-empty-lists"),
+    pytest.param((1, (2, 3)), 4, id="tuples"),
+    pytest.param({Atom("a"): [1, 2], 3: 4}, 6, id="map-keys-and-values"),
+    pytest.param(ImproperList([1, 2], b"t"), 2, id="improper-list"),
+    pytest.param(b"x" * 1000, 0, id="binary-is-one-leaf"),
+    pytest.param(Atom("a"), 0, id="atom"),
+])
+def test_max_elements_counts_every_container_item(term: Any, elements: int) -> None:
+    data = encode(term)
+    assert decode(data, max_elements=elements) == term
+    if elements:
+        with pytest.raises(DecodeError, match=r"holds \d+ elements but the term may hold only"):
+            decode(data, max_elements=elements - 1)
+
+
+def test_max_elements_counts_string_ext_characters_and_stops_element_bombs() -> None:
+    charlist = b"\x83k\x00\x05hello"  # STRING_EXT: a list of 5 small integers
+    assert decode(charlist, max_elements=5) == list(b"hello")
+    with pytest.raises(DecodeError, match="string at byte 1 holds 5 elements"):
+        decode(charlist, max_elements=4)
+    body = b"l" + struct.pack(">I", 50_000_000) + b"j" * 50_000_001  # 50 million []s
+    bomb = b"\x83P" + struct.pack(">I", len(body)) + zlib.compress(body, 9)
+    assert len(bomb) < 100_000
+    with pytest.raises(DecodeError, match="list at byte 0 holds 50000000 elements"):
+        decode(bomb)  # the default limit, before a single [] is built
+
+
 def test_huge_max_depth_still_gives_decode_error() -> None:
     deep = b"\x83" + b"h\x01" * 200_000 + b"j"
     with pytest.raises(DecodeError):

@@ -72,7 +72,7 @@ def python_calls(run: Callable[[], Any], *functions: Callable[..., Any]) -> tupl
     return result, calls
 
 
-def python_dec() -> Callable[[bytes, int, int], tuple[Any, int]]:
+def python_dec() -> etf.Dec:
     """The pure-Python ``dec``: what the C decoder falls back to."""
     etf._decoder("undefined")
     return etf._DECODERS["undefined"]
@@ -225,8 +225,8 @@ def test_c_decoder_hands_python_each_byte_at_most_once(levels: int) -> None:
     spans: list[tuple[int, int]] = []
     py = python_dec()
 
-    def fallback(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
-        term, end = py(data, pos, depth)
+    def fallback(data: bytes, pos: int, depth: int, budget: list[int]) -> tuple[Any, int]:
+        term, end = py(data, pos, depth, budget)
         spans.append((pos, end))
         return term, end
 
@@ -234,7 +234,7 @@ def test_c_decoder_hands_python_each_byte_at_most_once(levels: int) -> None:
     for term in (request(levels), improper_tails(levels), keys_in_keys(levels), clashing_keys(levels)):
         data = etf.encode(term)
         spans.clear()
-        (got, end), calls = python_calls(lambda: dec(data, 1, 2 * levels + 10), py)
+        (got, end), calls = python_calls(lambda: dec(data, 1, 2 * levels + 10, [10**9]), py)
         assert end == len(data)
         assert same(got, term)
         spans.sort()

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import time
+import zlib
 
 import pytest
 
@@ -125,6 +126,35 @@ def test_oversized_frame_is_skipped_with_a_protocol_error():
         kind, (typ, code, cls, *_rest) = c.recv()
         assert (kind, typ, code, cls) == (ERROR, A("protocol"), 1, b"FrameTooLarge")
         assert c.recv() == (OK, b"small")
+
+
+def _echo_of(arg: bytes) -> bytes:
+    """The ETF body (no version byte) of {call, pp_handlers, echo, [Arg]}, Arg given encoded."""
+    return b"h\x04w\x04callw\x0bpp_handlersw\x04echol\x00\x00\x00\x01" + arg + b"j"
+
+
+def _empty_lists(n: int) -> bytes:
+    """A list of ``n`` empty lists: 1 byte each on the wire, ~64 bytes each in Python."""
+    return b"l" + n.to_bytes(4, "big") + b"j" * n + b"j"
+
+
+def test_element_amplification_is_refused_before_it_is_built():
+    """A 60 KB compressed frame that inflates to 60 million `[]` once made a worker peak at
+    4.3 GB. Under a 1 GiB worker memory limit it must be a DecodeError naming the limit (not
+    a MemoryError), plain or compressed, and the pool serves on; at the limit it decodes."""
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--max-worker-memory-mb", "1024",
+                    "--max-term-elements", "1000") as c:
+        body = _echo_of(_empty_lists(60_000_000))
+        bomb = b"\x83P" + len(body).to_bytes(4, "big") + zlib.compress(body, 9)
+        assert len(bomb) < 100_000
+        plain = b"\x83" + _echo_of(_empty_lists(1001))  # the worker's fast path
+        for raw in (bomb, plain):
+            c.send_raw(frame(raw))
+            kind, (typ, code, cls, detail, _trace) = c.recv()
+            assert (kind, typ, code, cls) == (ERROR, A("protocol"), 2, b"DecodeError")
+            assert b"max_term_elements" in detail, detail
+        assert c.request(call("pp_handlers", "echo", [[]] * 999)) == (OK, [[]] * 999)  # +1: args
+        assert c.request(call("pp_handlers", "twice", 2)) == (OK, 4)
 
 
 def test_print_in_a_handler_never_reaches_the_port(server):
