@@ -79,6 +79,8 @@ COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call av
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
 DEATH_WAIT_S = 2.0  # after a worker's link is lost, how long loky may take to say how it died
 HELLO_WAIT_S = 5.0  # a link connection that has not said hello by then is dropped
+STALL_S = 5.0  # a worker owing replies that runs no call and sends nothing this long is stuck
+STALL_CHECK_S = 0.1  # how often workers owing replies are checked for that
 MAX_WAIT_S = 3600.0  # the longest single wait in poll (a far deadline is simply waited for again)
 
 
@@ -119,7 +121,7 @@ class Slot:
 
     __slots__ = ("index", "executor", "future", "sock", "pid", "progress", "reader", "outbox",
                  "killed", "failures", "restart_at", "progress_path", "idle_since", "events",
-                 "dying_since", "link_error", "culprit")
+                 "dying_since", "link_error", "culprit", "heard", "stall_mark", "stall_since")
 
     def __init__(self, index: int, progress_path: str) -> None:
         self.index = index
@@ -139,6 +141,9 @@ class Slot:
         self.idle_since = 0.0  # when its last run was answered
         self.dying_since = 0.0  # its link is gone; waiting for loky to report its end
         self.link_error = ""
+        self.heard = 0  # reads that brought data from the worker
+        self.stall_mark: tuple[int, ...] | None = None  # see Dispatcher._check_stall
+        self.stall_since = 0.0  # ... since then
 
     @property
     def ready(self) -> bool:
@@ -172,6 +177,7 @@ class Dispatcher:
         self.cost = 0.0  # smoothed seconds per call, measured from chunks
         self.closing = False
         self.deadline = math.inf
+        self.stall_check_at = 0.0  # when _chores next looks for stalled workers
         self.poller = Poller()
         self._poll_now = functools.partial(self.poller.poll, 0)
         sweep_stale_dirs()
@@ -407,6 +413,7 @@ class Dispatcher:
                 self._send_run(self.slots[index], run)
 
     def _send_run(self, slot: Slot, run: Run) -> None:
+        slot.stall_mark = None  # the worker has a new reason to make progress
         self.stats["runs"] += 1
         self.stats["run_items"] += run.count
         head = HEADER.pack(run.size + SEQ.size, run.count) + SEQ.pack(run.start)
@@ -532,6 +539,7 @@ class Dispatcher:
         if messages is None:
             self._link_lost(slot, "link closed")
             return
+        slot.heard += 1
         for count, data in messages:
             self._on_chunk(slot, count, data)
             if slot.sock is None:
@@ -561,10 +569,16 @@ class Dispatcher:
         if self.hellos:
             self._expire_hellos(now)
         runs = self.ledger.runs
+        watch = now >= self.stall_check_at
+        if watch:
+            self.stall_check_at = now + STALL_CHECK_S
         for slot in self.slots:
             if slot.sock is not None:
-                if slot.killed is None and runs[slot.index] and slot.progress.wake_at(now) <= now:  # type: ignore[union-attr]
-                    self._check_timeout(slot, now)
+                if slot.killed is None and runs[slot.index]:
+                    if slot.progress.wake_at(now) <= now:  # type: ignore[union-attr]
+                        self._check_timeout(slot, now)
+                    elif watch:
+                        self._check_stall(slot, now)
             elif slot.dying_since:
                 self._check_death(slot, now)
             elif slot.restart_at and now >= slot.restart_at and (self.ledger.queued or not self.closing):
@@ -581,6 +595,28 @@ class Dispatcher:
             self._kill(slot, f"timeout of call #{seq}")
             slot.culprit = snap.started - 1
             self.counters.add("timeouts")
+
+    def _check_stall(self, slot: Slot, now: float) -> None:
+        """Replace a worker that owes replies yet runs no call and sends nothing for STALL_S.
+
+        Between calls a worker only moves bytes (takes its runs, sends its replies), so a
+        worker doing neither is stopped (SIGSTOP) or stuck, and no timeout can fire for it: a
+        call's timeout starts when the call does (and covers resolving, decoding, encoding).
+        Left alone it would hold back every later reply. A worker we do not read (the memory
+        bound) is waiting for us, not stuck.
+        """
+        snap = slot.progress.read()  # type: ignore[union-attr]
+        if snap.running:  # the handler's time: the call's timeout governs it
+            slot.stall_mark = None
+            return
+        mark = (snap.started, snap.finished, slot.heard, slot.outbox.size)  # any of them moving
+        if mark != slot.stall_mark or not slot.events & POLLIN:
+            slot.stall_mark, slot.stall_since = mark, now
+        elif now - slot.stall_since > STALL_S:
+            log.warning("worker %d (pid %d) owes %d call(s) but has run none and sent nothing for "
+                        "%.0f s (stopped?): replacing it", slot.index, slot.pid,
+                        self.ledger.sent[slot.index] - snap.finished, now - slot.stall_since)
+            self._kill(slot, "stalled between calls")
 
     def _select_timeout(self, now: float) -> float | None:
         soonest = self.deadline if self.closing else math.inf
@@ -646,7 +682,7 @@ class Dispatcher:
         slot.failures = 0 if served else slot.failures + 1
         if slot.killed is None:
             log.error("worker %d (pid %d) died: %s", slot.index, slot.pid, reason)
-        slot.killed, slot.culprit, slot.pid = None, None, 0
+        slot.killed, slot.culprit, slot.pid, slot.stall_mark = None, None, 0, None
         slot.idle_since = 0.0
         if slot.progress is not None:
             slot.progress.close()

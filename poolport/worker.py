@@ -68,6 +68,10 @@ class Handlers:
         self._cache: dict[tuple[str, str], Callable[..., Any]] = {}
         self.timeouts: dict[tuple[str, str], int] = {}  # @poolport.handler(timeout_ms=...) by name
 
+    def known(self, module: str, function: str) -> Callable[..., Any] | None:
+        """The callable if an earlier request resolved it; never imports or looks anything up."""
+        return self._cache.get((module, function))
+
     def resolve(self, module: str, function: str) -> Callable[..., Any] | tuple[int, str, str]:
         """The callable, or ``(server_code, class, detail)`` saying why not."""
         key = (module, function)
@@ -133,6 +137,7 @@ class Worker:
         self._dec = etf.term_codec(config.none_atom)[0]
         self._write = etf.term_writer(config.none_atom)
         self._depth = config.max_term_depth - 1  # the arguments sit one level inside the request
+        self._elements = config.max_term_elements - 4  # ... after the 4 of {call, M, F, Args}
         self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
         self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
         self._noreply = self._encode(bert.noreply())
@@ -170,7 +175,7 @@ class Worker:
         self.progress.begin(smallest_timeout(info_ms, timeout))
         try:
             try:
-                args, pos = self._dec(data, head, self._depth, [self.config.max_term_elements])
+                args, pos = self._dec(data, head, self._depth, [self._elements])
             except Exception:  # noqa: BLE001 - _answer() reports it properly
                 pos = -1
             if pos == end and type(args) is list:
@@ -182,7 +187,9 @@ class Worker:
             self.progress.end()
 
     def _learn(self, data: bytes, start: int, head: int) -> tuple[Any, ...] | None:
-        """Resolve the ``{call|cast, M, F,`` head once and remember it; None if unusual."""
+        """Remember the ``{call|cast, M, F,`` head of a function :meth:`handle` has resolved;
+        None if unusual or not resolved yet: resolving may import a module, or run a module's
+        ``__getattr__``, which must happen inside the call's Progress (its timeout)."""
         try:
             budget = [0]  # atoms only
             kind, pos = self._dec(data, start + 3, 1, budget)
@@ -191,8 +198,8 @@ class Worker:
             if not (kind in (bert.CALL, bert.CAST) and type(module) is Atom and type(function) is Atom
                     and module != BUILTIN_MODULE):
                 return None
-            fn = self.handlers.resolve(module, function)
-            if type(fn) is tuple:
+            fn = self.handlers.known(module, function)
+            if fn is None:
                 return None
             entry = (fn, kind == bert.CAST, self._timeout_for(module, function), str(module), str(function))
         except BaseException:  # noqa: BLE001 - the slow path answers it with the right error

@@ -147,13 +147,15 @@ def test_element_amplification_is_refused_before_it_is_built():
         body = _echo_of(_empty_lists(60_000_000))
         bomb = b"\x83P" + len(body).to_bytes(4, "big") + zlib.compress(body, 9)
         assert len(bomb) < 100_000
-        plain = b"\x83" + _echo_of(_empty_lists(1001))  # the worker's fast path
-        for raw in (bomb, plain):
+        over = b"\x83" + _echo_of(_empty_lists(996))  # 4 + 1 + 996 elements
+        for raw in (bomb, over, b"\x83" + _echo_of(_empty_lists(995))) * 2:  # full path, then fast
             c.send_raw(frame(raw))
+            if raw is not bomb and raw is not over:
+                assert c.recv() == (OK, [[]] * 995)  # 4 + 1 + 995 = 1000: at the limit
+                continue
             kind, (typ, code, cls, detail, _trace) = c.recv()
             assert (kind, typ, code, cls) == (ERROR, A("protocol"), 2, b"DecodeError")
             assert b"max_term_elements" in detail, detail
-        assert c.request(call("pp_handlers", "echo", [[]] * 999)) == (OK, [[]] * 999)  # +1: args
         assert c.request(call("pp_handlers", "twice", 2)) == (OK, 4)
 
 
@@ -224,6 +226,38 @@ def test_sigterm_exits_quickly_and_cleanly(server):
 def test_every_packet_size(packet):
     with PortClient("--workers", "1", "-m", "pp_handlers", packet=packet) as c:
         assert c.request(call("pp_handlers", "echo", b"x" * 100)) == (OK, b"x" * 100)
+
+
+def test_looking_a_function_up_is_inside_its_calls_timeout():
+    """The first call to a function resolves it (an import, a module's ``__getattr__``):
+    that work runs under the call's timeout too, on the fast path as on the slow one."""
+    with PortClient("--workers", "1", "-m", "pp_sandbox", "--timeout-ms", "500") as c:
+        start = time.monotonic()
+        kind, (typ, code, cls, *_rest) = c.request(call("pp_sandbox", "slow_to_find"))
+        assert (kind, typ, code, cls) == (ERROR, A("server"), 3, b"Timeout")
+        assert time.monotonic() - start < 2.5
+        kind, (typ, code, cls, *_rest) = c.request(call("pp_sandbox", "touch"))  # no argument
+        assert (kind, typ, code, cls) == (ERROR, A("user"), 0, b"TypeError")
+
+
+def test_a_worker_stopped_between_calls_is_replaced_and_its_calls_answered():
+    """SIGSTOP an idle worker, then send it calls: no call ever starts, so no timeout can
+    fire. The stall watchdog must replace it, and every call is answered, in order."""
+    with PortClient("--workers", "1", "-m", "pp_handlers") as c:
+        kind, info = c.request(call("$poolport", "info"))
+        pid = info[A("worker_pid")]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            c.send(*[call("pp_handlers", "twice", i) for i in range(3)])
+            assert [c.recv(timeout=20) for _ in range(3)] == [(OK, 0), (OK, 2), (OK, 4)]
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # replaced, as it should be
+        kind, info = c.request(call("$poolport", "info"))
+        assert info[A("worker_pid")] != pid and info[A("worker_deaths")] == 1, info
+        assert "has run none and sent nothing" in c.stderr_text()
 
 
 def test_builtin_info_call(server):

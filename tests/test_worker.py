@@ -61,8 +61,8 @@ def test_fast_path_answers_like_the_full_path(names):
             assert got == want
             continue
         assert got == want, name
-    if {"echo", "echo-other", "add", "add-wrong-arity", "cast"} & set(names):
-        assert fast._fast  # the fast path was really taken
+    if any(names.count(n) > 1 for n in ("echo", "echo-other", "add", "add-wrong-arity", "cast")):
+        assert fast._fast  # the fast path was really taken (from a function's second call on)
 
 
 def test_a_run_of_mixed_frames_gets_one_reply_per_call_in_order():

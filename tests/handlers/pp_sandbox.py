@@ -5,6 +5,7 @@ Each would create the file named by its argument if it ran (the tests check it n
 
 import functools
 import subprocess
+import time
 
 import poolport
 
@@ -54,3 +55,11 @@ sneaky = _Sneaky()
 def _marked(path):
     """Marked by its author: callable under its alias."""
     return touch(path)
+
+
+def __getattr__(name):
+    """Module-level lookup of a missing name: ``slow_to_find`` takes 3 s to be refused, so
+    resolving a function is work that a call's timeout must cover."""
+    if name == "slow_to_find":
+        time.sleep(3)
+    raise AttributeError(name)
