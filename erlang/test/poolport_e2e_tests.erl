@@ -57,6 +57,7 @@ own_pool_test_() ->
         {"start errors", fun start_errors/0},
         {"pools from the application environment", fun app_env_pools/0},
         {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0},
+        {"the YAML's timeout_ms beats the client's longer call timeout", fun yaml_timeout/0},
         {"no pool: call/info return {error, noproc}, cast ok, caller survives", fun absent_pool/0},
         {"pool on another node: works, then {error, {nodedown, Node}}", fun remote_pool/0}
     ]].
@@ -505,6 +506,24 @@ absent_pool() ->
     ?assertEqual(ok, poolport:cast(poolport_stopped_pool, ?M, echo, [1])),
     %% Bad arguments are still refused, pool or not.
     ?assertError(badarg, poolport:call(poolport_no_such_pool, ?M, echo, [1], -1)).
+
+%% Issue 13: the client sends {info, timeout, ...} with the caller's timeout
+%% before every call; a shorter `timeout_ms' in the YAML must still stop it.
+yaml_timeout() ->
+    Yaml = filename:join(tmp_dir(), "poolport_timeout_" ++ os:getpid() ++ ".yaml"),
+    ok = file:write_file(Yaml, ["workers: 1\nmodules: [pp_handlers]\ntimeout_ms: 300\n",
+                                "python_path: [\"", fixtures_dir(), "\"]\n"]),
+    {ok, Pool} = poolport:start_link(opts(#{config => Yaml})),
+    try
+        T0 = erlang:monotonic_time(millisecond),
+        ?assertEqual({error, timeout}, poolport:call(Pool, ?M, sleep_ms, [5000], 20000)),
+        ?assert(erlang:monotonic_time(millisecond) - T0 < 4000),
+        ?assertEqual({ok, 42}, poolport:call(Pool, ?M, twice, [21]))
+    after
+        unlink(Pool),
+        ok = poolport:stop(Pool),
+        file:delete(Yaml)
+    end.
 
 %% A pool on a peer node, addressed as {Name, Node}: the test starts epmd and
 %% distribution itself, and fails (never skips) if it cannot.
