@@ -13,14 +13,17 @@ import loky
 import msgspec
 import yaml
 
+from .config_errors import explain
 from .errors import ConfigError
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
+ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+                                         description="a module name like 'pkg.mod'")]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 InitSpec = Annotated[str, msgspec.Meta(  # worker_init: "module:function" (see poolport.handler)
-    pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")]
+    pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+    description="'module:function', e.g. 'handlers.setup:load_model'")]
 
 
 class FunctionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -92,9 +95,10 @@ def load_config(data: bytes | str, base_dir: str = ".", overrides: dict[str, Any
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {explain(raw, Config) or exc}") from None
     if config.protocol == "bare" and config.bare_module is None:
-        raise ConfigError(f"{source}: protocol 'bare' needs `bare_module` - at `$.bare_module`")
+        raise ConfigError(f"{source}: protocol: 'bare' needs bare_module: the module that answers "
+                          "bare requests")
     paths = [os.path.normpath(os.path.join(base_dir, p)) for p in config.python_path]
     modules = list(config.modules)
     if config.bare_module and not config.allowed(config.bare_module):
