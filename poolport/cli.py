@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 from .config import Config, load_config
@@ -142,6 +143,37 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s poolport[%(process)d] %(levelname)s %(message)s")
 
 
+def check(config: Config, imports: bool, init: bool) -> int:
+    """``poolport check``: print the effective configuration; with ``imports``, import the
+    handler modules (and with ``init`` run ``worker_init``) as a worker would. 1 on a problem."""
+    import msgspec
+
+    from .handler import run_worker_init
+    from .worker import import_handlers
+
+    print(msgspec.json.format(msgspec.json.encode(config)).decode())
+    if not imports:
+        print(f"poolport: configuration valid (schema only: add --import to import the handler "
+              f"modules, --init to run worker_init too); {codec_name()} codec", file=sys.stderr)
+        return 0
+    problems = [f"python_path entry {p!r} is not a directory" for p in config.python_path
+                if not os.path.isdir(p)]
+    problems += [f"cannot import allowlisted module {m!r}:\n{tb}" for m, tb in import_handlers(config)]
+    if init and config.worker_init and not problems:
+        try:
+            run_worker_init(config.worker_init, config.worker_init_args)
+        except BaseException:  # noqa: BLE001 - report whatever worker_init raises
+            problems.append(f"worker_init {config.worker_init!r} failed:\n{traceback.format_exc()}")
+    for problem in problems:
+        print(f"poolport: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    done = "imported " + ", ".join(config.modules) if config.modules else "no modules to import"
+    ran = f"; worker_init {config.worker_init!r} ran" if init and config.worker_init else ""
+    print(f"poolport: configuration valid; {done}{ran}; {codec_name()} codec", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poolport", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_config_flags(p_serve)
     p_check = sub.add_parser("check", help="validate a configuration and print it")
     _add_config_flags(p_check)
+    p_check.add_argument("--import", dest="imports", action="store_true",
+                         help="also import every allowlisted module, as a worker would")
+    p_check.add_argument("--init", action="store_true", help="also run worker_init (implies --import)")
     p_demo = sub.add_parser("demo", help="Erlang calls a CPU-heavy function: 1 worker vs N")
     p_demo.add_argument("--calls", type=_positive_int, default=200, help="calls per measurement")
     p_demo.add_argument("--steps", type=_positive_int, default=200_000, help="loop steps per call")
@@ -172,10 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"poolport: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        import msgspec
-
-        print(msgspec.json.format(msgspec.json.encode(config)).decode())
-        print(f"poolport: configuration valid; {codec_name()} codec", file=sys.stderr)
-        return 0
+        return check(config, imports=args.imports or args.init, init=args.init)
     _setup_logging(config.log_level)
     return serve(config)

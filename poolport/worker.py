@@ -409,6 +409,21 @@ def _isolate_stdout() -> None:
     sys.stdout = sys.stderr
 
 
+def import_handlers(config: Config) -> list[tuple[str, str]]:
+    """Put ``python_path`` first on ``sys.path`` and import every allowlisted module, as a
+    worker does before it serves; ``(module, traceback)`` for each that failed."""
+    for path in reversed(config.python_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    failed = []
+    for module in config.modules:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - SystemExit at import time too: report, go on
+            failed.append((module, traceback.format_exc()))
+    return failed
+
+
 def worker_main(address: str, progress_path: str, counters_path: str, slot: int, config: Config,
                 info: dict[str, Any]) -> None:
     """Entry point of a pool process (submitted once to its loky executor)."""
@@ -418,15 +433,9 @@ def worker_main(address: str, progress_path: str, counters_path: str, slot: int,
     _limit_memory(config.max_worker_memory_mb)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format=f"%(asctime)s poolport[worker {slot} pid {os.getpid()}] %(levelname)s %(message)s")
-    for path in reversed(config.python_path):
-        if path not in sys.path:
-            sys.path.insert(0, path)
     worker = Worker(config, info, Progress(progress_path), Counters(counters_path))
-    for module in config.modules:  # warm up; failures are reported per call, not fatal
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("cannot import allowlisted module %r: %s", module, exc)
+    for module, error in import_handlers(config):  # warm up; failures are reported per call
+        log.warning("cannot import allowlisted module %r: %s", module, error.splitlines()[-1])
     init_failed = False  # -- worker_init (poolport.handler): once per worker, before serving
     if config.worker_init:
         try:
