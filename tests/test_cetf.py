@@ -314,6 +314,7 @@ def token_soup(draw: st.DrawFn) -> bytes:
 
 none_atoms = st.sampled_from(["undefined", "nil", None, "true"])
 depths = st.sampled_from([512, 0, 1, 2, 3, 5])
+budgets = st.sampled_from([etf.DEFAULT_MAX_ELEMENTS, 0, 1, 2, 3, 5, 8, 20])  # max_elements
 
 # ---- differential properties -------------------------------------------------------------
 
@@ -349,16 +350,16 @@ def test_odd_and_unencodable_objects_encode_the_same(term: Any, none_atom: str) 
 
 @needs_c
 @settings(max_examples=700)
-@given(mutated(token_soup()), none_atoms, depths)
-def test_mutated_bytes_decode_the_same(data: bytes, none_atom: str | None, depth: int) -> None:
-    check_decode(data, none_atom, depth)
+@given(mutated(token_soup()), none_atoms, depths, budgets)
+def test_mutated_bytes_decode_the_same(data: bytes, none_atom: str | None, depth: int, budget: int) -> None:
+    check_decode(data, none_atom, depth, budget)
 
 
 @needs_c
 @settings(max_examples=700)
-@given(token_soup(), none_atoms, depths)
-def test_token_soup_decodes_the_same(data: bytes, none_atom: str | None, depth: int) -> None:
-    check_decode(data, none_atom, depth)
+@given(token_soup(), none_atoms, depths, budgets)
+def test_token_soup_decodes_the_same(data: bytes, none_atom: str | None, depth: int, budget: int) -> None:
+    check_decode(data, none_atom, depth, budget)
 
 
 @needs_c
