@@ -15,6 +15,7 @@ def test_empty_file_gives_defaults():
     assert config == Config()
     assert config.worker_count == loky.cpu_count()  # cores this process may use (cgroups, affinity)
     assert (config.packet, config.protocol, config.none_atom) == (4, "bert", "undefined")
+    assert config.atom_encoding == "latin1"  # what OTP 25 and every BERT client read
 
 
 def test_full_example_config_is_valid():
@@ -48,6 +49,7 @@ def test_every_setting_is_documented_in_the_readme_and_the_example_config():
         pytest.param(b"timeout_ms: -1", "`$.timeout_ms`", id="negative-timeout"),
         pytest.param(b"max_in_flight: lots", "`$.max_in_flight`", id="max-in-flight"),
         pytest.param(b"idle_spin_us: -5", "`$.idle_spin_us`", id="negative-spin"),
+        pytest.param(b"atom_encoding: utf-8", "`$.atom_encoding`", id="atom-encoding"),
         pytest.param(b"functions: {m.f: {timeout: 1}}", "unknown field `timeout`", id="function-key"),
         pytest.param(b"protocol: bare", "`$.bare_module`", id="bare-without-module"),
         pytest.param(b"- a list", "expected a mapping", id="not-a-mapping"),
@@ -90,10 +92,11 @@ def test_the_smallest_timeout_set_applies():
 def test_cli_flags_override_the_file(tmp_path, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("workers: 4\npacket: 2\nmodules: [a]\n")
-    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b"]) == 0
+    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b",
+                 "--atom-encoding", "utf8"]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert '"workers": 3' in out and '"packet": 2' in out
+    assert '"workers": 3' in out and '"packet": 2' in out and '"atom_encoding": "utf8"' in out
     assert '"a"' in out and '"b"' in out
     from poolport import etf
 
