@@ -1050,7 +1050,9 @@ def _active_encoder(none_atom: str, atom_encoding: AtomEncoding = "latin1") -> E
     return enc
 
 
-_WRITERS: dict[tuple[str, str], Callable[[bytes, Any], bytes]] = {}
+# term_writer()s by atom_encoding, then none_atom: two str lookups per encode() call, no key tuple
+_WRITERS: dict[str, dict[str, Callable[[bytes, Any], bytes]]] = {e: {} for e in ATOM_ENCODINGS}
+_NO_WRITERS: dict[str, Callable[[bytes, Any], bytes]] = {}  # stays empty: for a bad atom_encoding
 
 
 def term_writer(none_atom: str = "undefined", atom_encoding: AtomEncoding = "latin1") -> Callable[[bytes, Any], bytes]:
@@ -1060,10 +1062,10 @@ def term_writer(none_atom: str = "undefined", atom_encoding: AtomEncoding = "lat
     is copied once, not once more to put the prefix in front. Raises what
     ``enc`` of :func:`term_codec` raises.
     """
-    key = (none_atom, atom_encoding)
-    write = _WRITERS.get(key)
+    writers = _WRITERS.get(atom_encoding, _NO_WRITERS)
+    write = writers.get(none_atom)
     if write is None:
-        enc = _active_encoder(none_atom, atom_encoding)
+        enc = _active_encoder(none_atom, atom_encoding)  # checks both settings
         if ACCELERATED:
 
             def write(prefix: bytes, term: Any) -> bytes:
@@ -1077,7 +1079,7 @@ def term_writer(none_atom: str = "undefined", atom_encoding: AtomEncoding = "lat
                 enc(term, parts.append)
                 return b"".join(parts)
 
-        _WRITERS[key] = write
+        writers[none_atom] = write
     return write
 
 
@@ -1091,7 +1093,7 @@ def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0,
     is ``"latin1"`` (OTP 25's ``term_to_binary/1``) or ``"utf8"`` (OTP 26+).
     Raises EncodeError for values with no Erlang counterpart.
     """
-    write = _WRITERS.get((none_atom, atom_encoding)) or term_writer(none_atom, atom_encoding)
+    write = _WRITERS.get(atom_encoding, _NO_WRITERS).get(none_atom) or term_writer(none_atom, atom_encoding)
     try:
         data = write(b"\x83", term)
     except RecursionError:

@@ -63,19 +63,21 @@ def test_accelerated_flag_follows_build_and_environment() -> None:
 
 # ---- switching etf between the backends -------------------------------------------------
 
-_ACTIVE: dict[bool, tuple[dict[Any, Any], dict[Any, Any]]] = {False: ({}, {}), True: ({}, {})}
+_ACTIVE: dict[bool, tuple[dict[Any, Any], ...]] = {
+    accelerated: ({}, {}, {e: {} for e in etf.ATOM_ENCODINGS}) for accelerated in (False, True)
+}
 
 
 @contextmanager
 def backend(accelerated: bool) -> Iterator[None]:
     """etf.decode/encode/term_codec on the C (True) or pure-Python (False) codec."""
-    saved = etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS
+    saved = etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS, etf._WRITERS
     etf.ACCELERATED = accelerated
-    etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS = _ACTIVE[accelerated]
+    etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS, etf._WRITERS = _ACTIVE[accelerated]
     try:
         yield
     finally:
-        etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS = saved
+        etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS, etf._WRITERS = saved
 
 
 def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, ...]:
