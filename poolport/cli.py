@@ -38,7 +38,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
     p.add_argument("--idle-spin-us", type=int, help="microseconds to poll before sleeping, 0 = never")
     p.add_argument("--atom-encoding", choices=ATOM_ENCODINGS,
-                   help="how replies write atoms: latin1 (OTP 25 style, readable by every BERT client) or utf8")
+                   help="how replies write atoms: latin1 (as OTP 25; what BERT clients read) or utf8 (as OTP 26+)")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 

@@ -808,7 +808,7 @@ _SMALL_INTS = [bytes((97, i)) for i in range(256)]
 _SMALL_TUPLES = [bytes((104, i)) for i in range(256)]
 _NIL = b"j"
 _JUST_INT = {int}
-_ATOM_BYTES: dict[str, dict[str, bytes]] = {e: {} for e in ATOM_ENCODINGS}  # name -> bytes (bounded)
+_ATOM_BYTES: dict[str, dict[str, bytes]] = {e: {} for e in ATOM_ENCODINGS}  # per setting: name -> bytes
 
 
 def _check_atom_encoding(atom_encoding: Any) -> None:

@@ -40,7 +40,8 @@ FLUSH_BYTES = 1 << 20  # ... and send replies on once this many bytes wait (boun
 PARENT_CHECK_S = 0.5  # how often a worker checks that its dispatcher is still alive
 INFO_MAX_ELEMENTS = 1024  # an {info, Command, Options} packet is a small hint
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
-# the version byte and the head of {reply, Result}, by atom_encoding
+# the version byte and the head of {reply, Result} by atom_encoding: b"\x83h\x02d\x00\x05reply" (latin1),
+# b"\x83h\x02w\x05reply" (utf8)
 _REPLY_PREFIX = {e: etf.encode((bert.REPLY, 0), atom_encoding=e)[:-2] for e in etf.ATOM_ENCODINGS}
 
 log = logging.getLogger("poolport.worker")
@@ -131,7 +132,7 @@ class Worker:
         info = dict(info or {}, worker_pid=os.getpid())
         self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
         self._none = config.none_atom
-        self._atoms = config.atom_encoding
+        self._atom_encoding = config.atom_encoding
         self._dec = etf.term_codec(config.none_atom, config.atom_encoding)[0]
         self._write = etf.term_writer(config.none_atom, config.atom_encoding)
         self._reply_prefix = _REPLY_PREFIX[config.atom_encoding]
@@ -323,7 +324,7 @@ class Worker:
                            f"the reply is {size} bytes, too big for {{packet,{packet}}}")
 
     def _encode(self, term: Any) -> bytes:
-        return etf.encode(term, none_atom=self._none, atom_encoding=self._atoms)
+        return etf.encode(term, none_atom=self._none, atom_encoding=self._atom_encoding)
 
     def _error(self, kind: Any, code: int, cls: str, detail: str, trace: list[str] | None = None) -> bytes:
         return self._encode(bert.error(kind, code, cls, detail, trace, bare=self.bare))
