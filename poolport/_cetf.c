@@ -19,11 +19,16 @@
  *     which then raises: every sub-term is decoded at most once on the way to a result,
  *     so decoding stays linear in the input, however deeply the rare cases nest.
  *
- * Encoder(fallback, none_bytes, atom_type).encode(term, put)
+ * Encoder(fallback, none_bytes, atom_type, latin1).encode(term, put)
  *     fallback is etf's Python ``enc(x, put)``; none_bytes the encoding of none_atom.
  *     Exact int/bytes/Atom/str/dict/list/tuple/float/None/True/False are written into
  *     one buffer, anything else by fallback (into a list that is then copied in);
- *     put is called once with the whole bytes.
+ *     put is called once with the whole bytes. latin1 is etf's atom_encoding: true
+ *     writes an atom whose characters are all Latin-1 as ATOM_EXT (100, what OTP 25's
+ *     term_to_binary writes, straight from the str's one-byte-per-character data), any
+ *     other atom as SMALL_ATOM_UTF8_EXT (119) or ATOM_UTF8_EXT (118); false writes
+ *     every atom as 119/118 (OTP 26+). The fallback must have been built for the same
+ *     setting.
  *
  * C recursion is capped at MAX_NEST containers; deeper terms continue in Python.
  */
@@ -710,6 +715,7 @@ typedef struct {
     PyObject *fallback;
     PyObject *none_bytes;
     PyObject *atom_type;
+    int latin1; /* atom_encoding "latin1": ATOM_EXT for atoms that fit Latin-1 */
 } EncoderObject;
 
 /* Bytes from an object that are copied only once, into the result (long binaries). */
@@ -898,8 +904,19 @@ enc_atom(EncoderObject *self, Buf *b, PyObject *x)
     if (PyUnicode_READY(x) < 0)
         return -1;
 #endif
-    if (PyUnicode_GET_LENGTH(x) > 255)
+    n = PyUnicode_GET_LENGTH(x);
+    if (n > 255)
         return 1;
+    if (self->latin1 && PyUnicode_KIND(x) == PyUnicode_1BYTE_KIND) { /* all chars < 256 */
+        if (RESERVE(b, 3 + n) < 0)
+            return -1;
+        b->p[b->len++] = (char)100;
+        b->p[b->len++] = 0;
+        b->p[b->len++] = (char)n;
+        memcpy(b->p + b->len, PyUnicode_DATA(x), (size_t)n);
+        b->len += n;
+        return 0;
+    }
     utf8 = PyUnicode_AsUTF8AndSize(x, &n);
     if (utf8 == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
@@ -1120,10 +1137,10 @@ enc_term(EncoderObject *self, Buf *b, PyObject *x, int level)
         return put_raw(b, PyBytes_AS_STRING(self->none_bytes), PyBytes_GET_SIZE(self->none_bytes));
     }
     else if (x == Py_True) {
-        return put_raw(b, "w\x04" "true", 6);
+        return self->latin1 ? put_raw(b, "d\x00\x04" "true", 7) : put_raw(b, "w\x04" "true", 6);
     }
     else if (x == Py_False) {
-        return put_raw(b, "w\x05" "false", 7);
+        return self->latin1 ? put_raw(b, "d\x00\x05" "false", 8) : put_raw(b, "w\x05" "false", 7);
     }
     return enc_fallback(self, b, x);
 }
@@ -1202,14 +1219,15 @@ static PyObject *
 Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyObject *fallback, *none_bytes, *atom_type;
+    int latin1;
     EncoderObject *self;
 
     if (kwds != NULL && PyDict_Size(kwds) != 0) {
         PyErr_SetString(PyExc_TypeError, "Encoder takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OO!O!:Encoder", &fallback, &PyBytes_Type, &none_bytes,
-                          &PyType_Type, &atom_type))
+    if (!PyArg_ParseTuple(args, "OO!O!p:Encoder", &fallback, &PyBytes_Type, &none_bytes,
+                          &PyType_Type, &atom_type, &latin1))
         return NULL;
     if (!PyCallable_Check(fallback)) {
         PyErr_SetString(PyExc_TypeError, "Encoder needs a callable fallback");
@@ -1224,6 +1242,7 @@ Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->none_bytes = none_bytes;
     Py_INCREF(atom_type);
     self->atom_type = atom_type;
+    self->latin1 = latin1;
     return (PyObject *)self;
 }
 
@@ -1269,7 +1288,7 @@ static PyType_Slot Encoder_slots[] = {
     {Py_tp_traverse, Encoder_traverse},
     {Py_tp_clear, Encoder_clear},
     {Py_tp_methods, Encoder_methods},
-    {Py_tp_doc, "Encoder(fallback, none_bytes, atom_type): ETF encoder, see the module docs."},
+    {Py_tp_doc, "Encoder(fallback, none_bytes, atom_type, latin1): ETF encoder, see the module docs."},
     {0, NULL},
 };
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .etf import ATOM_ENCODINGS
 from .memory import keep_freed_memory
 
 
@@ -37,6 +38,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="list/tuple/map/string elements one request may decode to")
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
     p.add_argument("--idle-spin-us", type=int, help="microseconds to poll before sleeping, 0 = never")
+    p.add_argument("--atom-encoding", choices=ATOM_ENCODINGS,
+                   help="how replies write atoms: latin1 (as OTP 25; what BERT clients read) or utf8 (as OTP 26+)")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 
@@ -57,6 +60,7 @@ def read_config(args: argparse.Namespace) -> Config:
         "log_level": args.log_level,
         "max_worker_memory_mb": args.max_worker_memory_mb, "idle_spin_us": args.idle_spin_us,
         "max_in_flight_bytes": args.max_in_flight_bytes, "reply_tags": args.reply_tags,
+        "atom_encoding": args.atom_encoding,
     }
     if args.workers is not None:
         overrides["workers"] = args.workers if args.workers == "auto" else _int_flag("--workers", args.workers)

@@ -15,6 +15,7 @@ import yaml
 
 from .config_errors import explain
 from .errors import ConfigError
+from .etf import AtomEncoding
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -51,6 +52,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     shutdown_grace_ms: NonNegativeInt = 5_000
     max_worker_memory_mb: NonNegativeInt = 0  # address-space limit per worker (RLIMIT_AS); 0 = none
     none_atom: str = "undefined"
+    atom_encoding: AtomEncoding = "latin1"  # how replies write atoms: OTP 25 style, or "utf8" (OTP 26+)
     log_level: LogLevel = "INFO"
     reply_tags: bool = False  # each reply frame starts with its request's 8-byte sequence number
     idle_spin_us: NonNegativeInt = 100  # poll this long before sleeping when out of work (see spin.py)

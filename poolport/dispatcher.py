@@ -348,7 +348,7 @@ class Dispatcher:
 
     def _reply_frame(self, seq: int, term: Any) -> bytes:
         """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""
-        payload = etf.encode(term)
+        payload = etf.encode(term, atom_encoding=self.config.atom_encoding)
         if self.config.reply_tags:
             payload = SEQ.pack(seq) + payload
         return frame(payload, self.packet)

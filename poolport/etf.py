@@ -40,9 +40,18 @@ Decisions worth knowing:
   whole sub-term (tag included) and are written back byte-identical. Their
   structure is checked while skipping over them (atoms, sizes, fun free
   variables), not interpreted.
-* **Canonical output.** Atoms are written as SMALL_ATOM_UTF8_EXT (ATOM_UTF8_EXT
-  over 255 bytes), integers in the smallest form, bitstrings with their unused
-  bits zeroed, and a bitstring whose last byte is full as a plain binary.
+* **Atom encoding.** ``atom_encoding="latin1"`` (the default) writes what
+  ``term_to_binary/1`` of OTP 25 writes: ATOM_EXT (100, 2-byte length) for an
+  atom whose characters are all Latin-1, and SMALL_ATOM_UTF8_EXT (119;
+  ATOM_UTF8_EXT, 118, over 255 bytes) only for one that needs UTF-8. BERT
+  clients written before UTF-8 atoms read only ATOM_EXT (and SMALL_ATOM_EXT),
+  so this is what lets them read poolport's replies. ``"utf8"`` writes every
+  atom as 119/118, as OTP 26+ does by default (``[{minor_version, 2}]``).
+  Erlang reads both as the same atom. Atom bytes are memoised per setting;
+  :func:`canonical` is independent of it (always UTF-8).
+* **Canonical output.** Integers are written in the smallest form, bitstrings
+  with their unused bits zeroed, and a bitstring whose last byte is full as a
+  plain binary.
   ``compressed=N`` behaves like ``term_to_binary(T, [{compressed, N}])``:
   the compressed form is used only when it is smaller.
 * **Limits on hostile input.** Every failure is a DecodeError naming the
@@ -77,7 +86,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 from poolport.errors import DecodeError, EncodeError
 from poolport.terms import (
@@ -97,7 +106,7 @@ try:  # the optional C accelerator (setup.py builds it when a compiler is there)
 except ImportError:  # pragma: no cover - depends on the build
     _cetf = None  # type: ignore[assignment]
 
-__all__ = ["ACCELERATED", "canonical", "decode", "encode"]
+__all__ = ["ACCELERATED", "ATOM_ENCODINGS", "AtomEncoding", "canonical", "decode", "encode"]
 
 # True when decode/encode/term_codec use poolport._cetf: it is built and
 # POOLPORT_PURE_PYTHON is unset, empty or "0". The C codec handles the common
@@ -109,6 +118,8 @@ VERSION = 131
 DEFAULT_MAX_DEPTH = 512  # container nesting levels accepted by decode
 DEFAULT_MAX_INFLATED = 64 * 1024 * 1024  # bytes a compressed term may inflate to
 DEFAULT_MAX_ELEMENTS = 4_000_000  # list/tuple/map/string elements a decoded term may hold
+AtomEncoding = Literal["latin1", "utf8"]  # how encode writes atoms: see "Atom encoding" above
+ATOM_ENCODINGS: tuple[AtomEncoding, ...] = get_args(AtomEncoding)
 _ATOM_CACHE_SIZE = 4096  # distinct atom names memoised per none_atom before a reset
 _MAX_U32 = 0xFFFFFFFF
 
@@ -168,6 +179,8 @@ _TAG_NAMES = {
 
 # dec(data, pos, depth, budget) -> (term, end); budget is [elements the term may still hold]
 Dec = Callable[[bytes, int, int, list[int]], tuple[Any, int]]
+# enc(term, put) writes the term's parts with put (the C one: all of them in one call)
+Enc = Callable[[Any, Callable[[bytes], Any]], None]
 
 
 def _claims(what: str, pos: int, count: int, unit: str, left: int) -> DecodeError:
@@ -795,27 +808,43 @@ _SMALL_INTS = [bytes((97, i)) for i in range(256)]
 _SMALL_TUPLES = [bytes((104, i)) for i in range(256)]
 _NIL = b"j"
 _JUST_INT = {int}
-_TRUE = b"w\x04true"
-_FALSE = b"w\x05false"
-_ATOM_BYTES: dict[str, bytes] = {}  # atom name -> its encoding (bounded, see _atom)
+_ATOM_BYTES: dict[str, dict[str, bytes]] = {e: {} for e in ATOM_ENCODINGS}  # per setting: name -> bytes
 
 
-def _atom(name: str) -> bytes:
-    """Encode an atom name as SMALL_ATOM_UTF8_EXT / ATOM_UTF8_EXT, memoised."""
-    data = _ATOM_BYTES.get(name)
+def _check_atom_encoding(atom_encoding: Any) -> None:
+    if atom_encoding not in _ATOM_BYTES:
+        raise EncodeError(f"atom_encoding must be 'latin1' or 'utf8', got {atom_encoding!r}")
+
+
+def _atom(name: str, atom_encoding: AtomEncoding = "latin1") -> bytes:
+    """Encode an atom name the ``atom_encoding`` way, memoised per setting."""
+    cache = _ATOM_BYTES[atom_encoding]
+    data = cache.get(name)
     if data is None:
-        if len(name) > 255:
-            raise EncodeError(f"atom has {len(name)} characters; Erlang allows at most 255")
-        try:
-            raw = name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise EncodeError(f"atom {name[:40]!r} is not valid Unicode") from None
-        n = len(raw)
-        data = (_pack_tag_u8(119, n) if n < 256 else _pack_tag_u16(118, n)) + raw
-        if len(_ATOM_BYTES) >= _ATOM_CACHE_SIZE:
-            _ATOM_BYTES.clear()
-        _ATOM_BYTES[str(name)] = data
+        data = _atom_bytes(name, atom_encoding == "latin1")
+        if len(cache) >= _ATOM_CACHE_SIZE:
+            cache.clear()
+        cache[str(name)] = data
     return data
+
+
+def _atom_bytes(name: str, latin1: bool) -> bytes:
+    """ATOM_EXT if ``latin1`` and every character fits, else SMALL_ATOM_UTF8_EXT / ATOM_UTF8_EXT."""
+    if len(name) > 255:
+        raise EncodeError(f"atom has {len(name)} characters; Erlang allows at most 255")
+    if latin1:
+        try:
+            raw = name.encode("latin-1")
+        except UnicodeEncodeError:  # needs UTF-8, as term_to_binary/1 of OTP 25 decides too
+            pass
+        else:
+            return _pack_tag_u16(100, len(raw)) + raw
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EncodeError(f"atom {name[:40]!r} is not valid Unicode") from None
+    n = len(raw)
+    return (_pack_tag_u8(119, n) if n < 256 else _pack_tag_u16(118, n)) + raw
 
 
 def _bignum(x: int) -> bytes:
@@ -842,9 +871,14 @@ def _cannot(x: Any) -> EncodeError:
     return EncodeError(f"cannot encode object of type {type(x).__name__!r} as an Erlang term")
 
 
-def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], None]:
+def _make_encoder(none_atom: str, atom_encoding: AtomEncoding) -> Enc:
     """Build the recursive encoder ``enc(x, put)`` that writes ``x``'s parts with ``put``."""
-    none_bytes = _atom(none_atom)
+    atoms = _ATOM_BYTES[atom_encoding]  # the memo, bound once: a closure cell is cheaper than a global
+
+    def atom(name: str) -> bytes:
+        return _atom(name, atom_encoding)
+
+    none_bytes, true_bytes, false_bytes = atom(none_atom), atom("true"), atom("false")
 
     def enc(x: Any, put: Callable[[bytes], Any]) -> None:
         t = type(x)
@@ -859,7 +893,7 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
             put(_pack_tag_u32(109, len(x)))
             put(x)
         elif t is Atom:
-            put(_ATOM_BYTES.get(x) or _atom(x))
+            put(atoms.get(x) or atom(x))
         elif t is str:
             x = x.encode()  # UnicodeEncodeError (lone surrogates) is converted in encode()
             put(_pack_tag_u32(109, len(x)))
@@ -869,7 +903,7 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
             for k, v in x.items():
                 t = type(k)
                 if t is Atom:
-                    put(_ATOM_BYTES.get(k) or _atom(k))
+                    put(atoms.get(k) or atom(k))
                 else:
                     enc(k, put)
                 t = type(v)
@@ -879,7 +913,7 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
                     put(_pack_tag_u32(109, len(v)))
                     put(v)
                 elif t is Atom:
-                    put(_ATOM_BYTES.get(v) or _atom(v))
+                    put(atoms.get(v) or atom(v))
                 else:
                     enc(v, put)
         elif t is list:
@@ -910,7 +944,7 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
                     put(_pack_tag_u32(109, len(v)))
                     put(v)
                 elif t is Atom:
-                    put(_ATOM_BYTES.get(v) or _atom(v))
+                    put(atoms.get(v) or atom(v))
                 else:
                     enc(v, put)
             put(_NIL)
@@ -920,7 +954,7 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
             for v in x:
                 t = type(v)
                 if t is Atom:
-                    put(_ATOM_BYTES.get(v) or _atom(v))
+                    put(atoms.get(v) or atom(v))
                 elif t is int and 0 <= v <= 255:
                     put(_SMALL_INTS[v])
                 elif t is bytes:
@@ -935,9 +969,9 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
         elif x is None:
             put(none_bytes)
         elif x is True:
-            put(_TRUE)
+            put(true_bytes)
         elif x is False:
-            put(_FALSE)
+            put(false_bytes)
         else:
             enc_other(x, put)
 
@@ -964,7 +998,7 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
             for part in _bitstring(x):
                 put(part)
         elif isinstance(x, Atom):
-            put(_atom(x))
+            put(atom(x))
         elif isinstance(x, int):  # IntEnum, IntFlag, ... (bool is handled exactly)
             enc(int(x), put)
         elif isinstance(x, float):
@@ -989,43 +1023,49 @@ def _make_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], Non
     return enc
 
 
-_ENCODERS: dict[str, Callable[[Any, Callable[[bytes], Any]], None]] = {}  # pure Python
-_ACTIVE_ENCODERS: dict[str, Callable[[Any, Callable[[bytes], Any]], None]] = {}
+_ENCODERS: dict[tuple[str, str], Enc] = {}  # pure Python, by (none_atom, atom_encoding)
+_ACTIVE_ENCODERS: dict[tuple[str, str], Enc] = {}
 
 
-def _encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], None]:
-    enc = _ENCODERS.get(none_atom)
+def _encoder(none_atom: str, atom_encoding: AtomEncoding = "latin1") -> Enc:
+    key = (none_atom, atom_encoding)
+    enc = _ENCODERS.get(key)
     if enc is None:
         if type(none_atom) is not str:
             raise EncodeError(f"none_atom must be a str, got {type(none_atom).__name__!r}")
-        enc = _ENCODERS[none_atom] = _make_encoder(none_atom)
+        _check_atom_encoding(atom_encoding)
+        enc = _ENCODERS[key] = _make_encoder(none_atom, atom_encoding)
     return enc
 
 
-def _active_encoder(none_atom: str) -> Callable[[Any, Callable[[bytes], Any]], None]:
+def _active_encoder(none_atom: str, atom_encoding: AtomEncoding = "latin1") -> Enc:
     """The encoder encode() and term_codec() use: C when ACCELERATED, else Python."""
-    enc = _ACTIVE_ENCODERS.get(none_atom)
+    key = (none_atom, atom_encoding)
+    enc = _ACTIVE_ENCODERS.get(key)
     if enc is None:
-        enc = _encoder(none_atom)  # checks none_atom
+        enc = _encoder(none_atom, atom_encoding)  # checks both settings
         if ACCELERATED:
-            enc = _cetf.Encoder(enc, _atom(none_atom), Atom).encode
-        _ACTIVE_ENCODERS[none_atom] = enc
+            enc = _cetf.Encoder(enc, _atom(none_atom, atom_encoding), Atom, atom_encoding == "latin1").encode
+        _ACTIVE_ENCODERS[key] = enc
     return enc
 
 
-_WRITERS: dict[str, Callable[[bytes, Any], bytes]] = {}
+# term_writer()s by atom_encoding, then none_atom: two str lookups per encode() call, no key tuple
+_WRITERS: dict[str, dict[str, Callable[[bytes, Any], bytes]]] = {e: {} for e in ATOM_ENCODINGS}
+_NO_WRITERS: dict[str, Callable[[bytes, Any], bytes]] = {}  # stays empty: for a bad atom_encoding
 
 
-def term_writer(none_atom: str = "undefined") -> Callable[[bytes, Any], bytes]:
+def term_writer(none_atom: str = "undefined", atom_encoding: AtomEncoding = "latin1") -> Callable[[bytes, Any], bytes]:
     """``write(prefix, term)``: ``prefix`` followed by the term's encoding, as one ``bytes``.
 
     The C encoder builds both in one buffer, so a big binary inside the term
     is copied once, not once more to put the prefix in front. Raises what
     ``enc`` of :func:`term_codec` raises.
     """
-    write = _WRITERS.get(none_atom)
+    writers = _WRITERS.get(atom_encoding, _NO_WRITERS)
+    write = writers.get(none_atom)
     if write is None:
-        enc = _active_encoder(none_atom)
+        enc = _active_encoder(none_atom, atom_encoding)  # checks both settings
         if ACCELERATED:
 
             def write(prefix: bytes, term: Any) -> bytes:
@@ -1039,19 +1079,21 @@ def term_writer(none_atom: str = "undefined") -> Callable[[bytes, Any], bytes]:
                 enc(term, parts.append)
                 return b"".join(parts)
 
-        _WRITERS[none_atom] = write
+        writers[none_atom] = write
     return write
 
 
-def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0) -> bytes:
+def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0,
+           atom_encoding: AtomEncoding = "latin1") -> bytes:
     """Encode ``term`` as ETF (version byte 131 first).
 
     ``None`` becomes the atom ``none_atom``; ``compressed`` (0..9) is the zlib
     level of ``term_to_binary(T, [{compressed, N}])``, 0 meaning uncompressed
-    (``True`` means 6, like the bare ``compressed`` option).
+    (``True`` means 6, like the bare ``compressed`` option); ``atom_encoding``
+    is ``"latin1"`` (OTP 25's ``term_to_binary/1``) or ``"utf8"`` (OTP 26+).
     Raises EncodeError for values with no Erlang counterpart.
     """
-    write = _WRITERS.get(none_atom) or term_writer(none_atom)
+    write = _WRITERS.get(atom_encoding, _NO_WRITERS).get(none_atom) or term_writer(none_atom, atom_encoding)
     try:
         data = write(b"\x83", term)
     except RecursionError:
@@ -1077,12 +1119,13 @@ def canonical(term: Any) -> bytes:
     """Bytes that are equal exactly when two terms are the same Erlang term (=:=).
 
     Used by ``terms.MapKey`` to hash and compare map keys; not valid ETF. It is
-    the encoding with lists always as LIST_EXT, ``None`` as a private marker (so
-    it never equals an atom), set elements sorted, and map keys replaced by a
+    the encoding with atoms always as UTF-8 (whatever ``atom_encoding`` replies
+    use: MapKey hashes never change with it), lists always as LIST_EXT, ``None``
+    as a private marker (so it never equals an atom), set elements sorted, and map keys replaced by a
     BLAKE2b-256 digest of their own canonical form with entries sorted by it.
     """
     parts: list[bytes] = []
-    _canonical(term, parts.append, _encoder("undefined"))
+    _canonical(term, parts.append, _encoder("undefined", "utf8"))
     return b"".join(parts)
 
 
@@ -1140,9 +1183,7 @@ def _canonical(x: Any, put: Callable[[bytes], Any], enc: Callable[[Any, Any], No
         enc(x, put)
 
 
-def term_codec(
-    none_atom: str = "undefined",
-) -> tuple[Dec, Callable[[Any, Callable[[bytes], Any]], None]]:
+def term_codec(none_atom: str = "undefined", atom_encoding: AtomEncoding = "latin1") -> tuple[Dec, Enc]:
     """The raw decoder and encoder behind :func:`decode` and :func:`encode`.
 
     For a caller that walks an envelope itself and must not pay for a second
@@ -1151,7 +1192,7 @@ def term_codec(
     hold) by the elements it decoded, and may raise IndexError, struct.error,
     RecursionError or DecodeError on bad input (callers fall back to
     :func:`decode` for the message); ``enc(term, put)`` writes the term without
-    the version byte.
+    the version byte, its atoms the ``atom_encoding`` way.
     Both are the C ones when ACCELERATED (the C ``enc`` calls ``put`` once).
     """
-    return _decoder(none_atom), _active_encoder(none_atom)
+    return _decoder(none_atom), _active_encoder(none_atom, atom_encoding)

@@ -40,7 +40,9 @@ FLUSH_BYTES = 1 << 20  # ... and send replies on once this many bytes wait (boun
 PARENT_CHECK_S = 0.5  # how often a worker checks that its dispatcher is still alive
 INFO_MAX_ELEMENTS = 1024  # an {info, Command, Options} packet is a small hint
 BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itself
-_REPLY_PREFIX = b"\x83h\x02w\x05reply"  # version byte and the head of {reply, Result}
+# the version byte and the head of {reply, Result} by atom_encoding: b"\x83h\x02d\x00\x05reply" (latin1),
+# b"\x83h\x02w\x05reply" (utf8)
+_REPLY_PREFIX = {e: etf.encode((bert.REPLY, 0), atom_encoding=e)[:-2] for e in etf.ATOM_ENCODINGS}
 
 log = logging.getLogger("poolport.worker")
 
@@ -134,8 +136,10 @@ class Worker:
         info = dict(info or {}, worker_pid=os.getpid())
         self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
         self._none = config.none_atom
-        self._dec = etf.term_codec(config.none_atom)[0]
-        self._write = etf.term_writer(config.none_atom)
+        self._atom_encoding = config.atom_encoding
+        self._dec = etf.term_codec(config.none_atom, config.atom_encoding)[0]
+        self._write = etf.term_writer(config.none_atom, config.atom_encoding)
+        self._reply_prefix = _REPLY_PREFIX[config.atom_encoding]
         self._depth = config.max_term_depth - 1  # the arguments sit one level inside the request
         self._elements = config.max_term_elements - 4  # ... after the 4 of {call, M, F, Args}
         self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
@@ -277,7 +281,7 @@ class Worker:
         if self.bare:
             return self._encode_reply(result)
         try:
-            return self._write(_REPLY_PREFIX, result)
+            return self._write(self._reply_prefix, result)
         except Exception:  # noqa: BLE001 - the slow path converts or explains
             return self._encode_reply(result)
 
@@ -299,12 +303,12 @@ class Worker:
     def _encode_reply(self, result: Any) -> bytes:
         try:
             try:
-                return etf.encode(result if self.bare else bert.reply(result), none_atom=self._none)
+                return self._encode(result if self.bare else bert.reply(result))
             except EncodeError as exc:
                 error: Exception = exc
             try:  # -- Structs, dataclasses, Enums (poolport.typed.to_term), if plain encoding failed
                 term = typed.to_term(result)
-                return etf.encode(term if self.bare else bert.reply(term), none_atom=self._none)
+                return self._encode(term if self.bare else bert.reply(term))
             except EncodeError as exc:
                 error = exc
         except (MemoryError, RecursionError) as exc:
@@ -327,7 +331,7 @@ class Worker:
                            f"the reply is {size} bytes, too big for {{packet,{packet}}}")
 
     def _encode(self, term: Any) -> bytes:
-        return etf.encode(term, none_atom=self._none)
+        return etf.encode(term, none_atom=self._none, atom_encoding=self._atom_encoding)
 
     def _error(self, kind: Any, code: int, cls: str, detail: str, trace: list[str] | None = None) -> bytes:
         return self._encode(bert.error(kind, code, cls, detail, trace, bare=self.bare))

@@ -52,6 +52,10 @@ class PortClient:
     def send(self, *terms: Any) -> None:
         self.send_raw(b"".join(frame(etf.encode(t), self.packet) for t in terms))
 
+    def send_payload(self, payload: bytes) -> None:
+        """One frame holding ``payload`` as it is (need not be valid ETF)."""
+        self.send_raw(frame(payload, self.packet))
+
     def recv_frame(self, timeout: float = 30.0) -> bytes:
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
@@ -78,6 +82,11 @@ class PortClient:
     def request(self, term: Any, timeout: float = 30.0) -> Any:
         self.send(term)
         return self.recv(timeout)
+
+    def request_frame(self, term: Any, timeout: float = 30.0) -> bytes:
+        """The reply's payload exactly as poolport wrote it (the bytes, not a decoded term)."""
+        self.send(term)
+        return self.recv_frame(timeout)
 
     def close(self, timeout: float = 30.0) -> int:
         if self.proc.stdin and not self.proc.stdin.closed:

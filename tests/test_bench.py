@@ -53,7 +53,7 @@ def test_reference_codec_round_trips_what_the_workloads_send():
     expected = dict(term)
     expected[Atom("k")] = term[Atom("k")][:-1] + [b"text"]
     assert etf.decode(ref.encode(back)) == expected
-    assert ref.decode(etf.encode(Atom("é" * 200))) == "é" * 200  # ATOM_UTF8_EXT (400 bytes)
+    assert ref.decode(etf.encode(Atom("é" * 200), atom_encoding="utf8")) == "é" * 200  # ATOM_UTF8_EXT (400 bytes)
 
 
 def _frame(term) -> bytes:

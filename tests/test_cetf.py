@@ -58,24 +58,26 @@ def test_accelerated_flag_follows_build_and_environment() -> None:
         assert type(enc.__self__) is _cetf.Encoder
     else:
         assert dec is etf._DECODERS["undefined"]
-        assert enc is etf._ENCODERS["undefined"]
+        assert enc is etf._ENCODERS[("undefined", "latin1")]
 
 
 # ---- switching etf between the backends -------------------------------------------------
 
-_ACTIVE: dict[bool, tuple[dict[Any, Any], dict[Any, Any]]] = {False: ({}, {}), True: ({}, {})}
+_ACTIVE: dict[bool, tuple[dict[Any, Any], ...]] = {
+    accelerated: ({}, {}, {e: {} for e in etf.ATOM_ENCODINGS}) for accelerated in (False, True)
+}
 
 
 @contextmanager
 def backend(accelerated: bool) -> Iterator[None]:
     """etf.decode/encode/term_codec on the C (True) or pure-Python (False) codec."""
-    saved = etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS
+    saved = etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS, etf._WRITERS
     etf.ACCELERATED = accelerated
-    etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS = _ACTIVE[accelerated]
+    etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS, etf._WRITERS = _ACTIVE[accelerated]
     try:
         yield
     finally:
-        etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS = saved
+        etf.ACCELERATED, etf._ACTIVE_DECODERS, etf._ACTIVE_ENCODERS, etf._WRITERS = saved
 
 
 def outcome(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -149,17 +151,17 @@ def elements_of(data: bytes) -> int:
     return etf.DEFAULT_MAX_ELEMENTS - budget[0]
 
 
-def check_encode(term: Any, none_atom: str = "undefined") -> bytes | None:
+def check_encode(term: Any, none_atom: str = "undefined", atom_encoding: str = "latin1") -> bytes | None:
     """encode() and the raw enc agree; returns the encoding (None if it raised)."""
     results = {}
     for accelerated in (False, True):
         with backend(accelerated):
-            _, enc = etf.term_codec(none_atom)
+            _, enc = etf.term_codec(none_atom, atom_encoding)
             parts: list[bytes] = []
             raw = outcome(enc, term, parts.append)
             results[accelerated] = (
-                outcome(etf.encode, term, none_atom=none_atom),
-                outcome(etf.encode, term, none_atom=none_atom, compressed=6),
+                outcome(etf.encode, term, none_atom=none_atom, atom_encoding=atom_encoding),
+                outcome(etf.encode, term, none_atom=none_atom, atom_encoding=atom_encoding, compressed=6),
                 raw if raw[0] == "raised" else ("ok", b"".join(parts)),
             )
     for py, c in zip(results[False], results[True]):
@@ -206,6 +208,9 @@ def _odd_leaves() -> st.SearchStrategy[Any]:
                 A("a" * 256),
                 A("é" * 200),
                 A("é" * 255),
+                A("ÿ" * 255),  # the longest ATOM_EXT (latin1)
+                A("é" * 254 + "€"),  # not Latin-1: ATOM_UTF8_EXT either way
+                A("\x00"),
                 A("true"),
                 A("undefined"),
                 A(""),
@@ -313,6 +318,7 @@ def token_soup(draw: st.DrawFn) -> bytes:
 
 
 none_atoms = st.sampled_from(["undefined", "nil", None, "true"])
+atom_encodings = st.sampled_from(etf.ATOM_ENCODINGS)
 depths = st.sampled_from([512, 0, 1, 2, 3, 5])
 budgets = st.sampled_from([etf.DEFAULT_MAX_ELEMENTS, 0, 1, 2, 3, 5, 8, 20])  # max_elements
 
@@ -321,9 +327,9 @@ budgets = st.sampled_from([etf.DEFAULT_MAX_ELEMENTS, 0, 1, 2, 3, 5, 8, 20])  # m
 
 @needs_c
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(terms(), st.sampled_from(["undefined", "nil"]))
-def test_terms_encode_and_decode_the_same(term: Any, none_atom: str) -> None:
-    data = check_encode(term, none_atom)
+@given(terms(), st.sampled_from(["undefined", "nil", "nïl", "ниль"]), atom_encodings)
+def test_terms_encode_and_decode_the_same(term: Any, none_atom: str, atom_encoding: str) -> None:
+    data = check_encode(term, none_atom, atom_encoding)
     assert data is not None
     check_decode(data, none_atom)
     check_decode(data, none_atom, max_depth=3)
@@ -334,16 +340,16 @@ def test_terms_encode_and_decode_the_same(term: Any, none_atom: str) -> None:
 
 @needs_c
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(huge_ints, opaque_blobs().map(etf.decode)))
-def test_huge_ints_and_opaque_terms(term: Any) -> None:
-    check_decode(check_encode(term) or b"")
+@given(st.one_of(huge_ints, opaque_blobs().map(etf.decode)), atom_encodings)
+def test_huge_ints_and_opaque_terms(term: Any, atom_encoding: str) -> None:
+    check_decode(check_encode(term, atom_encoding=atom_encoding) or b"")
 
 
 @needs_c
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(encodable_or_not(), st.sampled_from(["undefined", "nil"]))
-def test_odd_and_unencodable_objects_encode_the_same(term: Any, none_atom: str) -> None:
-    data = check_encode(term, none_atom)
+@given(encodable_or_not(), st.sampled_from(["undefined", "nil"]), atom_encodings)
+def test_odd_and_unencodable_objects_encode_the_same(term: Any, none_atom: str, atom_encoding: str) -> None:
+    data = check_encode(term, none_atom, atom_encoding)
     if data is not None:
         check_decode(data, none_atom)
 

@@ -16,6 +16,7 @@ MISUSES = [
     pytest.param(["check", "--config", "/nonexistent/poolport.yaml"], id="missing-config"),
     pytest.param(["serve", "--packet", "3"], id="packet-3"),
     pytest.param(["serve", "--timeout-ms", "soon"], id="timeout-not-a-number"),
+    pytest.param(["serve", "--atom-encoding", "ascii"], id="unknown-atom-encoding"),
     pytest.param(["demo", "--workers", "0"], id="demo-zero-workers"),
     pytest.param(["demo", "--calls", "-5"], id="demo-negative-calls"),
     pytest.param(["frobnicate"], id="unknown-command"),

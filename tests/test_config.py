@@ -16,6 +16,7 @@ def test_empty_file_gives_defaults():
     assert config == Config()
     assert config.worker_count == loky.cpu_count()  # cores this process may use (cgroups, affinity)
     assert (config.packet, config.protocol, config.none_atom) == (4, "bert", "undefined")
+    assert config.atom_encoding == "latin1"  # what OTP 25 and every BERT client read
 
 
 def test_full_example_config_is_valid():
@@ -61,6 +62,8 @@ def test_every_setting_is_documented_in_the_readme_and_the_example_config():
                      "functions: 'm.f': timeout_ms: expected an integer >= 0 or null, got 'x'",
                      id="function-timeout"),
         pytest.param(b"protocol: bare", "protocol: 'bare' needs bare_module", id="bare-without-module"),
+        pytest.param(b"atom_encoding: utf-8", "atom_encoding: expected 'latin1' or 'utf8', got 'utf-8'",
+                     id="atom-encoding"),
         pytest.param(b"- a list", "expected a mapping", id="not-a-mapping"),
         pytest.param(b"workers: [", "not valid YAML", id="bad-yaml"),
     ],
@@ -113,10 +116,11 @@ def test_the_smallest_timeout_set_applies():
 def test_cli_flags_override_the_file(tmp_path, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("workers: 4\npacket: 2\nmodules: [a]\n")
-    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b"]) == 0
+    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b",
+                 "--atom-encoding", "utf8"]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    assert '"workers": 3' in out and '"packet": 2' in out
+    assert '"workers": 3' in out and '"packet": 2' in out and '"atom_encoding": "utf8"' in out
     assert '"a"' in out and '"b"' in out
     from poolport import etf
 

@@ -167,8 +167,69 @@ TO_BYTES = [
 
 
 @pytest.mark.parametrize(("term", "body"), TO_BYTES)
-def test_encode_exact_bytes(term: Any, body: bytes) -> None:
-    assert encode(term) == b"\x83" + body
+def test_encode_exact_bytes_utf8_atoms(term: Any, body: bytes) -> None:
+    assert encode(term, atom_encoding="utf8") == b"\x83" + body
+
+
+# The default, atom_encoding="latin1": what term_to_binary/1 of OTP 25 writes (the oracle test
+# checks it byte for byte against a real erl). Terms without atoms are the same bytes either way.
+LATIN1_BYTES = [
+    pytest.param(A("ok"), b"d\x00\x02ok", id="atom"),
+    pytest.param(A(""), b"d\x00\x00", id="empty_atom"),
+    pytest.param(A("hé"), b"d\x00\x02h\xe9", id="latin1_atom_is_latin1_bytes"),
+    pytest.param(A("ÿ" * 255), b"d\x00\xff" + b"\xff" * 255, id="longest_latin1_atom"),
+    pytest.param(A("日本"), b"w\x06\xe6\x97\xa5\xe6\x9c\xac", id="non_latin1_atom_is_utf8"),
+    pytest.param(A("é" * 199 + "€"), b"v\x01\x91" + "é".encode() * 199 + "€".encode(), id="atom_utf8_ext"),
+    pytest.param(True, b"d\x00\x04true", id="true"),
+    pytest.param(False, b"d\x00\x05false", id="false"),
+    pytest.param(None, b"d\x00\x09undefined", id="none"),
+    pytest.param((A("a"),) * 256, b"i\x00\x00\x01\x00" + b"d\x00\x01a" * 256, id="large_tuple"),
+    pytest.param([True, 1], b"l\x00\x00\x00\x02d\x00\x04truea\x01j", id="bool_is_not_a_char"),
+    pytest.param(ImproperList([1], A("t")), b"l\x00\x00\x00\x01a\x01d\x00\x01t", id="improper"),
+    pytest.param({A("k"): A("v")}, b"t\x00\x00\x00\x01d\x00\x01kd\x00\x01v", id="map"),
+    pytest.param((A("reply"), b"x"), b"h\x02d\x00\x05replym\x00\x00\x00\x01x", id="reply"),
+]
+
+
+@pytest.mark.parametrize(("term", "body"), LATIN1_BYTES)
+def test_encode_exact_bytes_latin1_atoms_by_default(term: Any, body: bytes) -> None:
+    assert encode(term) == encode(term, atom_encoding="latin1") == b"\x83" + body
+    assert decode(b"\x83" + body) == term
+
+
+def _has_atoms(term: Any) -> bool:
+    if term is None or isinstance(term, (bool, Atom)):
+        return True
+    if isinstance(term, dict):
+        return _has_atoms(list(term.items()))
+    if isinstance(term, ImproperList):
+        return _has_atoms([term.items, term.tail])
+    if isinstance(term, MapKey):
+        return _has_atoms(term.term)
+    return isinstance(term, (list, tuple)) and any(map(_has_atoms, term))
+
+
+@pytest.mark.parametrize(("term", "body"), [p for p in TO_BYTES if not _has_atoms(p.values[0])])
+def test_terms_without_atoms_do_not_depend_on_atom_encoding(term: Any, body: bytes) -> None:
+    assert encode(term) == encode(term, atom_encoding="utf8") == b"\x83" + body
+
+
+def test_atom_subclass_and_bad_atom_encoding() -> None:
+    class Tag(Atom):
+        pass
+
+    assert encode(Tag("é")) == b"\x83d\x00\x01\xe9"
+    assert encode(Tag("é"), atom_encoding="utf8") == b"\x83w\x02\xc3\xa9"
+    with pytest.raises(EncodeError, match="atom_encoding must be 'latin1' or 'utf8', got 'utf-8'"):
+        encode(A("ok"), atom_encoding="utf-8")  # type: ignore[arg-type]
+
+
+def test_canonical_does_not_depend_on_atom_encoding() -> None:
+    """MapKey hashes and compares by canonical(): always UTF-8 atoms, so never by setting."""
+    assert canonical(A("é")) == b"w\x02\xc3\xa9"
+    assert canonical((True, None)) == b"h\x02w\x04true\x00"
+    key = MapKey([A("é")])
+    assert decode(encode({key: 1})) == decode(encode({key: 1}, atom_encoding="utf8")) == {key: 1}
 
 
 def test_large_tuple_round_trip() -> None:
@@ -186,7 +247,9 @@ def test_long_int_list_is_list_ext_and_round_trips() -> None:
 
 
 def test_none_atom_is_configurable() -> None:
-    assert encode(None, none_atom="nil") == b"\x83w\x03nil"
+    assert encode(None, none_atom="nil") == b"\x83d\x00\x03nil"
+    assert encode(None, none_atom="nil", atom_encoding="utf8") == b"\x83w\x03nil"
+    assert encode(None, none_atom="nïl") == b"\x83d\x00\x03n\xefl"
     assert decode(b"\x83w\x03nil", none_atom="nil") is None
     assert decode(b"\x83w\x09undefined", none_atom="nil") == A("undefined")
     assert decode(b"\x83w\x09undefined", none_atom=None) == A("undefined")
@@ -482,16 +545,24 @@ def test_encode_bad_compressed_level() -> None:
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(terms())
-def test_round_trip(term: Any) -> None:
-    data = encode(term)
+@given(terms(), st.sampled_from(["latin1", "utf8"]))
+def test_round_trip(term: Any, atom_encoding: str) -> None:
+    data = encode(term, atom_encoding=atom_encoding)
     assert decode(data) == term
-    assert decode(encode(term, compressed=6)) == term
+    assert decode(encode(term, compressed=6, atom_encoding=atom_encoding)) == term
 
 
-@given(st.one_of(huge_ints, atoms(max_size=255)))
-def test_round_trip_huge_ints_and_long_atoms(term: Any) -> None:
-    assert decode(encode(term)) == term
+@given(st.one_of(huge_ints, atoms(max_size=255)), st.sampled_from(["latin1", "utf8"]))
+def test_round_trip_huge_ints_and_long_atoms(term: Any, atom_encoding: str) -> None:
+    assert decode(encode(term, atom_encoding=atom_encoding)) == term
+
+
+@given(atoms(max_size=255))
+def test_atom_tag_follows_atom_encoding(name: Atom) -> None:
+    latin1, utf8 = encode(name)[1], encode(name, atom_encoding="utf8")[1]
+    fits = all(ord(c) < 256 for c in name)
+    assert latin1 == (100 if fits else utf8)
+    assert utf8 == (119 if len(name.encode()) < 256 else 118)
 
 
 @given(terms(), st.sampled_from(["nil", "undefined", "none"]))
@@ -539,7 +610,9 @@ def test_mutated_compressed_encodings_never_crash(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("term", [1, b"x" * 100_000, (Atom("ok"), [b"y" * 5000, 2.5, {Atom("k"): None}]), []])
-def test_term_writer_puts_the_prefix_before_the_encoding(term):
-    write = term_writer()
-    assert write(b"\x83h\x02w\x05reply", term) == b"\x83h\x02w\x05reply" + encode(term)[1:]
-    assert write(b"", term) == encode(term)[1:]
+@pytest.mark.parametrize("atom_encoding", ["latin1", "utf8"])
+def test_term_writer_puts_the_prefix_before_the_encoding(term, atom_encoding):
+    write = term_writer(atom_encoding=atom_encoding)
+    expected = encode(term, atom_encoding=atom_encoding)[1:]
+    assert write(b"\x83h\x02w\x05reply", term) == b"\x83h\x02w\x05reply" + expected
+    assert write(b"", term) == expected

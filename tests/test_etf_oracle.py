@@ -6,8 +6,12 @@
    compressed, some with ``minor_version`` 0 (old floats) or 2 (UTF-8 atoms).
 2. Python decodes every blob and encodes it again (some compressed).
 3. Erlang checks ``binary_to_term(Re) =:= binary_to_term(Original)`` for each one.
-4. The other way round: seeded random Python terms go to Erlang, which decodes and
-   re-encodes them; Python must get back equal terms.
+4. Byte-exactness: for every blob, Erlang writes ``term_to_binary(binary_to_term(B))``
+   (OTP 25: ATOM_EXT for Latin-1 atoms) and the same with ``[{minor_version, 2}]``
+   (UTF-8 atoms, OTP 26+'s default); ``encode(decode(B))`` must equal the first with
+   ``atom_encoding="latin1"`` and the second with ``"utf8"``, byte for byte.
+5. The other way round: seeded random Python terms go to Erlang (in both atom
+   encodings), which decodes and re-encodes them; Python must get back equal terms.
 
 Erlang is required (CI installs it): without ``erl`` on PATH this test fails.
 """
@@ -24,7 +28,7 @@ from typing import Any
 import pytest
 
 from poolport.etf import decode, encode
-from poolport.terms import Atom, BitString, ImproperList, MapKey
+from poolport.terms import Atom, BitString, ImproperList, MapKey, Opaque
 
 SEED = 20240611  # change to explore; printed on every run
 RANDOM_TERMS = 2500  # plus the fixed edge cases in the escript
@@ -34,6 +38,7 @@ TIMEOUT = 300  # seconds per erl run; only there to catch a hang
 ORACLE_ESCRIPT = r"""
 #!/usr/bin/env escript
 %% poolport ETF oracle: gen <Seed> <Count> <Out> | check <Orig> <Re> | echo <In> <Out>
+%%                      | canon <In> <Latin1Out> <Utf8Out>
 -mode(compile).
 
 main(["gen", Seed, Count, Out]) ->
@@ -42,7 +47,12 @@ main(["check", Orig, Re]) ->
     check(read_blobs(Orig), read_blobs(Re));
 main(["echo", In, Out]) ->
     write_blobs(Out, [term_to_binary(binary_to_term(B)) || B <- read_blobs(In)]),
-    io:format("echoed~n").
+    io:format("echoed~n");
+main(["canon", In, Latin1, Utf8]) ->
+    Terms = [binary_to_term(B) || B <- read_blobs(In)],
+    write_blobs(Latin1, [term_to_binary(T) || T <- Terms]),
+    write_blobs(Utf8, [term_to_binary(T, [{minor_version, 2}]) || T <- Terms]),
+    io:format("canon ~s~n", [erlang:system_info(otp_release)]).
 
 gen(Seed, Count, Out) ->
     rand:seed(exsss, {Seed, Seed + 1, Seed + 2}),
@@ -187,6 +197,20 @@ def _escript(script: Path, *args: object) -> str:
     return done.stdout
 
 
+def _holds_opaque(term: Any) -> bool:
+    """Pids, ports, refs and funs keep the bytes they came with (their node atom's tag too),
+    so only terms without them are written exactly as Erlang would write them now."""
+    if isinstance(term, Opaque):
+        return True
+    if isinstance(term, dict):
+        return any(_holds_opaque(k) or _holds_opaque(v) for k, v in term.items())
+    if isinstance(term, MapKey):
+        return _holds_opaque(term.term)
+    if isinstance(term, ImproperList):
+        return _holds_opaque(term.items) or _holds_opaque(term.tail)
+    return isinstance(term, (list, tuple)) and any(map(_holds_opaque, term))
+
+
 def _random_term(rng: random.Random, depth: int) -> Any:
     """A random Python term in the decoder's image (Erlang will echo it back)."""
     kind = rng.randrange(16 if depth else 10)
@@ -249,11 +273,28 @@ def test_erlang_agrees_with_the_codec(tmp_path: Path) -> None:
     report = _escript(script, "check", original, reencoded)
     assert f"checked {len(blobs)} mismatches 0" in report, report
 
+    # byte for byte what term_to_binary writes, in each atom encoding
+    latin1, utf8 = tmp_path / "latin1.bin", tmp_path / "utf8.bin"
+    release = _escript(script, "canon", original, latin1, utf8).split()[-1]
+    for path, atom_encoding in ((latin1, "latin1"), (utf8, "utf8")):
+        if atom_encoding == "latin1" and int(release) >= 26:
+            continue  # OTP 26+ writes UTF-8 atoms by default: only the utf8 setting matches it
+        expected = _read_blobs(path)
+        assert len(expected) == len(blobs)
+        plain = [(b, e) for b, e in zip(blobs, expected) if not _holds_opaque(decode(b))]
+        assert len(plain) >= MIN_CHECKED // 2
+        differ = [i for i, (b, e) in enumerate(plain) if encode(decode(b), atom_encoding=atom_encoding) != e]
+        assert not differ, (
+            f"{len(differ)} terms are not written as OTP {release} writes them ({atom_encoding}), "
+            f"first: {decode(plain[differ[0]][0])!r}"
+        )
+
     # Python -> Erlang -> Python
     rng = random.Random(SEED)
     terms = [_random_term(rng, 3) for _ in range(1000)]
     sent, echoed = tmp_path / "python.bin", tmp_path / "echoed.bin"
-    _write_blobs(sent, [encode(t, compressed=6 if i % 5 == 0 else 0) for i, t in enumerate(terms)])
+    _write_blobs(sent, [encode(t, compressed=6 if i % 5 == 0 else 0, atom_encoding="utf8" if i % 2 else "latin1")
+                        for i, t in enumerate(terms)])
     _escript(script, "echo", sent, echoed)
     back = [decode(b) for b in _read_blobs(echoed)]
     assert len(back) == len(terms)

@@ -76,6 +76,24 @@ def test_a_run_of_mixed_frames_gets_one_reply_per_call_in_order():
     assert replies[3][0] == Atom("error") and replies[5] == (Atom("noreply"),)
 
 
+@pytest.mark.parametrize(("atom_encoding", "reply_head"), [
+    ("latin1", b"\x83h\x02d\x00\x05reply"),  # what OTP 25 writes: every BERT client reads it
+    ("utf8", b"\x83h\x02w\x05reply"),
+])
+def test_every_reply_writes_atoms_the_configured_way(atom_encoding, reply_head):
+    w = Worker(Config(modules=["pp_handlers"], atom_encoding=atom_encoding), {"workers": 1})
+    for name, payload in REQUESTS.items():
+        for reply in (w.answer(payload, 0, len(payload)), w.answer(payload, 0, len(payload)), w.handle(payload)):
+            if reply is None:
+                continue
+            # the whole reply, its atoms included, is what encode() writes in this setting
+            assert reply == etf.encode(etf.decode(reply), atom_encoding=atom_encoding), name
+    echo = REQUESTS["echo"]
+    assert w.answer(echo, 0, len(echo)) == reply_head + etf.encode((7, b"abc"))[1:]
+    assert w._out_of_memory == etf.encode(etf.decode(w._out_of_memory), atom_encoding=atom_encoding)
+    assert w.too_big(10, 1).startswith(b"\x83h\x02" + etf.encode(Atom("error"), atom_encoding=atom_encoding)[1:])
+
+
 NOT_FUNCTIONS = ["Spawn", "Touch", "instance", "partial_touch", "bound_method", "sneaky"]
 
 

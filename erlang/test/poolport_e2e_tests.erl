@@ -52,6 +52,7 @@ own_pool_test_() ->
         {"kill -9 of Python leaves no orphan processes", fun kill_no_orphans/0},
         {"Python keeps dying: pool stops with restart_intensity", fun intensity/0},
         {"stop/1 leaves no OS process", fun stop_clean/0},
+        {"atom_encoding utf8: the same terms and errors back", fun utf8_atoms/0},
         {"stop/1 with a pending call", fun stop_pending/0},
         {"start/1 under poolport_sup, name, packet 2", fun start_supervised/0},
         {"start errors", fun start_errors/0},
@@ -370,6 +371,26 @@ stop_pending() ->
     %% stop/1 ended it with SIGKILL; on a loaded machine the kernel may take a moment to reap it
     wait_until(fun() -> not os_alive(OsPid) end, 5000),
     wait_until(fun() -> not lists:any(fun os_alive/1, Children) end, 10000).
+
+%% Issue 19: replies write atoms as ATOM_EXT by default (what OTP 25 writes);
+%% with `atom_encoding: utf8' as SMALL_ATOM_UTF8_EXT. binary_to_term reads both.
+utf8_atoms() ->
+    Cfg = filename:join(tmp_dir(), "poolport_utf8_" ++ os:getpid() ++ ".yaml"),
+    ok = file:write_file(Cfg, ["workers: 1\nmodules: [pp_handlers]\nlog_level: WARNING\n",
+                               "atom_encoding: utf8\npython_path: ['", fixtures_dir(), "']\n"]),
+    {ok, Pool} = poolport:start_link(opts(#{config => Cfg})),
+    unlink(Pool),
+    try
+        Terms = [true, false, undefined, some_atom, 'Ünïcode', '日本', {ok, [a, #{b => c}]}],
+        [?assertEqual({ok, T}, poolport:call(Pool, ?M, echo, [T])) || T <- Terms],
+        ?assertMatch({error, {user, 0, <<"ValueError">>, <<"no good">>, _}},
+                     poolport:call(Pool, ?M, fail, [<<"no good">>])),
+        ?assertMatch({error, {server, 2, <<"NoSuchFunction">>, _, _}},
+                     poolport:call(Pool, ?M, no_such_function, []))
+    after
+        ok = poolport:stop(Pool),
+        ok = file:delete(Cfg)
+    end.
 
 start_supervised() ->
     {ok, Pool} = poolport:start(opts(#{name => pp_sup, packet => 2, stop_timeout => 120000})),
