@@ -9,7 +9,6 @@ not per batch). A memory write costs far less than a syscall per call.
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import struct
@@ -68,12 +67,13 @@ class Progress:
         return self._ints[_FINISHED]
 
     def wake_at(self, now: float) -> float:
-        """When a reader should look again: the running call's deadline (``inf`` if it has no
-        timeout), or ``LOOK_AGAIN_S`` from ``now`` if no call is running (one may start)."""
+        """When a reader should look again: the running call's deadline, else ``LOOK_AGAIN_S``
+        from ``now``: no call may be running yet, or the running one may learn its timeout
+        later (``set_timeout`` once its function is resolved)."""
         ints = self._ints
         timeout = ints[_TIMEOUT]
-        if ints[_STARTED] > ints[_FINISHED]:
-            return self._floats[_STARTED_AT] + timeout / 1000 if timeout else math.inf
+        if timeout and ints[_STARTED] > ints[_FINISHED]:
+            return self._floats[_STARTED_AT] + timeout / 1000
         return now + LOOK_AGAIN_S
 
     def read(self) -> Snapshot:

@@ -148,10 +148,7 @@ def bert_server(atom_encoding: str):
 
 @pytest.fixture(scope="module")
 def bare_server(atom_encoding: str):
-    # --timeout-ms: a bare request learns slow()'s own 200 ms only once its name is resolved,
-    # and a dispatcher that saw the call start without a timeout may not look again before
-    # a global one (a known gap of the slow path, not of this test's subject)
-    with serve(atom_encoding, "--protocol", "bare", "--bare-module", "pp_interop", "--timeout-ms", "5000") as client:
+    with serve(atom_encoding, "--protocol", "bare", "--bare-module", "pp_interop") as client:
         yield client
 
 

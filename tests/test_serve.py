@@ -260,6 +260,19 @@ def test_a_worker_stopped_between_calls_is_replaced_and_its_calls_answered():
         assert "has run none and sent nothing" in c.stderr_text()
 
 
+def test_a_functions_own_timeout_applies_when_it_is_learnt_after_the_call_began():
+    """A call begins before its function is resolved (here: a 0.5 s lookup), so the function's
+    own timeout (@poolport.handler(timeout_ms=300)) is set after the dispatcher first saw the
+    call running with none: the dispatcher must look again, and stop it."""
+    with PortClient("--workers", "1", "-m", "pp_sandbox") as c:
+        start = time.monotonic()
+        kind, (typ, code, cls, *_rest) = c.request(call("pp_sandbox", "found_slowly", 20_000), timeout=15)
+        assert (kind, typ, code, cls) == (ERROR, A("server"), 3, b"Timeout")
+        assert time.monotonic() - start < 10
+        kind, info = c.request(call("$poolport", "info"))  # a fresh worker serves on
+        assert kind == OK and info[A("timeouts")] == 1, info
+
+
 def test_builtin_info_call(server):
     kind, info = server.request(call("$poolport", "info"))
     assert kind == OK and info[A("workers")] == 2 and info[A("os_pid")] == server.proc.pid

@@ -57,9 +57,19 @@ def _marked(path):
     return touch(path)
 
 
+@poolport.handler(timeout_ms=300)
+def _found_slowly(ms):
+    time.sleep(ms / 1000)
+    return ms
+
+
 def __getattr__(name):
     """Module-level lookup of a missing name: ``slow_to_find`` takes 3 s to be refused, so
-    resolving a function is work that a call's timeout must cover."""
+    resolving a function is work that a call's timeout must cover; ``found_slowly`` takes
+    0.5 s to be found, and only then is its own 300 ms timeout known."""
     if name == "slow_to_find":
         time.sleep(3)
+    if name == "found_slowly":
+        time.sleep(0.5)
+        return _found_slowly
     raise AttributeError(name)
