@@ -255,3 +255,45 @@ def test_snippet(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -
         run_erl(block, tmp_path, request.getfixturevalue("doc_shell"))
     elif block.mode in RUNNERS:
         RUNNERS[block.mode](block, tmp_path)
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)|<a\s+href=\"([^\"]+)\"")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: str(d.relative_to(ROOT)))
+def test_links_stay_inside_the_repository(doc: Path) -> None:
+    """The docs stand alone: every link is a file of the repository or an anchor."""
+    bad = []
+    for match in LINK.finditer(doc.read_text()):
+        target = (match[1] or match[2]).split("#")[0]
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or (target and not (doc.parent / target).exists()):
+            bad.append(match[1] or match[2])
+    assert not bad, f"{doc.relative_to(ROOT)} links outside the repository or to missing files: {bad}"
+
+
+def test_every_serve_flag_is_documented() -> None:
+    """Each option of ``poolport serve --help`` is named in the README."""
+    help_text = subprocess.run([sys.executable, "-m", "poolport", "serve", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", help_text)) - {"--help"}
+    assert len(flags) > 10
+    readme = (ROOT / "README.md").read_text()
+    missing = {f for f in flags if not re.search(rf"(?<![\w-]){f}(?![\w-])", readme)}
+    assert not missing, f"serve flags missing from README.md: {sorted(missing)}"
+
+
+def test_layout_names_every_module_and_top_level_entry() -> None:
+    """The README's Layout lists every module of the package and every top-level file and directory."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    words = set(re.findall(r"[\w.-]+", layout))
+    package = ROOT / "poolport"
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    others = {p.name for p in package.iterdir() if p.suffix in {".c", ".escript"}}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    top = {name.split("/")[0] for name in tracked.split()}
+    top = {name for name in top if not name.startswith(".")} - {"README.md"}
+    scripts = {p.name for p in (ROOT / "scripts").iterdir()}
+    missing = sorted((modules | others | scripts) - words) + sorted(
+        n for n in top if n.rstrip("/") not in words and f"{n}/" not in layout)
+    assert not missing, f"README.md Layout does not name: {missing}"
