@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
 from .memory import keep_freed_memory
@@ -143,7 +144,9 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="poolport", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="poolport", description="Call CPU-heavy Python from Erlang or Elixir in parallel through one port.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run as an Erlang port program (frames on stdin/stdout)")
     _add_config_flags(p_serve)
@@ -159,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[1:], prog="poolport bench")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
