@@ -118,8 +118,8 @@ def test_parser_reads_markers_and_indented_blocks(tmp_path: Path) -> None:
 def test_excerpt_and_except_are_checked(tmp_path: Path) -> None:
     """An excerpt must match its file; an ``except``ed command must be one CI runs anyway."""
     doc = tmp_path / "x.md"
-    doc.write_text("<!-- doc-test: excerpt=LICENSE -->\n```text\nApache License\n```\n"
-                   "<!-- doc-test: excerpt=LICENSE -->\n```text\nMIT License\n```\n"
+    doc.write_text("<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Changelog\n```\n"
+                   "<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Change log\n```\n"
                    "<!-- doc-test: sh except=rm -->\n```sh\nrm\n```\n")
     good, bad, sh = blocks_of(doc)
     check_excerpt(good)
