@@ -41,5 +41,7 @@ def test_license_is_apache_2_everywhere() -> None:
 def test_help_texts_are_plain_and_name_the_command() -> None:
     """No reST markup in --help; ``poolport bench --help`` names ``poolport bench``."""
     top = _poolport("--help")
-    assert "``" not in top and "usage: poolport " in top
+    assert "usage: poolport " in top
+    for args in (["--help"], ["serve", "--help"], ["check", "--help"], ["demo", "--help"], ["bench", "--help"]):
+        assert "``" not in _poolport(*args), f"reST markup in poolport {' '.join(args)}"
     assert _poolport("bench", "--help").startswith("usage: poolport bench ")
