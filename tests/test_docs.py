@@ -133,7 +133,8 @@ def test_every_block_is_text_or_marked() -> None:
     """A snippet nobody runs rots: mark it with how it runs, or make it ```text."""
     bad = [f"{b.id} ```{b.lang}" for b in CODE_BLOCKS
            if b.mode not in MODES and "excerpt" not in b.attrs]
-    assert not bad, "fenced blocks neither ```text nor marked <!-- doc-test: MODE -->: " + ", ".join(bad)
+    assert not bad, ("fenced blocks neither ```text nor marked <!-- doc-test: MODE --> "
+                     "(the modes are listed at the top of tests/test_docs.py): " + ", ".join(bad))
 
 
 def _env() -> dict[str, str]:
