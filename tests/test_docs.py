@@ -143,11 +143,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], block: Block, *, env: dict[str, str] | None = None,
-         stdin: str | None = None) -> None:
-    """Run in the block's ``cwd``; a failure shows the snippet's place and its output."""
+def _run(argv: list[str], block: Block, *, env: dict[str, str] | None = None) -> None:
+    """Run in the block's ``cwd`` with an empty stdin; a failure shows the snippet's place and output."""
     cwd = ROOT / (block.attr("cwd") or ".")
-    proc = subprocess.run(argv, cwd=cwd, env=env or _env(), input=stdin or "", text=True,
+    proc = subprocess.run(argv, cwd=cwd, env=env or _env(), input="", text=True,
                           capture_output=True, timeout=TIMEOUT)
     assert proc.returncode == 0, (
         f"{block.id} (cwd {cwd}) exited {proc.returncode}\n--- snippet\n{block.text}"
