@@ -27,7 +27,7 @@ RUN apt-get update \
 WORKDIR /opt/poolport
 
 # Python side: poolport and its dependencies in a virtualenv.
-COPY pyproject.toml setup.py README.md pip-ca-bundle.pe[m] ./
+COPY pyproject.toml setup.py README.md LICENSE pip-ca-bundle.pe[m] ./
 COPY poolport/ poolport/
 RUN python3 -m venv /opt/venv \
  && if [ -s pip-ca-bundle.pem ]; then export PIP_CERT="$PWD/pip-ca-bundle.pem"; fi \

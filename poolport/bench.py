@@ -482,8 +482,9 @@ def render(report: Report, header: str, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m poolport.bench",
+def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") -> int:
+    """``prog`` is how the user started it, for ``--help`` (``poolport bench`` from the CLI)."""
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="poolport against the single-process port a user "
                                  "would otherwise write (see benchmarks/README.md)")
     ap.add_argument("--quick", action="store_true",

@@ -12,6 +12,7 @@ import sys
 import traceback
 from typing import Any, Sequence
 
+from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
 from .etf import ATOM_ENCODINGS
@@ -179,7 +180,9 @@ def check(config: Config, imports: bool, init: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="poolport", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="poolport", description="Call CPU-heavy Python from Erlang or Elixir in parallel through one port.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run as an Erlang port program (frames on stdin/stdout)")
     _add_config_flags(p_serve)
@@ -198,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[1:], prog="poolport bench")
     args = parser.parse_args(argv)
 
     if args.command == "demo":

@@ -240,7 +240,7 @@ check_opts(Opts) when is_list(Opts) ->
 check_opts(Opts) when is_map(Opts) ->
     Defaults = #{
         config => "config/poolport.yaml",
-        python => application:get_env(poolport, python, "python3"),
+        python => default_python(),
         name => undefined,
         packet => 4,
         args => [],
@@ -259,6 +259,20 @@ check_opts(Opts) when is_map(Opts) ->
     end;
 check_opts(Opts) ->
     {error, {bad_options, Opts}}.
+
+%% @doc The interpreter of a pool whose options name none: the application
+%% environment's `python', else `$POOLPORT_PYTHON' (what `scripts/erl' and the
+%% tests set to the checkout's virtualenv), else `python3' from `PATH'.
+-spec default_python() -> string().
+default_python() ->
+    case application:get_env(poolport, python) of
+        {ok, Python} -> Python;
+        undefined ->
+            case os:getenv("POOLPORT_PYTHON") of
+                Env when Env =:= false; Env =:= "" -> "python3";
+                Env -> Env
+            end
+    end.
 
 %% @doc The `shutdown' a supervisor should allow a pool with these options.
 -spec shutdown_timeout(cfg()) -> pos_integer().
@@ -965,6 +979,26 @@ check_opts_defaults_test() ->
                    cd := undefined, name := undefined, max_restarts := 5,
                    restart_period := 10}, Cfg),
     ?assert(is_list(maps:get(python, Cfg))).
+
+default_python_test_() ->
+    {setup,
+     fun() -> {os:getenv("POOLPORT_PYTHON"), application:get_env(poolport, python)} end,
+     fun({Env, App}) ->
+             _ = case Env of false -> os:unsetenv("POOLPORT_PYTHON"); _ -> os:putenv("POOLPORT_PYTHON", Env) end,
+             case App of undefined -> application:unset_env(poolport, python); {ok, P} -> application:set_env(poolport, python, P) end
+     end,
+     fun(_) ->
+             application:unset_env(poolport, python),
+             os:unsetenv("POOLPORT_PYTHON"),
+             Bare = default_python(),
+             os:putenv("POOLPORT_PYTHON", "/venv/bin/python"),
+             FromEnv = default_python(),
+             application:set_env(poolport, python, "/app/env/python"),
+             FromApp = default_python(),
+             [?_assertEqual("python3", Bare),
+              ?_assertEqual("/venv/bin/python", FromEnv),
+              ?_assertEqual("/app/env/python", FromApp)]
+     end}.
 
 check_opts_normalises_test() ->
     {ok, Cfg} = check_opts([{config, <<"c.yaml">>}, {python, <<"/usr/bin/python3">>},
