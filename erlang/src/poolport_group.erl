@@ -13,7 +13,8 @@
 %%   process sends the `in_flight' and `workers' of its local members to the
 %%   same process on every other node, every 100 ms by default, app env
 %%   `load_interval') and the calls this node has outstanding at each member
-%%   (a counter per member, bumped around each call); the larger of the two
+%%   (a row per call in an ETS table, removed when the call returns, or by
+%%   the publisher if the caller died during the call); the larger of the two
 %%   counts. A caller on a node with a member that has a free worker takes
 %%   it; otherwise two members drawn at random are compared and the lighter
 %%   one is called ("power of two choices", {@link choose/3}).</li>
@@ -63,7 +64,8 @@
 -define(PUBLISHERS, {?MODULE, publishers}).
 %% Published loads: {Pid, InFlight, Workers}.
 -define(LOADS, poolport_group_loads).
-%% This node's calls outstanding at each member: {Pid, Count}.
+%% This node's calls outstanding at each member: {{MemberPid, CallerPid}}
+%% (a caller has at most one call outstanding).
 -define(CALLS, poolport_group_calls).
 %% Default publication interval (ms).
 -define(INTERVAL, 100).
@@ -240,7 +242,7 @@ next_step(Result, _Pid, _Retry) ->
 -spec init([]) -> {ok, #state{}}.
 init([]) ->
     _ = ets:new(?LOADS, [named_table, protected, set, {read_concurrency, true}]),
-    _ = ets:new(?CALLS, [named_table, public, set, {write_concurrency, true}]),
+    _ = ets:new(?CALLS, [named_table, public, ordered_set, {write_concurrency, true}]),
     ok = pg:join(?SCOPE, ?PUBLISHERS, self()),
     ok = net_kernel:monitor_nodes(true),
     Interval = case application:get_env(poolport, load_interval, ?INTERVAL) of
@@ -267,8 +269,10 @@ handle_info(publish, #state{interval = Interval} = State) ->
     Message = {?MODULE, loads, node(), Loads},
     _ = [erlang:send(P, Message, [noconnect, nosuspend])
          || P <- pg:get_members(?SCOPE, ?PUBLISHERS), node(P) =/= node()],
-    %% Forget the counters of members this node no longer calls.
-    _ = ets:select_delete(?CALLS, [{{'_', 0}, [], [true]}]),
+    %% Forget the calls of callers that died during their call (killed:
+    %% their `after' did not run).
+    _ = [ets:delete(?CALLS, Key) || {{_, Caller} = Key} <- ets:tab2list(?CALLS),
+                                    not is_process_alive(Caller)],
     erlang:send_after(Interval, self(), publish),
     {noreply, store(node(), Loads, State)};
 handle_info({?MODULE, loads, Node, Loads}, State) when is_list(Loads) ->
@@ -303,20 +307,23 @@ call_member(Pid, Request, Timeout) ->
         false ->
             {error, {not_connected, Node}};
         true ->
-            _ = bump(Pid, 1),
+            Key = {Pid, self()},
+            _ = table(fun() -> ets:insert(?CALLS, {Key}) end, true),
             try
                 poolport_server:member_call(Pid, Request, Timeout)
             after
-                bump(Pid, -1)
+                table(fun() -> ets:delete(?CALLS, Key) end, true)
             end
     end.
 
--spec bump(pid(), integer()) -> integer().
-bump(Pid, N) ->
+%% An ETS operation on a table of the publisher, or Default while the
+%% publisher (re)starts and the table is not there.
+-spec table(fun(() -> T), T) -> T.
+table(Fun, Default) ->
     try
-        ets:update_counter(?CALLS, Pid, N, {Pid, 0})
+        Fun()
     catch
-        error:badarg -> 0  % the publisher is restarting
+        error:badarg -> Default
     end.
 
 %% A member of the group, not among Gone, on a connected node; `none' if
@@ -334,23 +341,12 @@ pick(Group, Gone) ->
 
 -spec candidate(pid()) -> candidate(pid()).
 candidate(Pid) ->
-    Published = case lookup(?LOADS, Pid) of
+    Published = case table(fun() -> ets:lookup(?LOADS, Pid) end, []) of
                     [{_, InFlight, Workers}] -> {InFlight, Workers};
                     [] -> none
                 end,
-    Outstanding = case lookup(?CALLS, Pid) of
-                      [{_, N}] -> N;
-                      [] -> 0
-                  end,
+    Outstanding = table(fun() -> ets:select_count(?CALLS, [{{{Pid, '_'}}, [], [true]}]) end, 0),
     estimate(Published, Outstanding, Pid).
-
--spec lookup(atom(), pid()) -> [tuple()].
-lookup(Table, Key) ->
-    try
-        ets:lookup(Table, Key)
-    catch
-        error:badarg -> []
-    end.
 
 -spec lighter(candidate(K), candidate(K)) -> candidate(K).
 lighter({_, _, I1, W1} = A, {_, _, I2, W2} = B) ->

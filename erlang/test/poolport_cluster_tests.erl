@@ -26,6 +26,7 @@ local_test_() ->
         {"the pool leaves its group while Python restarts and when it stops",
          fun leave_join/0},
         {"a member that left its group is skipped", fun failover_not_member/0},
+        {"a caller killed during its call no longer counts as load", fun killed_caller/0},
         {"group in the application environment", fun app_env_group/0}
     ]].
 
@@ -133,6 +134,21 @@ failover_not_member() ->
         exit(Impostor, kill),
         ok = poolport:stop(Pool)
     end.
+
+killed_caller() ->
+    {ok, Pool} = poolport:start(?E2E:opts(#{group => pp_killed})),
+    try
+        Caller = spawn(fun() -> poolport:call({group, pp_killed}, ?M, sleep_ms, [2000]) end),
+        ok = ?E2E:wait_until(fun() -> outstanding(Pool) =:= 1 end, ?DEADLOCK),
+        exit(Caller, kill),
+        ok = ?E2E:wait_until(fun() -> outstanding(Pool) =:= 0 end, ?DEADLOCK)
+    after
+        ok = poolport:stop(Pool)
+    end.
+
+%% This node's calls outstanding at a member, as the group's choice sees them.
+outstanding(Pool) ->
+    ets:select_count(poolport_group_calls, [{{{Pool, '_'}}, [], [true]}]).
 
 impostor(N) ->
     receive
