@@ -361,7 +361,15 @@ retry_nodedown() ->
 %% Start distribution and N pool nodes whose pools join Group; wait until
 %% this node sees all of them in the group.
 start_cluster(Group, N) ->
-    {ok, WasAlive} = ?E2E:start_distribution(),
+    WasAlive = case ?E2E:start_distribution() of
+                   {ok, Alive} ->
+                       Alive;
+                   {error, Reason} ->
+                       ?debugFmt("CANNOT START ERLANG DISTRIBUTION (~p): the cluster tests "
+                                 "need epmd and distribution on this machine; they fail, "
+                                 "they do not skip", [Reason]),
+                       error({distribution_unavailable, Reason})
+               end,
     Started = pmap(fun(_) -> start_member(Group) end, lists:seq(1, N)),
     Pools = [Pool || {_, _, Pool} <- Started],
     ok = ?E2E:wait_until(fun() -> lists:sort(poolport:members(Group)) =:= lists:sort(Pools) end,
