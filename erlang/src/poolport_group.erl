@@ -118,7 +118,9 @@ scope() ->
     ?SCOPE.
 
 %% @doc Call a member of `Group' with an encoded request; see the module doc
-%% for the choice, failover and `Retry'.
+%% for the choice, failover and `Retry'. If a call was retried after a
+%% nodedown and no member is left, the result is that
+%% `{error, {nodedown, Node}}'.
 -spec call(group(), binary(), timeout(), non_neg_integer()) ->
           {ok, term()} | {error, poolport:reason() | no_members}.
 call(Group, Request, Timeout, Retry) ->
@@ -284,18 +286,24 @@ handle_info(_Info, State) ->
 
 %% Internal.
 
+%% Last: the nodedown of the last retried attempt, returned if no member is
+%% left to retry on (rather than `no_members', which would hide that the
+%% call may have run).
 -spec attempt(group(), binary(), integer() | infinity, non_neg_integer(), [gone()]) ->
           {ok, term()} | {error, term()}.
 attempt(Group, Request, Deadline, Retry, Gone) ->
+    attempt(Group, Request, Deadline, Retry, Gone, {error, no_members}).
+
+attempt(Group, Request, Deadline, Retry, Gone, Last) ->
     case pick(Group, Gone) of
         none ->
-            {error, no_members};
+            Last;
         Pid ->
             Result = call_member(Pid, Request, remaining(Deadline)),
             case next_step(Result, Pid, Retry) of
                 {done, Done} -> Done;
-                {failover, G} -> attempt(Group, Request, Deadline, Retry, [G | Gone]);
-                {retry, G} -> attempt(Group, Request, Deadline, Retry - 1, [G | Gone])
+                {failover, G} -> attempt(Group, Request, Deadline, Retry, [G | Gone], Last);
+                {retry, G} -> attempt(Group, Request, Deadline, Retry - 1, [G | Gone], Result)
             end
     end.
 

@@ -331,7 +331,7 @@ join_node() ->
 retry_nodedown() ->
     Cluster = #{group := G, members := Members} = start_cluster(pp_retry, 2),
     try
-        [{NodeA, PoolA}, {_NodeB, PoolB}] = lists:sort(maps:to_list(Members)),
+        [{NodeA, PoolA}, {NodeB, PoolB}] = lists:sort(maps:to_list(Members)),
         Busy = [spawn_monitor(fun() ->
                     exit({done, poolport:call(PoolB, ?M, sleep_ms, [1500], ?DEADLOCK)})
                 end) || _ <- lists:seq(1, 4)],
@@ -351,7 +351,21 @@ retry_nodedown() ->
         [receive {'DOWN', MRef, process, Pid, _} -> ok after ?DEADLOCK -> error(deadlock) end
          || {Pid, MRef} <- Busy],
         %% B ran the 4 busy calls and the retried one.
-        ?assertEqual(5, maps:get(calls, poolport:info(PoolB)))
+        ?assertEqual(5, maps:get(calls, poolport:info(PoolB))),
+        %% B is the last member: when it dies too, the retry finds nobody
+        %% and the caller learns of the nodedown (not of no_members).
+        ok = ?E2E:wait_until(fun() -> poolport:members(G) =:= [PoolB] end, ?DEADLOCK),
+        Last = spawn_link(fun() ->
+            Self ! {self(), poolport:call({group, G}, ?M, sleep_ms, [20000], ?DEADLOCK,
+                                          #{retry => 1})}
+        end),
+        ok = ?E2E:wait_until(fun() -> maps:get(waiting, poolport:info(PoolB)) =:= 1 end,
+                             ?DEADLOCK),
+        _ = os:cmd("kill -9 " ++ erpc:call(NodeB, os, getpid, [])),
+        receive
+            {Last, LastResult} -> ?assertEqual({error, {nodedown, NodeB}}, LastResult)
+        after ?DEADLOCK -> error(deadlock)
+        end
     after
         stop_cluster(Cluster)
     end.
