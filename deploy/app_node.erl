@@ -1,24 +1,25 @@
 %% @doc The demo "user" node (deploy/entrypoint.sh app).
 %%
-%% A plain Erlang node without Python: it joins the pool nodes over Erlang
-%% distribution, finds their pools through the `pg' group
-%% `{poolport, PoolName}' and spreads a demo workload over all of them with
-%% `poolport:call(PoolPid, M, F, A)' (a pool's pid works from any node; the
-%% poolport application only needs to be in the code path here, it is not
-%% started). Every round it prints which node answered what, and a summary
-%% line (`round N ok nodes=... workers=...') that tests read.
+%% A plain Erlang node without Python: it runs the poolport application
+%% with no pools of its own (for the group scope), connects to the pool
+%% nodes over Erlang distribution and calls the group `demo' with
+%% `poolport:call({group, demo}, M, F, A)': poolport picks a member on any
+%% pool node, by load, and fails over when one goes away. Every round it
+%% prints which node answered how many calls, and a summary line
+%% (`round N ok nodes=... workers=...', the nodes that answered) that tests
+%% read.
 %%
-%% Finding the pool nodes: the pool nodes are named `pool@<container IP>', so
-%% the A records of the pool service's DNS name (one per replica, also after
-%% `docker compose up --scale pool=N') give their node names; the node pings
-%% them every round, then pg tells which of them run the pool. Outside
-%% compose, list nodes in POOLPORT_SEED_NODES.
+%% Connecting to the pool nodes is the only deployment glue left here: they
+%% are named `pool@<container IP>', so the A records of the pool service's
+%% DNS name (one per replica, also after `docker compose up --scale pool=N')
+%% give their node names; the node pings them every round. Outside compose,
+%% list nodes in POOLPORT_SEED_NODES.
 %%
 %% Environment (defaults in brackets):
 %%   POOLPORT_POOL_SERVICE    DNS name of the pool nodes ["pool"; "" = none]
 %%   POOLPORT_POOL_NODE_NAME  their node name before the @ ["pool"]
 %%   POOLPORT_SEED_NODES      extra pool nodes, comma separated [""]
-%%   POOLPORT_POOL_NAME       the pool (pg group {poolport, Name}) ["demo"]
+%%   POOLPORT_POOL_NAME       the group to call ["demo"]
 %%   POOLPORT_DEMO_CALLS      poolport_demo:burn calls per round [24]
 %%   POOLPORT_DEMO_STEPS      steps of each burn call [300000]
 %%   POOLPORT_DEMO_INTERVAL   seconds between rounds [10]
@@ -28,16 +29,14 @@
 -module(app_node).
 
 -export([start/0]).
--export([discover/1]).
+-export([connect/1]).
 -export([burn/1]).
 
 %% Internal.
 -export([main/0]).
 
--define(SCOPE, pg).
 -define(DEMO_MODULE, poolport_demo).
 -define(PING_TIMEOUT, 8000).
--define(PG_WAIT, 5000).
 -define(RETRY_EMPTY, 2000).
 
 %% @doc Spawn the demo loop; it halts the node when it ends or crashes.
@@ -56,26 +55,27 @@ start() ->
 
 %% @private
 main() ->
-    ok = ensure_pg(),
+    {ok, _} = application:ensure_all_started(poolport),
     Cfg = config(),
-    io:format("app node ~s: pool ~p, pool nodes from DNS name ~p and seeds ~p; "
+    io:format("app node ~s: group ~p, pool nodes from DNS name ~p and seeds ~p; "
               "~p x ~s:burn(~p) per round~n",
-              [node(), maps:get(pool, Cfg), maps:get(service, Cfg),
+              [node(), maps:get(group, Cfg), maps:get(service, Cfg),
                maps:get(seeds, Cfg), maps:get(calls, Cfg), ?DEMO_MODULE,
                maps:get(steps, Cfg)]),
     loop(Cfg, 1, undefined).
 
 loop(#{rounds := Rounds}, Round, Last) when Rounds > 0, Round > Rounds ->
     case Last of ok -> 0; _ -> 1 end;
-loop(Cfg, Round, Last) ->
-    case discover(Cfg) of
+loop(#{group := Group} = Cfg, Round, Last) ->
+    connect(Cfg),
+    case poolport:members(Group) of
         [] ->
-            io:format("no pool nodes in pg group ~p yet (connected: ~p); retrying~n",
-                      [group(Cfg), nodes()]),
+            io:format("no members of group ~p yet (connected: ~p); retrying~n",
+                      [Group, nodes()]),
             timer:sleep(?RETRY_EMPTY),
             loop(Cfg, Round, Last);
-        Members ->
-            Result = round(Cfg, Round, Members),
+        _ ->
+            Result = round(Cfg, Round),
             case maps:get(rounds, Cfg) of
                 Round -> ok;
                 _ -> timer:sleep(maps:get(interval, Cfg) * 1000)
@@ -83,27 +83,11 @@ loop(Cfg, Round, Last) ->
             loop(Cfg, Round + 1, Result)
     end.
 
-%% @doc Connect to the pool nodes and return the pool pids of the pg group,
-%% one per node, sorted by node.
--spec discover(map()) -> [pid()].
-discover(Cfg) ->
+%% @doc Connect to the pool nodes (the DNS name's addresses and the seeds).
+-spec connect(map()) -> ok.
+connect(Cfg) ->
     Candidates = lists:usort(maps:get(seeds, Cfg) ++ dns_nodes(Cfg)),
-    ping_all([N || N <- Candidates, not lists:member(N, nodes())]),
-    Connected = [N || N <- Candidates, lists:member(N, nodes())],
-    wait_members(group(Cfg), Connected, erlang:monotonic_time(millisecond) + ?PG_WAIT).
-
-wait_members(Group, Connected, Deadline) ->
-    Members = pg:get_members(?SCOPE, Group),
-    Missing = Connected -- [node(P) || P <- Members],
-    case Missing =/= [] andalso erlang:monotonic_time(millisecond) < Deadline of
-        true ->
-            timer:sleep(100),
-            wait_members(Group, Connected, Deadline);
-        false ->
-            %% One pool process per node (a pool restarting may briefly show two).
-            ByNode = maps:from_list([{node(P), P} || P <- lists:sort(Members)]),
-            [P || {_, P} <- lists:sort(maps:to_list(ByNode))]
-    end.
+    ping_all([N || N <- Candidates, not lists:member(N, nodes())]).
 
 dns_nodes(#{service := ""}) ->
     [];
@@ -121,52 +105,53 @@ ping_all(Nodes) ->
                 Ref
             end || N <- Nodes],
     Deadline = erlang:monotonic_time(millisecond) + ?PING_TIMEOUT,
-    [receive {Ref, _} -> ok
-     after max(0, Deadline - erlang:monotonic_time(millisecond)) -> timeout
-     end || Ref <- Refs],
+    _ = [receive {Ref, _} -> ok
+         after max(0, Deadline - erlang:monotonic_time(millisecond)) -> timeout
+         end || Ref <- Refs],
     ok.
 
-%% One round: info from every pool, a twice/1 call on each, then the burn
-%% calls spread round-robin over all pools, in parallel.
-round(Cfg, Round, Pools) ->
-    Nodes = [node(P) || P <- Pools],
-    io:format("round ~p: ~p pool node(s): ~s~n", [Round, length(Pools), join(Nodes)]),
-    Workers = [{node(P), pool_workers(P)} || P <- Pools],
-    Timeout = maps:get(timeout, Cfg),
-    Twice = [begin
-                 R = safe_call(P, twice, [Round], Timeout),
-                 io:format("  twice(~p) = ~s   answered by ~s (workers=~p)~n",
-                           [Round, show(R), node(P), proplists:get_value(node(P), Workers)]),
-                 R =:= {ok, 2 * Round}
-             end || P <- Pools],
+%% One round: a twice/1 call, then the burn calls in parallel, all through
+%% the group; the members' `calls' counters before and after tell which node
+%% answered how many.
+round(#{group := Group, timeout := Timeout} = Cfg, Round) ->
+    Before = member_calls(Group),
+    io:format("round ~p: group ~p has ~p member(s): ~s~n",
+              [Round, Group, map_size(Before), join(maps:keys(Before))]),
+    Twice = poolport:call({group, Group}, ?DEMO_MODULE, twice, [Round], Timeout),
+    io:format("  twice(~p) = ~s~n", [Round, show(Twice)]),
     Steps = maps:get(steps, Cfg),
     Expected = burn(Steps),
     N = maps:get(calls, Cfg),
-    Assigned = lists:zip(lists:seq(1, N), assign(N, Pools)),
     T0 = erlang:monotonic_time(millisecond),
-    Results = pmap(fun({_, P}) -> {node(P), safe_call(P, burn, [Steps], Timeout)} end,
-                   Assigned),
+    Results = pmap(fun(_) -> poolport:call({group, Group}, ?DEMO_MODULE, burn, [Steps], Timeout)
+                   end, lists:seq(1, N)),
     Ms = erlang:monotonic_time(millisecond) - T0,
-    io:format("  ~p x burn(~p) spread over ~p node(s) in ~p ms (expected result ~p):~n",
-              [N, Steps, length(Pools), Ms, Expected]),
-    PerNode = [{Node, [R || {Nd, R} <- Results, Nd =:= Node]} || Node <- Nodes],
-    BurnOk = [begin
-                  Ok = length([x || {ok, V} <- Rs, V =:= Expected]),
-                  Bad = [R || R <- Rs, R =/= {ok, Expected}],
-                  io:format("    ~s answered ~p call(s): ~p ok~s~n",
-                            [Node, length(Rs), Ok, failures(Bad)]),
-                  Bad =:= []
-              end || {Node, Rs} <- PerNode],
-    WorkersStr = join([io_lib:format("~s:~p", [Nd, W]) || {Nd, W} <- Workers]),
-    case lists:all(fun(X) -> X end, Twice ++ BurnOk) of
-        true ->
+    After = member_calls(Group),
+    Answered = lists:sort([{Node, Calls - element(1, maps:get(Node, Before, {0, W})), W}
+                           || {Node, {Calls, W}} <- maps:to_list(After)]),
+    io:format("  ~p x burn(~p) through {group, ~p} in ~p ms (expected result ~p):~n",
+              [N, Steps, Group, Ms, Expected]),
+    _ = [io:format("    ~s answered ~p call(s) (workers=~p)~n", [Node, C, W])
+         || {Node, C, W} <- Answered],
+    Bad = [R || R <- [Twice], R =/= {ok, 2 * Round}]
+        ++ [R || R <- Results, R =/= {ok, Expected}],
+    Nodes = [Node || {Node, C, _} <- Answered, C > 0],
+    WorkersStr = join([io_lib:format("~s:~p", [Node, W]) || {Node, C, W} <- Answered, C > 0]),
+    case Bad of
+        [] ->
             io:format("round ~p ok nodes=~s workers=~s~n", [Round, join(Nodes), WorkersStr]),
             ok;
-        false ->
-            io:format("round ~p FAILED nodes=~s workers=~s~n",
-                      [Round, join(Nodes), WorkersStr]),
+        _ ->
+            io:format("round ~p FAILED (~p bad, first ~0p) nodes=~s workers=~s~n",
+                      [Round, length(Bad), hd(Bad), join(Nodes), WorkersStr]),
             error
     end.
+
+%% #{Node => {Calls, Workers}} of the group's members.
+member_calls(Group) ->
+    #{members := Members} = poolport:info({group, Group}),
+    maps:from_list([{Node, {Calls, W}}
+                    || #{node := Node, calls := Calls, workers := W} <- Members]).
 
 %% @doc The demo handler's burn/1 computed in Erlang, to check the replies.
 -spec burn(non_neg_integer()) -> non_neg_integer().
@@ -175,10 +160,6 @@ burn(Steps) ->
 
 burn(I, Steps, Acc) when I < Steps -> burn(I + 1, Steps, (Acc * 31 + I) rem 1000003);
 burn(_, _, Acc) -> Acc.
-
-assign(N, Pools) ->
-    K = length(Pools),
-    [lists:nth((I rem K) + 1, Pools) || I <- lists:seq(0, N - 1)].
 
 pmap(F, Xs) ->
     Self = self(),
@@ -189,35 +170,11 @@ pmap(F, Xs) ->
             end || X <- Xs],
     [receive {Ref, R} -> R end || Ref <- Refs].
 
-safe_call(Pool, Fun, Args, Timeout) ->
-    try poolport:call(Pool, ?DEMO_MODULE, Fun, Args, Timeout)
-    catch exit:Reason -> {error, {exit, Reason}}
-    end.
-
-pool_workers(Pool) ->
-    try poolport:info(Pool) of
-        #{workers := W} -> W;
-        _ -> undefined
-    catch exit:_ -> unreachable
-    end.
-
-failures([]) -> "";
-failures(Bad) -> io_lib:format(", ~p failed: ~0p", [length(Bad), hd(Bad)]).
-
 show({ok, V}) -> io_lib:format("~0p", [V]);
 show(Other) -> io_lib:format("~0p", [Other]).
 
 join(Items) ->
     lists:join(",", [io_lib:format("~s", [I]) || I <- Items]).
-
-group(#{pool := Pool}) ->
-    {poolport, Pool}.
-
-ensure_pg() ->
-    case whereis(?SCOPE) of
-        undefined -> {ok, _} = pg:start(?SCOPE), ok;
-        _ -> ok
-    end.
 
 config() ->
     #{service => env("POOLPORT_POOL_SERVICE", "pool"),
@@ -225,7 +182,7 @@ config() ->
       seeds => [list_to_atom(string:trim(S))
                 || S <- string:lexemes(env("POOLPORT_SEED_NODES", ""), ", "),
                    string:trim(S) =/= ""],
-      pool => list_to_atom(env("POOLPORT_POOL_NAME", "demo")),
+      group => list_to_atom(env("POOLPORT_POOL_NAME", "demo")),
       calls => int_env("POOLPORT_DEMO_CALLS", 24),
       steps => int_env("POOLPORT_DEMO_STEPS", 300000),
       interval => int_env("POOLPORT_DEMO_INTERVAL", 10),

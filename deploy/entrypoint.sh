@@ -2,12 +2,11 @@
 # Entry point of the poolport image (also installed as `poolport-node`).
 #
 #   pool            run a pool node: the poolport application starts the pools
-#                   of $POOLPORT_SYS_CONFIG and each pool joins the pg group
-#                   {poolport, PoolName} so other nodes can find it
-#   app             run the demo "user" node: finds pool nodes (DNS name of the
-#                   pool service + pg), spreads calls over all of them, prints results
+#                   of $POOLPORT_SYS_CONFIG; each joins its group (`demo')
+#   app             run the demo "user" node: connects to the pool nodes (DNS
+#                   name of the pool service), calls {group, demo}, prints results
 #   health          exit 0 iff this container's pool node answers poolport:info/1
-#                   for each of its pools and they are in their pg group (healthcheck)
+#                   for each of its pools and they are in their group (healthcheck)
 #   info            print poolport:info/1 of this container's pool node's pools
 #   remsh           an Erlang shell on this container's node
 #   <anything else> exec'd as is
@@ -19,6 +18,9 @@
 #   POOLPORT_NODE_HOST      host part of the node name (default: the container's IP)
 #   POOLPORT_DIST_PORT      Erlang distribution listen port (default 9100)
 #   POOLPORT_SYS_CONFIG     sys.config of a pool node (default deploy/sys.config)
+#   POOLPORT_DIST_TLS       an ssl_dist options file: distribution over TLS
+#                           (-proto_dist inet_tls), for every node and probe
+#                           of the deployment alike (see docs/deploy.md)
 #   app node: POOLPORT_POOL_SERVICE, POOLPORT_SEED_NODES, POOLPORT_POOL_NAME,
 #             POOLPORT_DEMO_* (see deploy/app_node.erl)
 set -eu
@@ -80,11 +82,21 @@ node_host() {
     fi
 }
 
+# Distribution over TLS when POOLPORT_DIST_TLS names an ssl_dist options file.
+dist_args() {
+    if [ -n "${POOLPORT_DIST_TLS:-}" ]; then
+        [ -r "$POOLPORT_DIST_TLS" ] || die "cannot read the ssl_dist options file $POOLPORT_DIST_TLS"
+        echo "-proto_dist inet_tls -ssl_dist_optfile $POOLPORT_DIST_TLS"
+    fi
+}
+
 # erl for a short-lived hidden helper node on this container (probe, remsh).
 helper_erl() {
     host=$(node_host)
     [ -n "$host" ] || die "cannot find this container's IP (set POOLPORT_NODE_HOST)"
-    exec erl -noshell -hidden -name "probe$$@$host" -pa "$EBIN_APP" -pa "$EBIN_DEPLOY" "$@"
+    # shellcheck disable=SC2046
+    exec erl -noshell -hidden -name "probe$$@$host" $(dist_args) \
+        -pa "$EBIN_APP" -pa "$EBIN_DEPLOY" "$@"
 }
 
 run_node() {
@@ -94,7 +106,8 @@ run_node() {
     [ -n "$host" ] || die "cannot find this container's IP (set POOLPORT_NODE_HOST)"
     port=${POOLPORT_DIST_PORT:-9100}
     node="$name@$host"
-    log "starting $role node $node (distribution port $port, cookie from $COOKIE_SOURCE)"
+    dist=$(dist_args)
+    log "starting $role node $node (distribution port $port${dist:+ over TLS}, cookie from $COOKIE_SOURCE)"
     case "$role" in
         pool)
             config=${POOLPORT_SYS_CONFIG:-$HOME_DIR/deploy/sys.config}
@@ -104,9 +117,9 @@ run_node() {
             set -- -s app_node start ;;
     esac
     # Logs: the VM's logger and io go to stdout, Python's logs to stderr.
-    exec erl -noshell -noinput -name "$node" \
+    # shellcheck disable=SC2086
+    exec erl -noshell -noinput -name "$node" $dist \
         -kernel inet_dist_listen_min "$port" inet_dist_listen_max "$port" \
-        -kernel start_pg true \
         -pa "$EBIN_APP" -pa "$EBIN_DEPLOY" \
         "$@"
 }
@@ -124,7 +137,8 @@ case "$cmd" in
         setup_cookie
         target="${2:-${POOLPORT_NODE_NAME:-pool}@$(node_host)}"
         host=$(node_host)
-        exec erl -name "remsh$$@$host" -hidden -remsh "$target" ;;
+        # shellcheck disable=SC2046
+        exec erl -name "remsh$$@$host" -hidden $(dist_args) -remsh "$target" ;;
     *)
         exec "$@" ;;
 esac

@@ -1,12 +1,10 @@
 %% @doc Glue of a pool node (deploy/entrypoint.sh pool).
 %%
 %% Starts the `poolport' application, whose environment (sys.config) lists
-%% the pools to start, then keeps every running pool process in the `pg'
-%% group `{poolport, PoolName}' of the default scope: the pool's pid is what
-%% other nodes call (`poolport:call(Pid, M, F, A)' works across nodes).
-%% A pool restarted by its supervisor gets a new pid; the registrar notices
-%% within a second and joins it; pg drops dead pids (and all pids of a node
-%% that went down) by itself.
+%% the pools to start, each with its `group' (`demo' in deploy/sys.config).
+%% The application does the rest: a pool joins its group in the `pg' scope
+%% `poolport' once its Python side answers, leaves it while Python restarts,
+%% and other nodes call the group with `poolport:call({group, demo}, ...)'.
 %%
 %% `health/0' and `info/0' are called remotely by `poolctl' (the container's
 %% healthcheck and `poolport-node info').
@@ -16,28 +14,19 @@
 -export([health/0]).
 -export([info/0]).
 -export([pools/0]).
--export([group/1]).
 
-%% Internal.
--export([registrar_init/1]).
-
--define(SCOPE, pg).
--define(REGISTER_EVERY, 1000).
-
-%% @doc Start the poolport pools and the pg registrar; halts the node if the
+%% @doc Start the poolport application and its pools; halts the node if the
 %% pools cannot start (the container's restart policy takes over).
 -spec start() -> ok.
 start() ->
-    ok = ensure_pg(),
     %% permanent: if the application ever stops (a pool kept crashing past
     %% its supervisor's intensity) the node stops and the container restarts.
     case application:ensure_all_started(poolport, permanent) of
         {ok, _} ->
             Pools = pools(),
-            _ = proc_lib:start(?MODULE, registrar_init, [self()]),
             lists:foreach(fun log_pool/1, Pools),
-            io:format("pool node ~s up: pools ~p in pg groups ~p~n",
-                      [node(), Pools, [group(P) || P <- Pools]]),
+            io:format("pool node ~s up: pools ~p in groups ~p~n",
+                      [node(), [P || {P, _} <- Pools], [G || {_, G} <- Pools]]),
             ok;
         {error, Reason} ->
             io:format(standard_error, "pool node ~s: poolport failed to start: ~p~n",
@@ -46,25 +35,20 @@ start() ->
             erlang:halt(1)
     end.
 
-%% @doc The names of the pools this node runs (from the app environment).
--spec pools() -> [atom()].
+%% @doc The pools this node runs and their groups (from the app environment).
+-spec pools() -> [{atom(), atom() | undefined}].
 pools() ->
-    [Name || {Name, _} <- application:get_env(poolport, pools, [])].
-
-%% @doc The pg group a pool joins.
--spec group(atom()) -> {poolport, atom()}.
-group(Pool) ->
-    {poolport, Pool}.
+    [{Name, group(Opts)} || {Name, Opts} <- application:get_env(poolport, pools, [])].
 
 %% @doc `ok' if every pool answers `poolport:info/1', runs, knows its worker
-%% count and is in its pg group; else `{error, Details}'.
+%% count and is a member of its group; else `{error, Details}'.
 -spec health() -> ok | {error, term()}.
 health() ->
     case pools() of
         [] ->
             {error, no_pools};
         Pools ->
-            case [{P, R} || P <- Pools, (R = pool_health(P)) =/= ok] of
+            case [{P, R} || {P, G} <- Pools, (R = pool_health(P, G)) =/= ok] of
                 [] -> ok;
                 Bad -> {error, Bad}
             end
@@ -73,27 +57,21 @@ health() ->
 %% @doc `[{PoolName, poolport:info(PoolName) | {error, Reason}}]'.
 -spec info() -> [{atom(), map() | {error, term()}}].
 info() ->
-    [{P, safe_info(P)} || P <- pools()].
+    [{P, safe_info(P)} || {P, _} <- pools()].
 
 %% Internal.
 
-ensure_pg() ->
-    case whereis(?SCOPE) of
-        undefined ->
-            %% Not started by the kernel (-kernel start_pg true): start it here.
-            {ok, _} = pg:start(?SCOPE),
-            ok;
-        _ ->
-            ok
-    end.
+group(Opts) when is_map(Opts) -> maps:get(group, Opts, undefined);
+group(Opts) when is_list(Opts) -> proplists:get_value(group, Opts).
 
-pool_health(Pool) ->
+pool_health(Pool, Group) ->
     case safe_info(Pool) of
-        #{status := running, workers := W} = Info when is_integer(W), W > 0 ->
-            Pid = whereis(Pool),
-            case lists:member(Pid, pg:get_local_members(?SCOPE, group(Pool))) of
+        #{status := running, workers := W} when is_integer(W), W > 0, Group =:= undefined ->
+            ok;
+        #{status := running, workers := W} when is_integer(W), W > 0 ->
+            case lists:member(whereis(Pool), poolport:members(Group)) of
                 true -> ok;
-                false -> {not_in_pg_group, group(Pool), maps:get(workers, Info)}
+                false -> {not_in_group, Group}
             end;
         #{status := Status, workers := W} ->
             {not_ready, Status, W};
@@ -106,39 +84,11 @@ safe_info(Pool) ->
     catch exit:Reason -> {error, Reason}
     end.
 
-log_pool(Pool) ->
+log_pool({Pool, Group}) ->
     case safe_info(Pool) of
         #{workers := W, os_pid := OsPid} ->
-            io:format("pool ~p: ~p Python workers (poolport serve os pid ~p)~n",
-                      [Pool, W, OsPid]);
+            io:format("pool ~p (group ~p): ~p Python workers (poolport serve os pid ~p)~n",
+                      [Pool, Group, W, OsPid]);
         Other ->
             io:format("pool ~p: ~p~n", [Pool, Other])
-    end.
-
-%% The registrar: joins the current pid of every pool to its group.
-registrar_init(Parent) ->
-    register(pool_node_registrar, self()),
-    _ = register_pools(),
-    proc_lib:init_ack(Parent, {ok, self()}),
-    registrar_loop().
-
-registrar_loop() ->
-    receive
-    after ?REGISTER_EVERY ->
-        _ = register_pools(),
-        registrar_loop()
-    end.
-
-register_pools() ->
-    [try join(P, whereis(P))
-     catch Class:Reason -> {Class, Reason}
-     end || P <- pools()].
-
-join(_Pool, undefined) ->
-    ok;
-join(Pool, Pid) ->
-    Group = group(Pool),
-    case lists:member(Pid, pg:get_local_members(?SCOPE, Group)) of
-        true -> ok;
-        false -> pg:join(?SCOPE, Group, Pid)
     end.

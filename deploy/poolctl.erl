@@ -4,7 +4,8 @@
 %%   erl -noshell -hidden -name probeN@IP -run poolctl main health pool@IP
 %%
 %% `health': exit 0 iff the node answers and every pool answers
-%% `poolport:info/1', runs and is in its pg group (the compose healthcheck).
+%% `poolport:info/1', runs and is a member of its group (the compose
+%% healthcheck).
 %% `info': print each pool's `poolport:info/1' (one line per pool, first the
 %% keys the smoke test reads: `pool=Name node=Node workers=N status=S').
 -module(poolctl).

@@ -22,6 +22,14 @@ Workloads (``--only`` names):
 * ``codec``: ``poolport.etf`` encode/decode of a realistic nested term and of a
   1 MB binary, best of several timeit-style loops, against erlang-py
   (bar: ≥ 1.0× on each) and erlpack (C; shown, no bar).
+* ``cluster``: groups through the poolport OTP application
+  (``bench_cluster.escript``, the app compiled from ``erlang/src`` with
+  ``erlc``): the same ``burn(200000)`` from 50 callers through
+  ``{group, G}`` with 1, 2 and 3 pool nodes on this host (Erlang nodes started
+  with ``peer``, 1 worker each), as ratios to one node; and tiny calls from one
+  caller in lock-step through ``{group, G}`` against the pool's pid (the
+  per-call cost of group routing). No bar: the scale-out is bounded by this
+  host's cores.
 
 Progress goes to stderr; the markdown report to stdout (and ``--out FILE``).
 Exit status 0 when every measurement ran (a bar that fails says FAIL in the
@@ -50,7 +58,9 @@ from .cli import codec_name
 from .config import Config
 
 DRIVER = Path(__file__).with_name("bench_driver.escript")
-WORKLOADS = ("cpu", "tiny", "big", "codec")
+WORKLOADS = ("cpu", "tiny", "big", "codec", "cluster")
+CLUSTER_DRIVER = Path(__file__).with_name("bench_cluster.escript")
+CLUSTER_NODES = 3
 BURN_STEPS = 200_000
 CALLERS = 50
 WINDOW = 512
@@ -67,12 +77,17 @@ class Plan:
     big_calls: tuple[int, int]   # calls of the 1 MB and 10 MB echo
     codec_repeats: int
     codec_min_time: float        # seconds per timed loop
+    cluster_calls: int           # burn calls per pool node in the group
+    cluster_tiny: int            # tiny lock-step calls, pid and group each
+    cluster_rounds: int
 
 
 FULL = Plan(rounds=3, cpu_rounds=2, cpu_calls=60, pipe_calls=100_000, lock_calls=5_000,
-            big_calls=(30, 10), codec_repeats=5, codec_min_time=0.15)
+            big_calls=(30, 10), codec_repeats=5, codec_min_time=0.15,
+            cluster_calls=60, cluster_tiny=3_000, cluster_rounds=3)
 QUICK = Plan(rounds=1, cpu_rounds=1, cpu_calls=8, pipe_calls=10_000, lock_calls=1_000,
-             big_calls=(5, 3), codec_repeats=3, codec_min_time=0.02)
+             big_calls=(5, 3), codec_repeats=3, codec_min_time=0.02,
+             cluster_calls=8, cluster_tiny=200, cluster_rounds=1)
 
 
 def log(msg: str) -> None:
@@ -325,6 +340,78 @@ def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report
                            ok, fmt="{:,.1f}"))
 
 
+def compile_otp_app(dest: Path) -> Path:
+    """Compile the poolport OTP application (``erlang/src``) into ``dest``; its ebin."""
+    src = Path(__file__).resolve().parent.parent / "erlang" / "src"
+    erlc = shutil.which("erlc")
+    if not src.is_dir():
+        raise RuntimeError(f"{src} is missing: the cluster workload needs a source checkout")
+    if erlc is None:
+        raise RuntimeError("`erlc` not found: install Erlang/OTP (see README)")
+    ebin = dest / "ebin"
+    ebin.mkdir(parents=True)
+    out = subprocess.run([erlc, "-o", str(ebin), *sorted(str(p) for p in src.glob("*.erl"))],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"erlc failed on {src}:\n{out.stdout}{out.stderr}")
+    shutil.copy(src / "poolport.app.src", ebin / "poolport.app")
+    return ebin
+
+
+def run_cluster(plan: Plan, report: Report) -> None:
+    escript = shutil.which("escript")
+    if escript is None:
+        raise RuntimeError("`escript` not found: install Erlang/OTP (see README)")
+    serve = ["--workers", "1", "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
+    with tempfile.TemporaryDirectory(prefix="poolport-bench-") as tmp:
+        ebin = compile_otp_app(Path(tmp))
+        args = [str(ebin), str(BURN_STEPS), str(CALLERS), str(plan.cluster_calls),
+                str(CLUSTER_NODES), str(plan.cluster_tiny), str(plan.cluster_rounds)]
+        log(f"cluster: 1..{CLUSTER_NODES} pool nodes (1 worker each) in a group, "
+            f"burn({BURN_STEPS}) x {plan.cluster_calls} per node, {CALLERS} callers; "
+            f"tiny calls x {plan.cluster_tiny}, pid and group")
+        t0 = time.monotonic()
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([escript, str(CLUSTER_DRIVER), *args, "--", sys.executable,
+                                     *serve], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    env=_server_env(), start_new_session=True, cwd=tmp)
+            try:
+                status = proc.wait(1200)
+            except subprocess.TimeoutExpired:
+                status = None
+            _reap_group(proc.pid, SERVER_EXIT_S if status is not None else 0)
+            if status is None:
+                proc.wait()
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        log(f"    (cluster driver {time.monotonic() - t0:.1f} s)")
+    results: dict[str, Phase] = {}
+    for line in stdout.splitlines():
+        f = line.split()
+        if f[:1] == ["result"] and len(f) == 6:
+            results[f[1]] = Phase(int(f[3]), int(f[5]) / 1e6)
+    expected = {"tiny:direct", "tiny:group", *(f"scale:{k}" for k in range(1, CLUSTER_NODES + 1))}
+    if status != 0 or "done" not in stdout.split() or set(results) != expected:
+        why = "timed out" if status is None else f"exit {status}"
+        raise RuntimeError(f"cluster driver failed ({why}):\n{stdout[-2000:]}{stderr[-3000:]}")
+    for spec, ph in sorted(results.items()):
+        log(f"    {spec}: {ph.calls / ph.seconds:,.1f} calls/s")
+    w = f"scale-out burn({BURN_STEPS}), {CALLERS} callers, {{group, G}}, 1 worker per node"
+    one = results["scale:1"].calls / results["scale:1"].seconds
+    for k in range(1, CLUSTER_NODES + 1):
+        ph = results[f"scale:{k}"]
+        rate = ph.calls / ph.seconds
+        report.add(Row(w, f"{k} node{'s' if k > 1 else ''}, calls/s (reference: 1 node)", rate,
+                       one, _ratio(rate, one), fmt="{:,.1f}"))
+    direct, group = results["tiny:direct"], results["tiny:group"]
+    us_direct = direct.seconds * 1e6 / direct.calls
+    us_group = group.seconds * 1e6 / group.calls
+    report.add(Row('tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
+                   "µs per call, {group, G} (reference: the pool's pid)", us_group, us_direct,
+                   _ratio(us_group, us_direct), fmt="{:,.1f}"))
+
+
 def realistic_term() -> Any:
     """A nested term like an API's reply: maps with atom keys, lists, binaries, ints, floats."""
     from poolport.terms import Atom as A
@@ -526,6 +613,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
                                                        "big" in only, report)))
     if "codec" in only:
         steps.append(("codec", lambda: run_codec(plan, report)))
+    if "cluster" in only:
+        steps.append(("cluster", lambda: run_cluster(plan, report)))
     for name, step in steps:
         try:
             step()
@@ -547,6 +636,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         "ratio = poolport ÷ reference (for latency lower is better, elsewhere higher is "
         "better); codec rows: the reference is the library named in the workload, "
         f"best of {plan.codec_repeats} timeit-style loops each.",
+        "cluster rows (the poolport OTP application, `poolport/bench_cluster.escript`): "
+        f"pool nodes are Erlang nodes on this host, {CLUSTER_NODES} at most, 1 worker each, "
+        "called through `{group, G}` from a node without a pool; scale-out: best of "
+        f"{plan.cluster_rounds} run(s) per node count, reference = 1 node, so the ratio is "
+        f"the speed-up (at most the {os.cpu_count() or 1} cores of this host); tiny: "
+        f"best of {plan.cluster_rounds} interleaved runs (the first of each pair alternates), "
+        "reference = the same calls to the pool's pid.",
         f"Load average at the end: {_load()} (1, 5, 15 min; above {cores} means other work "
         "shared the cores).",
         f"Bars: {passed} passed, {len(failed)} failed"

@@ -127,6 +127,12 @@ def test_bench_quick_prints_every_row(tmp_path):
         for op in ("encode", "decode"):
             for lib in ("erlang_py", "erlpack"):
                 expected.append((f"codec {case} vs {lib}", f"{op}, {unit}"))
+    scale = "scale-out burn(200000), 50 callers, {group, G}, 1 worker per node"
+    expected += [(scale, "1 node, calls/s (reference: 1 node)"),
+                 (scale, "2 nodes, calls/s (reference: 1 node)"),
+                 (scale, "3 nodes, calls/s (reference: 1 node)"),
+                 ('tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
+                  "µs per call, {group, G} (reference: the pool's pid)")]
     assert sorted(keys) == sorted(expected)
 
     by_key = dict(zip(keys, rows))

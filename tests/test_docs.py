@@ -20,7 +20,8 @@ so a new snippet cannot be added without being run. Modes:
 * ``elixir`` — run by ``elixir`` with the app on the code path; ``elixir-syntax`` — parsed.
 * ``excerpt=FILE`` — the block is an excerpt of that file of the repository (the
   file itself is what the other snippets or tests run).
-* ``cwd=DIR`` (relative to the repository), ``needs=docker|elixir``: a visible skip
+* ``cwd=DIR`` (relative to the repository; ``cwd=TMP``: a fresh empty directory),
+  ``needs=docker|elixir|socat|openssl``: a visible skip
   with the reason where that is missing.
 """
 
@@ -151,9 +152,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], block: Block, *, env: dict[str, str] | None = None) -> None:
+def _run(argv: list[str], block: Block, *, env: dict[str, str] | None = None,
+         tmp_path: Path | None = None) -> None:
     """Run in the block's ``cwd`` with an empty stdin; a failure shows the snippet's place and output."""
-    cwd = ROOT / (block.attr("cwd") or ".")
+    cwd = tmp_path if block.attr("cwd") == "TMP" and tmp_path else ROOT / (block.attr("cwd") or ".")
     proc = subprocess.run(argv, cwd=cwd, env=env or _env(), input="", text=True,
                           capture_output=True, timeout=TIMEOUT)
     assert proc.returncode == 0, (
@@ -203,7 +205,7 @@ def run_sh(block: Block, tmp_path: Path) -> None:
         assert command in ci, f"{block.id}: except={command!r} is not run by .ci/run or scripts/test"
         assert any(ln.split("#")[0].strip() == command for ln in lines), f"{block.id}: no line is {command!r}"
         lines = [ln for ln in lines if ln.split("#")[0].strip() != command]
-    _run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], block)
+    _run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], block, tmp_path=tmp_path)
 
 
 def run_python(block: Block, tmp_path: Path) -> None:
@@ -295,13 +297,13 @@ def _missing(need: str) -> str | None:
     """Why ``need`` is unavailable here, or None."""
     if need == "elixir":
         return None if shutil.which("elixir") else "Elixir is not installed (CI installs it)"
-    if need == "socat":
-        return None if shutil.which("socat") else "socat is not installed (CI installs it)"
     if need == "docker":
         # Even with an engine these start (or talk to) a long-lived deployment; the
         # container smoke test builds it, scales it, queries it and resizes it instead.
         return ("needs a Docker deployment: tests/container/smoke.sh exercises it "
                 "(build, up --scale, poolport-node info, a workers change) where Docker runs")
+    if need in ("socat", "openssl"):  # tools .ci/run installs
+        return None if shutil.which(need) else f"{need} is not installed (CI installs it)"
     return f"unknown need {need!r}"
 
 

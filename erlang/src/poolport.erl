@@ -13,6 +13,15 @@
 %% {error, {user, 0, <<"ValueError">>, _, _}} = poolport:call(my_pool, demo, fail, []),
 %% ok = poolport:stop(my_pool).
 %% '''
+%%
+%% Pools on many nodes can stand behind one name: start each with
+%% `group => Name' and call `{group, Name}' (see {@link poolport_group}):
+%%
+%% ```
+%% {ok, _} = poolport:start(#{config => "config/poolport.yaml", group => demo}),
+%% {ok, 42} = poolport:call({group, demo}, demo, twice, [21]),
+%% {ok, _} = poolport:call({group, demo}, demo, burn, [200000], 5000, #{retry => 1}).
+%% '''
 -module(poolport).
 
 %% API.
@@ -21,8 +30,10 @@
 -export([child_spec/1]).
 -export([call/4]).
 -export([call/5]).
+-export([call/6]).
 -export([cast/4]).
 -export([info/1]).
+-export([members/1]).
 -export([stop/1]).
 
 -type opts() :: #{
@@ -36,7 +47,8 @@
     max_restarts => non_neg_integer(),
     restart_period => pos_integer(),
     start_timeout => pos_integer(),
-    stop_timeout => non_neg_integer()
+    stop_timeout => non_neg_integer(),
+    group => atom()
 }.
 %% Pool options; every key is optional.
 %% <dl>
@@ -63,6 +75,10 @@
 %%   to exit after closing its stdin, before it sends SIGTERM and then
 %%   SIGKILL (to it and its child processes) (default 10000; keep it above
 %%   Python's `shutdown_grace_ms', 5000 by default).</dd>
+%% <dt>`group'</dt><dd>Join the process group of this name in the `pg'
+%%   scope `poolport' while Python is up (not while it restarts, not after
+%%   the pool stopped), so that `{group, Name}' calls reach this pool too.
+%%   Default: no group.</dd>
 %% </dl>
 
 -type pool() :: pid() | atom() | {atom(), node()} | {global, term()}
@@ -70,6 +86,15 @@
 %% A pool, as `gen_server' addresses it: its pid, its locally registered
 %% name, `{Name, Node}' for a pool registered on another node, or a
 %% `{global, Name}' / `{via, Module, Name}' name.
+
+-type target() :: pool() | {group, atom()}.
+%% A pool, or `{group, Name}': one of the members of a group, on any
+%% connected node (see {@link poolport_group}).
+
+-type call_opts() :: #{retry => non_neg_integer()}.
+%% Options of {@link call/6}. `retry': how many times a call to a group
+%% member whose node went down while the call was pending is sent again to
+%% another member (default 0; only for calls that may safely run twice).
 
 -type absent() :: noproc | {nodedown, node()}.
 %% There is no pool to ask: `noproc' if the pid is dead or nobody is
@@ -81,17 +106,21 @@
 %% The BERT-RPC error tuple `{Type, Code, Class, Detail, Backtrace}' sent by
 %% Python.
 
--type reason() :: bert_error() | timeout | port_closed | misaligned | absent().
+-type reason() :: bert_error() | timeout | port_closed | misaligned | absent()
+                | no_members.
 %% Why a call failed: an error reported by Python, the call's timeout
 %% (whichever side noticed it first), the Python process is gone (it
 %% died while the call was pending, or it is being restarted), the reply
 %% stream from Python got out of step while the call was pending
 %% (`misaligned': a reply was lost or duplicated; the pool restarted
 %% Python rather than risk giving the caller another call's answer), or
-%% there is no pool at all (see {@type absent()}).
+%% there is no pool at all (see {@type absent()}), or (`no_members') a
+%% group has no member to call.
 
 -export_type([opts/0]).
 -export_type([pool/0]).
+-export_type([target/0]).
+-export_type([call_opts/0]).
 -export_type([error_type/0]).
 -export_type([bert_error/0]).
 -export_type([reason/0]).
@@ -106,11 +135,21 @@
 %% supervision tree, see {@link child_spec/1}. Invalid options, a missing
 %% interpreter or a missing config file give `{error, Reason}' without
 %% starting anything.
+%%
+%% A pool with a `group' needs the group scope: the `poolport' application
+%% is started if it is not running.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(Opts) ->
     case poolport_server:prepare(Opts) of
-        {ok, Cfg} -> poolport_server:start_link(Cfg);
-        {error, _} = Error -> Error
+        {ok, #{group := undefined} = Cfg} ->
+            poolport_server:start_link(Cfg);
+        {ok, Cfg} ->
+            case application:ensure_all_started(poolport) of
+                {ok, _} -> poolport_server:start_link(Cfg);
+                {error, _} = Error -> Error
+            end;
+        {error, _} = Error ->
+            Error
     end.
 
 %% @doc Start a pool under the application's supervisor (`poolport_sup').
@@ -151,7 +190,7 @@ child_spec(Opts) ->
 %%
 %% The timeout is the application environment key `default_timeout' (ms,
 %% default 5000).
--spec call(pool(), atom(), atom(), list()) -> {ok, term()} | {error, reason()}.
+-spec call(target(), atom(), atom(), list()) -> {ok, term()} | {error, reason()}.
 call(Pool, Module, Function, Args) ->
     call(Pool, Module, Function, Args, default_timeout()).
 
@@ -176,22 +215,59 @@ call(Pool, Module, Function, Args) ->
 %% A caller only ever gets the answer to its own request: if Python's
 %% numbered replies show the stream out of step, every waiting caller gets
 %% `{error, misaligned}' and the pool restarts Python.
--spec call(pool(), atom(), atom(), list(), timeout()) -> {ok, term()} | {error, reason()}.
-call(Pool, Module, Function, Args, Timeout)
-  when is_atom(Module), is_atom(Function), is_list(Args),
-       (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)) ->
-    poolport_server:call(Pool, poolport_server:encode_call(Module, Function, Args),
-                         poolport_server:clamp_timeout(Timeout));
+%%
+%% `{group, Name}' calls one member of the group: the least loaded of two
+%% drawn at random, or a member on this node with a free worker. A member
+%% that is gone before the request is written to it is skipped (another one
+%% is called, within the same `Timeout'); if the node of the member goes down
+%% while the call is pending the result is `{error, {nodedown, Node}}' (see
+%% {@link call/6} to send it again elsewhere). With no member at all:
+%% `{error, no_members}' at once.
+-spec call(target(), atom(), atom(), list(), timeout()) -> {ok, term()} | {error, reason()}.
 call(Pool, Module, Function, Args, Timeout) ->
-    erlang:error(badarg, [Pool, Module, Function, Args, Timeout]).
+    call(Pool, Module, Function, Args, Timeout, #{}).
+
+%% @doc {@link call/5} with options: `#{retry => N}' sends a call to a group
+%% member whose node went down while the call was pending to another member,
+%% up to `N' times (default 0), within the same `Timeout'. Only for calls
+%% that may run twice: the first one may have run on the node that went
+%% down. A pool that is not a group has nowhere else to go: `retry' is
+%% checked but changes nothing. Bad options raise `badarg'.
+-spec call(target(), atom(), atom(), list(), timeout(), call_opts()) ->
+          {ok, term()} | {error, reason()}.
+call(Pool, Module, Function, Args, Timeout, Opts)
+  when is_atom(Module), is_atom(Function), is_list(Args),
+       (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0)),
+       is_map(Opts) ->
+    case retries(Opts) of
+        {ok, Retry} ->
+            Request = poolport_server:encode_call(Module, Function, Args),
+            case Pool of
+                {group, Group} when is_atom(Group) ->
+                    ensure_started(),
+                    poolport_group:call(Group, Request, poolport_server:clamp_timeout(Timeout),
+                                        Retry);
+                _ ->
+                    poolport_server:call(Pool, Request, poolport_server:clamp_timeout(Timeout))
+            end;
+        error ->
+            erlang:error(badarg, [Pool, Module, Function, Args, Timeout, Opts])
+    end;
+call(Pool, Module, Function, Args, Timeout, Opts) ->
+    erlang:error(badarg, [Pool, Module, Function, Args, Timeout, Opts]).
 
 %% @doc Run `Module.Function(*Args)' in Python without waiting for it.
 %%
 %% Returns at once. Python still runs the function, in request order with
 %% the calls; an error it reports is logged and counted in `errors'.
 %% Fire and forget: a cast to a pool that does not exist or sits on a node
-%% that is down also returns `ok' (the request is lost).
--spec cast(pool(), atom(), atom(), list()) -> ok.
+%% that is down also returns `ok' (the request is lost). `{group, Name}'
+%% casts to one member, chosen as for a call (none: the request is lost).
+-spec cast(target(), atom(), atom(), list()) -> ok.
+cast({group, Group}, Module, Function, Args)
+  when is_atom(Group), is_atom(Module), is_atom(Function), is_list(Args) ->
+    ensure_started(),
+    poolport_group:cast(Group, poolport_server:encode_cast(Module, Function, Args));
 cast(Pool, Module, Function, Args)
   when is_atom(Module), is_atom(Function), is_list(Args) ->
     poolport_server:cast(Pool, poolport_server:encode_cast(Module, Function, Args));
@@ -214,9 +290,23 @@ cast(Pool, Module, Function, Args) ->
 %% Like {@link call/5}, returns `{error, noproc}' or
 %% `{error, {nodedown, Node}}' if there is no pool, and `{error, timeout}'
 %% if the pool did not answer within 5 s (it is stopping, for example).
--spec info(pool()) -> map() | {error, absent() | timeout}.
+%%
+%% For `{group, Name}': `#{group, members, nodes, workers, in_flight}', where
+%% `members' lists `#{pool, node, workers, in_flight, calls, status}' for
+%% each member (asked from all at once, 5 s at most; one that did not answer
+%% has `status => {error, Reason}'), and `workers' and `in_flight' are sums.
+-spec info(target()) -> map() | {error, absent() | timeout}.
+info({group, Group}) when is_atom(Group) ->
+    ensure_started(),
+    poolport_group:info(Group);
 info(Pool) ->
     poolport_server:info(Pool).
+
+%% @doc The pids of the members of a group, on all connected nodes.
+-spec members(atom()) -> [pid()].
+members(Group) when is_atom(Group) ->
+    ensure_started(),
+    poolport_group:members(Group).
 
 %% @doc Stop a pool: close the port and wait until the Python process exited.
 %%
@@ -229,6 +319,23 @@ stop(Pool) ->
     poolport_sup:purge().
 
 %% Internal.
+
+-spec retries(map()) -> {ok, non_neg_integer()} | error.
+retries(Opts) ->
+    case maps:to_list(Opts) of
+        [] -> {ok, 0};
+        [{retry, N}] when is_integer(N), N >= 0 -> {ok, N};
+        _ -> error
+    end.
+
+%% Groups need the `pg' scope and the load publisher of the application,
+%% also on a node that only calls.
+-spec ensure_started() -> ok.
+ensure_started() ->
+    case whereis(poolport_group) of
+        undefined -> _ = application:ensure_all_started(poolport), ok;
+        _ -> ok
+    end.
 
 -spec default_timeout() -> timeout().
 default_timeout() ->

@@ -5,10 +5,14 @@
 %% %% sys.config
 %% [{poolport, [{default_timeout, 5000},
 %%              {pools, [{my_pool, #{config => "config/poolport.yaml",
-%%                                   python => "/opt/venv/bin/python"}}]}]}].
+%%                                   python => "/opt/venv/bin/python",
+%%                                   group => my_group}}]}]}].
 %% '''
-%% Each pool is registered under its name. If one cannot start, the
-%% application does not start either.
+%% Each pool is registered under its name (and, with `group', is a member of
+%% that group: see {@link poolport_group}). If one cannot start, the
+%% application does not start either. The supervisor also runs the `pg' scope
+%% `poolport' and the group load publisher, so a node that only calls groups
+%% starts the application with no pools.
 -module(poolport_app).
 -behaviour(application).
 

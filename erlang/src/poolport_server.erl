@@ -51,6 +51,7 @@
 %% API.
 -export([start_link/1]).
 -export([call/3]).
+-export([member_call/3]).
 -export([cast/2]).
 -export([info/1]).
 -export([prepare/1]).
@@ -101,7 +102,8 @@
     max_restarts := non_neg_integer(),
     restart_period := pos_integer(),
     start_timeout := pos_integer(),
-    stop_timeout := non_neg_integer()
+    stop_timeout := non_neg_integer(),
+    group := atom() | undefined
 }.
 %% Validated, normalised options (see {@link poolport:opts()}).
 
@@ -141,7 +143,9 @@
     timeouts = 0 :: non_neg_integer(),
     dropped = 0 :: non_neg_integer(),
     restarts = 0 :: non_neg_integer(),
-    misaligned = 0 :: non_neg_integer()
+    misaligned = 0 :: non_neg_integer(),
+    %% In the pg group of the `group' option (see poolport_group).
+    joined = false :: boolean()
 }).
 
 -type state() :: #state{}.
@@ -167,11 +171,23 @@ start_link(#{name := Name} = Cfg) ->
 %% `{error, {nodedown, Node}}'; any other exit of `gen_server:call/3' (the
 %% pool crashing while the call is pending) still exits the caller.
 -spec call(poolport:pool(), binary(), timeout()) -> {ok, term()} | {error, poolport:reason()}.
-call(Pool, Request, infinity) ->
-    server_call(Pool, {call, Request, infinity}, infinity);
-call(Pool, Request, Timeout0) ->
+call(Pool, Request, Timeout) ->
+    request(Pool, call, Request, Timeout).
+
+%% @doc {@link call/3} for a member of a group ({@link poolport_group}):
+%% `{error, not_member}' if the pool is not in its group (its Python is
+%% restarting), in which case the request was not written.
+-spec member_call(pid(), binary(), timeout()) ->
+          {ok, term()} | {error, poolport:reason() | not_member}.
+member_call(Pool, Request, Timeout) ->
+    request(Pool, member_call, Request, Timeout).
+
+-spec request(poolport:pool(), call | member_call, binary(), timeout()) -> term().
+request(Pool, Tag, Request, infinity) ->
+    server_call(Pool, {Tag, Request, infinity}, infinity);
+request(Pool, Tag, Request, Timeout0) ->
     Timeout = clamp_timeout(Timeout0),
-    server_call(Pool, {call, Request, Timeout}, min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)).
+    server_call(Pool, {Tag, Request, Timeout}, min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)).
 
 %% `gen_server:call/3' that returns `{error, Reason}' instead of exiting
 %% when the pool is not there or the call timed out (thanks to the process
@@ -249,7 +265,8 @@ check_opts(Opts) when is_map(Opts) ->
         max_restarts => 5,
         restart_period => 10,
         start_timeout => 15000,
-        stop_timeout => 10000
+        stop_timeout => 10000,
+        group => undefined
     },
     case [K || K <- maps:keys(Opts), not maps:is_key(K, Defaults)] of
         [Key | _] ->
@@ -339,6 +356,10 @@ handle_call({call, Request, Timeout0}, {Pid, _} = From, State0) ->
     end;
 handle_call(info, _From, State) ->
     {reply, info_map(State), State};
+handle_call({member_call, _Request, _Timeout}, _From, #state{joined = false} = State) ->
+    {reply, {error, not_member}, State};
+handle_call({member_call, Request, Timeout}, From, State) ->
+    handle_call({call, Request, Timeout}, From, State);
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -402,7 +423,8 @@ handle_info(_Info, State) ->
 
 %% @private
 -spec terminate(term(), state()) -> ok.
-terminate(_Reason, State) ->
+terminate(_Reason, State0) ->
+    State = leave_group(State0),
     cancel_timer(State#state.reopen_timer),
     _ = fail_pending(State),
     case State#state.port of
@@ -442,6 +464,7 @@ check_opt(max_restarts, N) when is_integer(N), N >= 0 -> {ok, N};
 check_opt(restart_period, N) when is_integer(N), N > 0 -> {ok, N};
 check_opt(start_timeout, N) when is_integer(N), N > 0 -> {ok, N};
 check_opt(stop_timeout, N) when is_integer(N), N >= 0 -> {ok, N};
+check_opt(group, Group) when is_atom(Group) -> {ok, Group};
 check_opt(_, _) -> error.
 
 -spec env_var(term()) -> {ok, {string(), string() | false}} | error.
@@ -664,7 +687,7 @@ misaligned(#{why := What, expected := Expected, got := Got} = Why,
           {noreply, state()} | {stop, term(), state()}.
 restart(Why, Error, #state{cfg = Cfg} = State0) ->
     #{max_restarts := MaxRestarts, restart_period := Period} = Cfg,
-    State1 = fail_pending(Error, State0),
+    State1 = fail_pending(Error, leave_group(State0)),
     Now = erlang:monotonic_time(millisecond),
     Deaths = recent([Now | State1#state.deaths], Now, Period * 1000),
     State = State1#state{port = undefined, os_pid = undefined, queue = queue:new(), seq = 0,
@@ -911,10 +934,33 @@ deliver(sys_info, {reply, #{} = Info}, State) ->
                   N when is_integer(N), N >= 0 -> N;
                   _ -> undefined
               end,
-    State#state{workers = Workers, server = Info};
+    join_group(State#state{workers = Workers, server = Info});
 deliver(sys_info, Reply, State) ->
     ?LOG_INFO("poolport ~p: '$poolport':info() answered ~0P", [pool_id(State), Reply, 30]),
-    State.
+    join_group(State).
+
+%% Python answered: join the pool's group, if it has one.
+-spec join_group(state()) -> state().
+join_group(#state{cfg = #{group := undefined}} = State) ->
+    State;
+join_group(#state{joined = true} = State) ->
+    State;
+join_group(#state{cfg = #{group := Group}} = State) ->
+    case poolport_group:join(Group) of
+        ok ->
+            State#state{joined = true};
+        {error, Reason} ->
+            ?LOG_ERROR("poolport ~p: cannot join group ~p: ~p", [pool_id(State), Group, Reason]),
+            State
+    end.
+
+%% Python is gone or the pool stops: leave the group.
+-spec leave_group(state()) -> state().
+leave_group(#state{joined = false} = State) ->
+    State;
+leave_group(#state{cfg = #{group := Group}} = State) ->
+    ok = poolport_group:leave(Group),
+    State#state{joined = false}.
 
 %% Reply {error, port_closed} to every waiting caller.
 -spec fail_pending(state()) -> state().
@@ -960,6 +1006,7 @@ info_map(#state{cfg = Cfg} = State) ->
       packet => maps:get(packet, Cfg),
       python => maps:get(python, Cfg),
       config => maps:get(config, Cfg),
+      group => maps:get(group, Cfg),
       server => State#state.server}.
 
 -spec pool_id(state()) -> atom() | pid().

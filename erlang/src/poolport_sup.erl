@@ -1,4 +1,6 @@
-%% @doc The application's supervisor: one dynamic child per pool.
+%% @doc The application's supervisor: the `pg' scope `poolport' of the
+%% groups, this node's group load publisher ({@link poolport_group}), then one
+%% dynamic child per pool.
 %%
 %% Pools started with {@link poolport:start/1} and those declared in the
 %% application environment (`{pools, [{Name, Opts}]}') live here. Children
@@ -84,4 +86,13 @@ purge() ->
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
     SupFlags = #{strategy => one_for_one, intensity => 5, period => 10},
-    {ok, {SupFlags, []}}.
+    %% Started before the pools and stopped after them: a pool leaves its
+    %% group while the scope is still there.
+    Scope = #{id => {pg, poolport_group:scope()},
+              start => {pg, start_link, [poolport_group:scope()]},
+              restart => permanent, shutdown => 5000, type => worker, modules => [pg]},
+    Publisher = #{id => poolport_group,
+                  start => {poolport_group, start_link, []},
+                  restart => permanent, shutdown => 5000, type => worker,
+                  modules => [poolport_group]},
+    {ok, {SupFlags, [Scope, Publisher]}}.

@@ -17,6 +17,8 @@
 
 %% Shared with poolport_chaos_tests.
 -export([fixtures_dir/0, python_env/0, wait_until/2, os_alive/1]).
+%% Shared with poolport_cluster_tests.
+-export([opts/1, start_distribution/0, stop_distribution/1, in_fresh_process/1]).
 
 -define(M, pp_handlers).
 %% Upper bound for anything that should take well under a second.

@@ -2,8 +2,10 @@
 # Container smoke test of the deployment (Dockerfile + docker-compose.yml):
 #   1. builds the image on a local Debian bookworm base (made with debootstrap
 #      + docker import when none is there: no image registry needed),
-#   2. `up --scale pool=2`, waits until both pool nodes are healthy,
-#   3. checks the app node's calls succeed, answered by both pool nodes,
+#   2. `up --scale pool=2` (POOLPORT_SMOKE_SCALE), waits until all pool nodes
+#      are healthy,
+#   3. checks the app node's calls to the group `demo` succeed, answered by
+#      every pool node,
 #   4. changes `workers` in a temporary copy of config/poolport.yaml (mounted
 #      instead of the repo's file), restarts the pool service, checks that
 #      poolport:info/1 reports the new worker count on both nodes and that the
@@ -20,6 +22,7 @@
 #   POOLPORT_SMOKE_IMAGE     tag of the image built here (default poolport:smoke)
 #   POOLPORT_COOKIE          if set, the cookie the nodes use (default: the
 #                            random cookie the first node makes in the volume)
+#   POOLPORT_SMOKE_SCALE     pool nodes to start (default 2)
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -28,7 +31,7 @@ START=$(date +%s)
 IMAGE=${POOLPORT_SMOKE_IMAGE:-poolport:smoke}
 BASE_TAG=poolport-base:bookworm
 PROJECT=poolport-smoke-$$
-SCALE=2
+SCALE=${POOLPORT_SMOKE_SCALE:-2}
 WORKERS_BEFORE=2
 WORKERS_AFTER=3
 
