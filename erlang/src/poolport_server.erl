@@ -90,6 +90,11 @@
 -define(KILL_WAIT, 1000).
 %% Poll interval while waiting for the Python process to exit.
 -define(EXIT_POLL, 10).
+%% A failed start is diagnosed by `poolport check --init': at most this long,
+%% keeping the last ?TAIL_LINES lines (at most ?TAIL_BYTES bytes) of its output.
+-define(DIAGNOSE_TIMEOUT, 30000).
+-define(TAIL_LINES, 20).
+-define(TAIL_BYTES, 4000).
 
 -type cfg() :: #{
     config := string() | undefined,
@@ -547,13 +552,19 @@ find_python(Python) ->
 %% Command line arguments after the interpreter. `--reply-tags' is always
 %% there: the server relies on tagged replies (see the module doc).
 -spec port_args(cfg()) -> [string()].
-port_args(#{config := Config, packet := Packet, args := Args}) ->
+port_args(Cfg) ->
+    command_args("serve", [], Cfg).
+
+%% The same options for another `poolport' command (`check' takes every
+%% option `serve' takes).
+-spec command_args(string(), [string()], cfg()) -> [string()].
+command_args(Command, Extra, #{config := Config, packet := Packet, args := Args}) ->
     ConfigArgs = case Config of
                      undefined -> [];
                      _ -> ["--config", Config]
                  end,
-    ["-m", "poolport", "serve"] ++ ConfigArgs
-        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ Args.
+    ["-m", "poolport", Command] ++ ConfigArgs
+        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ Extra ++ Args.
 
 %% open_port/2 settings. stderr is not redirected: Python logs go to the
 %% node's stderr, stdout carries frames only.
@@ -593,13 +604,71 @@ await_ready(#state{port = Port, os_pid = OsPid, cfg = #{start_timeout := Timeout
                     {stop, {misaligned, Why}}
             end;
         {Port, {exit_status, Status}} ->
-            {stop, {python_exited, Status}};
+            Tail = diagnose(State#state.cfg),
+            ?LOG_ERROR("poolport ~p: Python exited with status ~b during start; "
+                       "`poolport check --init' with the same options says:~n~ts",
+                       [pool_id(State), Status, Tail]),
+            {stop, {python_exited, Status, Tail}};
         {'EXIT', Port, Reason} ->
             {stop, {port_exit, Reason}}
     after Timeout ->
         close(Port, OsPid, 0),
         {stop, {start_timeout, Timeout}}
     end.
+
+%% Why Python could not start, in its own words. Its stderr went to the
+%% node's, not to us, so the same interpreter runs `poolport check --init'
+%% with the same options and environment, whose output (stderr included) names
+%% what failed: a config key, a module that does not import, the worker_init
+%% traceback, or "No module named poolport". Only on a failed start.
+-spec diagnose(cfg()) -> binary().
+diagnose(#{python := Python, env := Env, cd := Cd} = Cfg) ->
+    Settings = [{args, command_args("check", ["--init"], Cfg)}, stream, binary, exit_status,
+                stderr_to_stdout, use_stdio, hide]
+        ++ [{env, Env} || Env =/= []]
+        ++ [{cd, Cd} || Cd =/= undefined],
+    try open_port({spawn_executable, Python}, Settings) of
+        Port ->
+            Deadline = erlang:monotonic_time(millisecond) + ?DIAGNOSE_TIMEOUT,
+            tail(collect(Port, <<>>, Deadline))
+    catch
+        error:Reason -> iolist_to_binary(io_lib:format("cannot run ~ts: ~p", [Python, Reason]))
+    end.
+
+-spec collect(port(), binary(), integer()) -> binary().
+collect(Port, Acc, Deadline) ->
+    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {Port, {data, Data}} ->
+            Kept = <<Acc/binary, Data/binary>>,
+            Cut = max(0, byte_size(Kept) - 16 * ?TAIL_BYTES),
+            collect(Port, binary:part(Kept, Cut, byte_size(Kept) - Cut), Deadline);
+        {Port, {exit_status, _}} ->
+            receive {'EXIT', Port, _} -> ok after 1000 -> ok end,
+            Acc
+    after Left ->
+        case erlang:port_info(Port, os_pid) of
+            {os_pid, OsPid} -> os:cmd("kill -KILL " ++ integer_to_list(OsPid) ++ " 2>/dev/null");
+            undefined -> ok
+        end,
+        catch port_close(Port),
+        receive {'EXIT', Port, _} -> ok after 1000 -> ok end,
+        <<Acc/binary, "\n(poolport check did not finish in time)">>
+    end.
+
+%% The last ?TAIL_LINES non-empty lines of Output, at most ?TAIL_BYTES bytes,
+%% never starting inside a UTF-8 character.
+-spec tail(binary()) -> binary().
+tail(Output) ->
+    Lines = [L || L <- binary:split(Output, <<"\n">>, [global]), L =/= <<>>],
+    Last = lists:nthtail(max(0, length(Lines) - ?TAIL_LINES), Lines),
+    Joined = iolist_to_binary(lists:join(<<"\n">>, Last)),
+    Cut = max(0, byte_size(Joined) - ?TAIL_BYTES),
+    char_start(binary:part(Joined, Cut, byte_size(Joined) - Cut)).
+
+-spec char_start(binary()) -> binary().
+char_start(<<2#10:2, _:6, Rest/binary>>) -> char_start(Rest);
+char_start(Bin) -> Bin.
 
 -spec write(port(), [binary()]) -> ok | error.
 write(Port, Frames) ->
@@ -1085,6 +1154,21 @@ port_args_test_() ->
                     "--log-level", "debug"],
                    port_args(cfg(#{config => undefined, packet => 2,
                                    args => ["--log-level", "debug"]})))].
+
+check_args_test() ->
+    ?assertEqual(["-m", "poolport", "check", "--config", "/c.yaml", "--packet", "4",
+                  "--reply-tags", "--init", "--log-level", "debug"],
+                 command_args("check", ["--init"], cfg(#{config => "/c.yaml",
+                                                          args => ["--log-level", "debug"]}))).
+
+tail_test_() ->
+    Many = iolist_to_binary([[integer_to_list(I), "\n"] || I <- lists:seq(1, 30)]),
+    Long = binary:copy(<<"\x{e9}"/utf8>>, 3000),  % 6000 bytes of 2-byte characters
+    [?_assertEqual(<<"a\nb">>, tail(<<"\n\na\n\nb\n">>)),
+     ?_assertEqual(iolist_to_binary(lists:join("\n", [integer_to_list(I) || I <- lists:seq(11, 30)])),
+                   tail(Many)),
+     ?_assertEqual(binary:copy(<<"\x{e9}"/utf8>>, 2000), tail(<<0, Long/binary>>)),  % whole characters
+     ?_assertEqual(<<>>, tail(<<>>))].
 
 port_settings_test() ->
     Settings = port_settings(cfg(#{packet => 2, env => [{"X", "1"}], cd => "/tmp"})),

@@ -449,10 +449,22 @@ start_errors() ->
     Bad = filename:join(tmp_dir(), "poolport_bad_" ++ os:getpid() ++ ".yaml"),
     ok = file:write_file(Bad, <<"workers: many\n">>),
     %% Python refuses the config and exits: start/1 (under the supervisor)
-    %% reports it.
-    ?assertMatch({error, {python_exited, N}} when N =/= 0,
-                 poolport:start(opts(#{config => Bad}))),
+    %% reports it, with what Python said (issue 18: the key, in words).
+    {error, {python_exited, N, Tail}} = poolport:start(opts(#{config => Bad})),
+    ?assert(N =/= 0),
+    ?assertMatch({_, _}, binary:match(Tail, <<"workers: expected an integer >= 1 or 'auto', got 'many'">>)),
     ok = file:delete(Bad),
+    %% A worker_init that fails: its traceback.
+    Init = filename:join(tmp_dir(), "poolport_init_" ++ os:getpid() ++ ".yaml"),
+    ok = file:write_file(Init, ["modules: [pp_handlers]\nworker_init: 'pp_handlers:no_such_init'\n",
+                                "python_path: [\"", fixtures_dir(), "\"]\n"]),
+    {error, {python_exited, _, InitTail}} = poolport:start(opts(#{config => Init})),
+    ?assertMatch({_, _}, binary:match(InitTail, <<"has no function 'no_such_init'">>)),
+    ok = file:delete(Init),
+    %% An interpreter without poolport.
+    {error, {python_exited, 1, NoModule}} =
+        poolport:start(opts(#{python => "/usr/bin/python3", env => [{"PYTHONPATH", "/nonexistent"}]})),
+    ?assertMatch({_, _}, binary:match(NoModule, <<"No module named poolport">>)),
     ?assertError({badarg, {bad_option, packet, 3}}, poolport:child_spec(#{packet => 3})),
     ?assertMatch(#{id := my_pool, start := {poolport, start_link, [_]}},
                  poolport:child_spec(#{name => my_pool})).
