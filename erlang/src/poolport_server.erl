@@ -647,10 +647,10 @@ collect(Port, Acc, Deadline) ->
             receive {'EXIT', Port, _} -> ok after 1000 -> ok end,
             Acc
     after Left ->
-        case erlang:port_info(Port, os_pid) of
-            {os_pid, OsPid} -> os:cmd("kill -KILL " ++ integer_to_list(OsPid) ++ " 2>/dev/null");
-            undefined -> ok
-        end,
+        _ = case erlang:port_info(Port, os_pid) of
+                {os_pid, OsPid} -> os:cmd("kill -KILL " ++ integer_to_list(OsPid) ++ " 2>/dev/null");
+                undefined -> ok
+            end,
         catch port_close(Port),
         receive {'EXIT', Port, _} -> ok after 1000 -> ok end,
         <<Acc/binary, "\n(poolport check did not finish in time)">>
