@@ -37,7 +37,7 @@
 -export([stop/1]).
 
 -type opts() :: #{
-    config => file:filename_all() | undefined,
+    config => file:filename_all() | {priv, atom(), file:filename_all()} | undefined,
     python => file:filename_all(),
     name => atom(),
     packet => 1 | 2 | 4,
@@ -54,7 +54,10 @@
 %% <dl>
 %% <dt>`config'</dt><dd>Path of the YAML configuration passed as
 %%   `--config'; relative paths are resolved against the current directory
-%%   of the Erlang node. Default `"config/poolport.yaml"'; `undefined'
+%%   of the Erlang node. `{priv, App, Path}' is `Path' in the priv directory
+%%   of the application `App' (`code:priv_dir/1'), for a release that ships
+%%   its YAML and handlers there; `{priv, poolport, "demo.yaml"}' serves
+%%   `poolport.demo_handlers'. Default `"config/poolport.yaml"'; `undefined'
 %%   passes no `--config' at all.</dd>
 %% <dt>`python'</dt><dd>Interpreter, a path or a name looked up in `PATH'.
 %%   Default: the application environment key `python', else `"python3"'.</dd>

@@ -97,7 +97,7 @@
 -define(TAIL_BYTES, 4000).
 
 -type cfg() :: #{
-    config := string() | undefined,
+    config := string() | {priv, atom(), string()} | undefined,
     python := string(),
     name := atom() | undefined,
     packet := 1 | 2 | 4,
@@ -457,6 +457,11 @@ check_each([{Key, Value} | Rest], Acc) ->
 
 -spec check_opt(atom(), term()) -> {ok, term()} | error.
 check_opt(config, undefined) -> {ok, undefined};
+check_opt(config, {priv, App, Path}) when is_atom(App) ->
+    case nonempty(to_string(Path)) of
+        {ok, Rel} -> {ok, {priv, App, Rel}};
+        error -> error
+    end;
 check_opt(config, Path) -> to_string(Path);
 check_opt(python, Path) -> nonempty(to_string(Path));
 check_opt(name, Name) when is_atom(Name) -> {ok, Name};
@@ -522,17 +527,33 @@ resolve(#{python := Python, config := Config} = Cfg) ->
         false ->
             {error, {python_not_found, Python}};
         Exe ->
-            case Config of
+            case config_path(Config) of
                 undefined ->
                     {ok, Cfg#{python := Exe}};
-                _ ->
-                    Abs = filename:absname(Config),
+                {error, _} = Error ->
+                    Error;
+                Abs ->
                     case filelib:is_regular(Abs) of
                         true -> {ok, Cfg#{python := Exe, config := Abs}};
                         false -> {error, {config_not_found, Abs}}
                     end
             end
     end.
+
+%% The absolute path of the config option: `{priv, App, Path}' is `Path' in
+%% the priv directory of the application `App' (so a release ships its YAML,
+%% and the handlers its `python_path' names, there).
+-spec config_path(undefined | string() | {priv, atom(), string()}) ->
+          undefined | string() | {error, {config_not_found, {priv, atom(), string()}}}.
+config_path(undefined) ->
+    undefined;
+config_path({priv, App, Path} = Priv) ->
+    case code:priv_dir(App) of
+        {error, bad_name} -> {error, {config_not_found, Priv}};
+        Dir -> filename:join(Dir, Path)
+    end;
+config_path(Path) ->
+    filename:absname(Path).
 
 -spec find_python(string()) -> string() | false.
 find_python(Python) ->
@@ -1144,7 +1165,14 @@ resolve_test_() ->
      ?_assertMatch({error, {config_not_found, "/" ++ _}},
                    prepare(#{python => "sh", config => "no/such/file.yaml"})),
      ?_assertMatch({ok, #{python := "/" ++ _, config := undefined}},
-                   prepare(#{python => "sh", config => undefined}))].
+                   prepare(#{python => "sh", config => undefined})),
+     ?_assertEqual({ok, filename:join(code:priv_dir(poolport), "demo.yaml")},
+                   maps:find(config, element(2, prepare(#{python => "sh",
+                                                           config => {priv, poolport, <<"demo.yaml">>}})))),
+     ?_assertEqual({error, {config_not_found, {priv, no_such_app_poolport, "x.yaml"}}},
+                   prepare(#{python => "sh", config => {priv, no_such_app_poolport, "x.yaml"}})),
+     ?_assertEqual({error, {bad_option, config, {priv, "app", "x.yaml"}}},
+                   check_opts(#{config => {priv, "app", "x.yaml"}}))].
 
 port_args_test_() ->
     [?_assertEqual(["-m", "poolport", "serve", "--config", "/c.yaml", "--packet", "4",

@@ -61,6 +61,7 @@ own_pool_test_() ->
         {"pools from the application environment", fun app_env_pools/0},
         {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0},
         {"the YAML's timeout_ms beats the client's longer call timeout", fun yaml_timeout/0},
+        {"config => {priv, App, Path}: a release's own YAML", fun priv_config/0},
         {"no pool: call/info return {error, noproc}, cast ok, caller survives", fun absent_pool/0},
         {"pool on another node: works, then {error, {nodedown, Node}}", fun remote_pool/0}
     ]].
@@ -541,6 +542,16 @@ absent_pool() ->
     ?assertEqual(ok, poolport:cast(poolport_stopped_pool, ?M, echo, [1])),
     %% Bad arguments are still refused, pool or not.
     ?assertError(badarg, poolport:call(poolport_no_such_pool, ?M, echo, [1], -1)).
+
+%% Issue 18: a config shipped in an application's priv directory.
+priv_config() ->
+    {ok, Pool} = poolport:start(opts(#{config => {priv, poolport, "demo.yaml"}})),
+    try
+        ?assertEqual({ok, [1, <<"two">>]}, poolport:call(Pool, 'poolport.demo_handlers', echo, [[1, <<"two">>]])),
+        ?assertMatch(#{workers := 2}, poolport:info(Pool))
+    after
+        ok = poolport:stop(Pool)
+    end.
 
 %% Issue 13: the client sends {info, timeout, ...} with the caller's timeout
 %% before every call; a shorter `timeout_ms' in the YAML must still stop it.
