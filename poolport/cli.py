@@ -42,6 +42,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atom-encoding", choices=ATOM_ENCODINGS,
                    help="how replies write atoms: latin1 (as OTP 25; what BERT clients read) or utf8 (as OTP 26+)")
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    p.add_argument("--name", help="the pool's name, shown in every log line")
 
 
 def read_config(args: argparse.Namespace) -> Config:
@@ -58,7 +59,7 @@ def read_config(args: argparse.Namespace) -> Config:
         "packet": args.packet, "protocol": args.protocol, "bare_module": args.bare_module,
         "timeout_ms": args.timeout_ms, "max_in_flight": args.max_in_flight,
         "max_frame_bytes": args.max_frame_bytes, "max_term_elements": args.max_term_elements,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "name": args.name,
         "max_worker_memory_mb": args.max_worker_memory_mb, "idle_spin_us": args.idle_spin_us,
         "max_in_flight_bytes": args.max_in_flight_bytes, "reply_tags": args.reply_tags,
         "atom_encoding": args.atom_encoding,
@@ -143,9 +144,10 @@ def _enlarge_pipes(*fds: int) -> None:
             pass  # not a pipe, or over /proc/sys/fs/pipe-max-size: keep the default
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, name: str = "") -> None:
+    label = f"{name} " if name else ""
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s poolport[%(process)d] %(levelname)s %(message)s")
+                        format=f"%(asctime)s poolport[{label}%(process)d] %(levelname)s %(message)s")
 
 
 def check(config: Config, imports: bool, init: bool) -> int:
@@ -215,5 +217,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return check(config, imports=args.imports or args.init, init=args.init)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.name)
     return serve(config)

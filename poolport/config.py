@@ -54,6 +54,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     none_atom: str = "undefined"
     atom_encoding: AtomEncoding = "latin1"  # how replies write atoms: OTP 25 style, or "utf8" (OTP 26+)
     log_level: LogLevel = "INFO"
+    name: str = ""  # the pool's name in every log line (the OTP client passes a named pool's name)
     reply_tags: bool = False  # each reply frame starts with its request's 8-byte sequence number
     idle_spin_us: NonNegativeInt = 100  # poll this long before sleeping when out of work (see spin.py)
     worker_init: Union[InitSpec, None] = None  # "module:function" run once per worker; its result

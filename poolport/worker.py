@@ -436,7 +436,8 @@ def worker_main(address: str, progress_path: str, counters_path: str, slot: int,
     keep_freed_memory()
     _limit_memory(config.max_worker_memory_mb)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s poolport[worker {slot} pid {os.getpid()}] %(levelname)s %(message)s")
+                        format=f"%(asctime)s poolport[{config.name + ' ' if config.name else ''}worker {slot} "
+                               f"pid {os.getpid()}] %(levelname)s %(message)s")
     worker = Worker(config, info, Progress(progress_path), Counters(counters_path))
     for module, error in import_handlers(config):  # warm up; failures are reported per call
         log.warning("cannot import allowlisted module %r: %s", module, error.splitlines()[-1])

@@ -273,6 +273,20 @@ def test_a_functions_own_timeout_applies_when_it_is_learnt_after_the_call_began(
         assert kind == OK and info[A("timeouts")] == 1, info
 
 
+def test_a_named_pool_names_itself_in_every_log_line():
+    """Several pools log to one node's stderr: --name (the OTP client passes a named pool's
+    name) labels the dispatcher's lines and the workers'."""
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--name", "pricing") as c:
+        assert c.request((A("cast"), A("pp_handlers"), A("fail"), [b"logged by a worker"])) == (A("noreply"),)
+        deadline = time.monotonic() + 10
+        while "logged by a worker" not in c.stderr_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = [ln for ln in c.stderr_text().splitlines() if " poolport[" in ln]
+    assert any("poolport[pricing " in ln and "serving" in ln for ln in lines), lines
+    assert any("poolport[pricing worker 0 pid " in ln and "cast pp_handlers.fail raised" in ln for ln in lines)
+    assert all("poolport[pricing " in ln for ln in lines), lines
+
+
 def test_builtin_info_call(server):
     kind, info = server.request(call("$poolport", "info"))
     assert kind == OK and info[A("workers")] == 2 and info[A("os_pid")] == server.proc.pid

@@ -317,6 +317,11 @@ encode_cast(Module, Function, Args) ->
 -spec init(cfg()) -> {ok, state()} | {stop, term()}.
 init(Cfg) ->
     process_flag(trap_exit, true),
+    %% Every log event of this process names its pool (logger metadata).
+    logger:update_process_metadata(#{poolport_pool => case Cfg of
+                                                         #{name := undefined} -> self();
+                                                         #{name := Name} -> Name
+                                                     end}),
     case open(Cfg) of
         {ok, Port, OsPid} ->
             await_ready(attach(Port, OsPid, #state{cfg = Cfg}));
@@ -579,13 +584,17 @@ port_args(Cfg) ->
 %% The same options for another `poolport' command (`check' takes every
 %% option `serve' takes).
 -spec command_args(string(), [string()], cfg()) -> [string()].
-command_args(Command, Extra, #{config := Config, packet := Packet, args := Args}) ->
+command_args(Command, Extra, #{config := Config, packet := Packet, args := Args} = Cfg) ->
     ConfigArgs = case Config of
                      undefined -> [];
                      _ -> ["--config", Config]
                  end,
+    NameArgs = case Cfg of
+                   #{name := Name} when is_atom(Name), Name =/= undefined -> ["--name", atom_to_list(Name)];
+                   _ -> []
+               end,
     ["-m", "poolport", Command] ++ ConfigArgs
-        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ Extra ++ Args.
+        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ NameArgs ++ Extra ++ Args.
 
 %% open_port/2 settings. stderr is not redirected: Python logs go to the
 %% node's stderr, stdout carries frames only.
@@ -1187,7 +1196,10 @@ check_args_test() ->
     ?assertEqual(["-m", "poolport", "check", "--config", "/c.yaml", "--packet", "4",
                   "--reply-tags", "--init", "--log-level", "debug"],
                  command_args("check", ["--init"], cfg(#{config => "/c.yaml",
-                                                          args => ["--log-level", "debug"]}))).
+                                                          args => ["--log-level", "debug"]}))),
+    %% A named pool's Python logs carry its name.
+    ?assertEqual(["-m", "poolport", "serve", "--packet", "4", "--reply-tags", "--name", "my_pool"],
+                 port_args(cfg(#{config => undefined, name => my_pool}))).
 
 tail_test_() ->
     Many = iolist_to_binary([[integer_to_list(I), "\n"] || I <- lists:seq(1, 30)]),
