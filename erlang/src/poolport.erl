@@ -48,7 +48,8 @@
     restart_period => pos_integer(),
     start_timeout => pos_integer(),
     stop_timeout => non_neg_integer(),
-    group => atom()
+    group => atom(),
+    events => module()
 }.
 %% Pool options; every key is optional.
 %% <dl>
@@ -82,6 +83,9 @@
 %%   scope `poolport' while Python is up (not while it restarts, not after
 %%   the pool stopped), so that `{group, Name}' calls reach this pool too.
 %%   Default: no group.</dd>
+%% <dt>`events'</dt><dd>A module whose `handle_event(Event, Measurements,
+%%   Metadata)' gets the pool's call and restart events, in the shape of
+%%   Elixir's `telemetry' (see {@link poolport_events}). Default none.</dd>
 %% </dl>
 
 -type pool() :: pid() | atom() | {atom(), node()} | {global, term()}
@@ -251,7 +255,12 @@ call(Pool, Module, Function, Args, Timeout, Opts)
                     poolport_group:call(Group, Request, poolport_server:clamp_timeout(Timeout),
                                         Retry);
                 _ ->
-                    poolport_server:call(Pool, Request, poolport_server:clamp_timeout(Timeout))
+                    Call = fun() -> poolport_server:call(Pool, Request,
+                                                         poolport_server:clamp_timeout(Timeout)) end,
+                    case poolport_events:handler(Pool) of
+                        undefined -> Call();
+                        Handler -> poolport_events:span(Handler, Pool, Module, Function, Call)
+                    end
             end;
         error ->
             erlang:error(badarg, [Pool, Module, Function, Args, Timeout, Opts])

@@ -108,7 +108,8 @@
     restart_period := pos_integer(),
     start_timeout := pos_integer(),
     stop_timeout := non_neg_integer(),
-    group := atom() | undefined
+    group := atom() | undefined,
+    events := module() | undefined
 }.
 %% Validated, normalised options (see {@link poolport:opts()}).
 
@@ -271,7 +272,8 @@ check_opts(Opts) when is_map(Opts) ->
         restart_period => 10,
         start_timeout => 15000,
         stop_timeout => 10000,
-        group => undefined
+        group => undefined,
+        events => undefined
     },
     case [K || K <- maps:keys(Opts), not maps:is_key(K, Defaults)] of
         [Key | _] ->
@@ -324,7 +326,13 @@ init(Cfg) ->
                                                      end}),
     case open(Cfg) of
         {ok, Port, OsPid} ->
-            await_ready(attach(Port, OsPid, #state{cfg = Cfg}));
+            case await_ready(attach(Port, OsPid, #state{cfg = Cfg})) of
+                {ok, _} = Ok ->
+                    ok = poolport_events:attach(self(), maps:get(name, Cfg), maps:get(events, Cfg)),
+                    Ok;
+                Stop ->
+                    Stop
+            end;
         {error, Reason} ->
             {stop, {open_port_failed, Reason}}
     end.
@@ -434,6 +442,7 @@ handle_info(_Info, State) ->
 %% @private
 -spec terminate(term(), state()) -> ok.
 terminate(_Reason, State0) ->
+    ok = poolport_events:detach(self(), maps:get(name, State0#state.cfg)),
     State = leave_group(State0),
     cancel_timer(State#state.reopen_timer),
     _ = fail_pending(State),
@@ -480,6 +489,7 @@ check_opt(restart_period, N) when is_integer(N), N > 0 -> {ok, N};
 check_opt(start_timeout, N) when is_integer(N), N > 0 -> {ok, N};
 check_opt(stop_timeout, N) when is_integer(N), N >= 0 -> {ok, N};
 check_opt(group, Group) when is_atom(Group) -> {ok, Group};
+check_opt(events, Module) when is_atom(Module) -> {ok, Module};
 check_opt(_, _) -> error.
 
 -spec env_var(term()) -> {ok, {string(), string() | false}} | error.
@@ -752,6 +762,12 @@ reopen(#state{cfg = Cfg} = State0) ->
         {ok, Port, OsPid} ->
             ?LOG_NOTICE("poolport ~p: Python restarted (os pid ~p, restart ~b)",
                         [pool_id(State), OsPid, State#state.restarts]),
+            case poolport_events:handler(self()) of
+                undefined -> ok;
+                Handler -> _ = poolport_events:emit(Handler, [poolport, python, restart],
+                                                    #{restarts => State#state.restarts},
+                                                    #{pool => pool_id(State)})
+            end,
             {noreply, attach(Port, OsPid, State)};
         {error, Reason} ->
             port_down({open_port_failed, Reason}, State)

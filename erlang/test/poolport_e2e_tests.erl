@@ -19,6 +19,9 @@
 -export([fixtures_dir/0, python_env/0, wait_until/2, os_alive/1]).
 %% Shared with poolport_cluster_tests.
 -export([opts/1, start_distribution/0, stop_distribution/1, in_fresh_process/1]).
+%% The events handler of events/0: forwards to the process registered as
+%% poolport_events_sink; raises on a call to `fail' after `crash_on_fail'.
+-export([handle_event/3]).
 
 -define(M, pp_handlers).
 %% Upper bound for anything that should take well under a second.
@@ -62,6 +65,8 @@ own_pool_test_() ->
         {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0},
         {"the YAML's timeout_ms beats the client's longer call timeout", fun yaml_timeout/0},
         {"config => {priv, App, Path}: a release's own YAML", fun priv_config/0},
+        {"events => Module: call start/stop/exception, Python restart; a raising handler is detached",
+         fun events/0},
         {"no pool: call/info return {error, noproc}, cast ok, caller survives", fun absent_pool/0},
         {"pool on another node: works, then {error, {nodedown, Node}}", fun remote_pool/0}
     ]].
@@ -542,6 +547,44 @@ absent_pool() ->
     ?assertEqual(ok, poolport:cast(poolport_stopped_pool, ?M, echo, [1])),
     %% Bad arguments are still refused, pool or not.
     ?assertError(badarg, poolport:call(poolport_no_such_pool, ?M, echo, [1], -1)).
+
+handle_event(Event, Measurements, Meta) ->
+    case {Event, Meta} of
+        {[poolport, call, start], #{function := crash}} -> error(handler_bug);
+        _ -> poolport_events_sink ! {event, Event, Measurements, Meta}
+    end.
+
+%% Issue 18: telemetry-shaped events.
+events() ->
+    register(poolport_events_sink, self()),
+    {ok, Pool} = poolport:start(opts(#{name => pp_events, events => ?MODULE})),
+    try
+        ?assertEqual({ok, 42}, poolport:call(pp_events, ?M, twice, [21])),
+        Meta = #{pool => pp_events, module => ?M, function => twice},
+        receive {event, [poolport, call, start], #{system_time := _}, M1} -> ?assertEqual(Meta, M1)
+        after ?DEADLOCK -> error(no_start) end,
+        receive {event, [poolport, call, stop], #{duration := D}, M2} ->
+                ?assertEqual(Meta, M2), ?assert(is_integer(D) andalso D > 0)
+        after ?DEADLOCK -> error(no_stop) end,
+        {error, {user, 0, <<"ValueError">>, _, _}} = poolport:call(Pool, ?M, fail, []),
+        receive {event, [poolport, call, start], _, #{pool := Pool, function := fail}} -> ok
+        after ?DEADLOCK -> error(no_start) end,
+        receive {event, [poolport, call, exception], #{duration := _},
+                 #{kind := error, reason := {user, 0, <<"ValueError">>, _, _}}} -> ok
+        after ?DEADLOCK -> error(no_exception) end,
+        #{os_pid := OsPid} = poolport:info(Pool),
+        _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+        receive {event, [poolport, python, restart], #{restarts := 1}, #{pool := pp_events}} -> ok
+        after ?DEADLOCK -> error(no_restart) end,
+        %% A handler that raises: the call is unaffected, the handler detached.
+        wait_until(fun() -> maps:get(status, poolport:info(Pool)) =:= running end, ?DEADLOCK),
+        ?assertMatch({error, {server, 2, <<"NoSuchFunction">>, _, _}}, poolport:call(pp_events, ?M, crash, [])),
+        ?assertEqual({ok, 4}, poolport:call(pp_events, ?M, twice, [2])),
+        receive {event, _, _, _} = Late -> error({still_attached, Late}) after 200 -> ok end
+    after
+        unregister(poolport_events_sink),
+        ok = poolport:stop(Pool)
+    end.
 
 %% Issue 18: a config shipped in an application's priv directory.
 priv_config() ->
