@@ -36,7 +36,7 @@ RUN python3 -m venv /opt/venv \
  && cd / && /opt/venv/bin/python -c "import poolport, loky, msgspec, yaml, poolport.etf as e; assert e.ACCELERATED, 'C codec not built'"
 
 # Erlang side: the poolport OTP application. It has no dependencies, so
-# rebar3 never talks to hex.pm.
+# rebar3 never talks to a package registry.
 COPY erlang/ erlang/
 RUN cd erlang && rm -rf _build && rebar3 compile \
  && test -f _build/default/lib/poolport/ebin/poolport.app

@@ -8,12 +8,12 @@
 # Environment:
 #   POOLPORT_PYTHON      interpreter for the pool (default: python3)
 #   MIX_REBAR3           rebar3 used by Mix to build erlang/ (default: the
-#                        rebar3 in PATH; `mix local.rebar` would need hex.pm)
+#                        rebar3 in PATH; `mix local.rebar` would need the package registry)
 #   POOLPORT_SKIP_ELIXIR=1  exit 0 with SKIPPED if elixir/mix are missing
 #                        (without it, missing tools are a failure)
 #
 # Works offline: the only dependency is a path dependency, nothing is
-# fetched from hex.pm.
+# fetched from the package registry.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,7 +54,7 @@ if ! "$POOLPORT_PYTHON" -m poolport serve --help >/dev/null 2>&1; then
     exit 2
 fi
 
-# Never reach for hex.pm.
+# Never reach for the package registry.
 HEX_OFFLINE=1
 MIX_ENV=test
 export HEX_OFFLINE MIX_ENV

@@ -19,7 +19,7 @@ defmodule PoolportDemo.MixProject do
 
   defp deps do
     # Built by rebar3: the system one via MIX_REBAR3 (see ../run.sh), since
-    # `mix local.rebar` would download it from hex.pm.
+    # `mix local.rebar` would download it from the package registry.
     [{:poolport, path: "../../../erlang", manager: :rebar3}]
   end
 end
