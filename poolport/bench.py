@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .cli import codec_name
+from .etf import codec_name
 from .config import Config
 
 DRIVER = Path(__file__).with_name("bench_driver.escript")

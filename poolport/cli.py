@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
-from .etf import ATOM_ENCODINGS
+from .etf import ATOM_ENCODINGS, codec_name
 from .memory import keep_freed_memory
 
 
@@ -98,13 +98,6 @@ def _int_flag(flag: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{flag} must be a number or 'auto', got {value!r}") from None
-
-
-def codec_name() -> str:
-    """Which term codec this installation runs: the optional C accelerator or pure Python."""
-    from . import etf
-
-    return "C-accelerated" if etf.ACCELERATED else "pure-Python"
 
 
 def serve(config: Config) -> int:

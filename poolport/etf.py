@@ -753,6 +753,11 @@ def _inflate(data: bytes, max_inflated: int) -> bytes:
     return body
 
 
+def codec_name() -> str:
+    """Which term codec this installation runs: the optional C accelerator or pure Python."""
+    return "C-accelerated" if ACCELERATED else "pure-Python"
+
+
 def decode(
     data: bytes | bytearray | memoryview,
     *,
