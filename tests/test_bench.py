@@ -15,6 +15,8 @@ from poolport import bench_reference as ref
 from poolport import etf
 from poolport.terms import Atom
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 needs_erlang = pytest.mark.skipif(shutil.which("escript") is None or shutil.which("erl") is None,

@@ -33,6 +33,8 @@ from chaos_client import (HANG_S, OK, PROTOCOL, USER, Server, error_head, is_cra
                           is_timeout, mismatch, short)
 from portclient import A, call
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 MiB = 1 << 20
 SEED = int(os.environ.get("POOLPORT_TEST_SEED") or random.randrange(1 << 30))
 print(f"test_chaos: POOLPORT_TEST_SEED={SEED}")

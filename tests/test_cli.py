@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.e2e]
+
 MISUSES = [
     pytest.param(["check", "--module", "bad-name"], id="module-name-with-a-dash"),
     pytest.param(["check", "--module", "1abc"], id="module-name-with-a-digit-first"),

@@ -23,6 +23,8 @@ from chaos_client import (ERROR, OK, PROTOCOL, SERVER, USER, Server, encode_fram
                           error_head, is_crashed, short)
 from portclient import A, PortClient, call
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 MiB = 1 << 20
 SEED = int(os.environ.get("POOLPORT_TEST_SEED") or random.randrange(1 << 30))
 print(f"test_data_path: POOLPORT_TEST_SEED={SEED}")

@@ -15,6 +15,8 @@ from poolport import etf
 from poolport.framing import frame
 from portclient import HANDLERS, call
 
+pytestmark = [pytest.mark.e2e]
+
 
 def serve(tmp_path, *flags: str, grace_ms: int = 500) -> subprocess.Popen:
     config = tmp_path / "poolport.yaml"

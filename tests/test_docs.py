@@ -44,6 +44,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "erlang" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MODES = {"erl", "erl-module", "erlang-config", "sh", "python", "yaml", "poolport-config",
@@ -307,8 +309,10 @@ def _missing(need: str) -> str | None:
     return f"unknown need {need!r}"
 
 
-@pytest.mark.parametrize("block", [b for b in CODE_BLOCKS if b.mode in MODES or "excerpt" in b.attrs],
-                         ids=lambda b: f"{b.id}-{b.mode or 'excerpt'}")
+@pytest.mark.parametrize("block", [
+    pytest.param(b, id=f"{b.id}-{b.mode or 'excerpt'}",
+                 marks=[pytest.mark.docker] if "docker" in b.attrs.get("needs", []) else [])
+    for b in CODE_BLOCKS if b.mode in MODES or "excerpt" in b.attrs])
 def test_snippet(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     for need in block.attrs.get("needs", []):
         if reason := _missing(need):

@@ -11,6 +11,9 @@ import sys
 
 from poolport.demo import drive
 from portclient import HANDLERS, ROOT, SEED_DIR
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ERL = shutil.which("erl")
 ERLC = shutil.which("erlc")

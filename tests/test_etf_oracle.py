@@ -30,6 +30,8 @@ import pytest
 from poolport.etf import decode, encode
 from poolport.terms import Atom, BitString, ImproperList, MapKey, Opaque
 
+pytestmark = [pytest.mark.slow]
+
 SEED = 20240611  # change to explore; printed on every run
 RANDOM_TERMS = 2500  # plus the fixed edge cases in the escript
 MIN_CHECKED = 2000

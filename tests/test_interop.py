@@ -34,6 +34,8 @@ import sys
 sys.path.insert(0, HANDLERS)
 from pp_interop import SAMPLES  # noqa: E402 - the handler module's own values
 
+pytestmark = [pytest.mark.e2e]
+
 MAX_FRAME = 4096
 A = Atom
 

@@ -18,6 +18,8 @@ from poolport.framing import frame
 from portclient import HANDLERS, ROOT, A, PortClient, call
 from test_serve import gone
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 OK, ERROR = A("reply"), A("error")
 
 CRASHES = [

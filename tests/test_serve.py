@@ -14,6 +14,8 @@ from poolport import etf
 from poolport.framing import frame
 from portclient import SEED_CONFIG, A, PortClient, call
 
+pytestmark = [pytest.mark.e2e]
+
 OK = A("reply")
 ERROR = A("error")
 
