@@ -151,8 +151,8 @@ def check(config: Config, imports: bool, init: bool) -> int:
     from .handler import run_worker_init
     from .worker import import_handlers
 
-    print(msgspec.json.format(msgspec.json.encode(config)).decode())
-    if not imports:
+    print(msgspec.json.format(msgspec.json.encode(config)).decode(), flush=True)  # before any problem:
+    if not imports:  # one reading stdout and stderr together (a pool's start-up diagnosis) sees them last
         print(f"poolport: configuration valid (schema only: add --import to import the handler "
               f"modules, --init to run worker_init too); {codec_name()} codec", file=sys.stderr)
         return 0

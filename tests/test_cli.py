@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -63,6 +64,18 @@ def test_check_import_finds_what_a_worker_would_not_import(tmp_path, files, yaml
     done = _check(tmp_path, yaml, "--import")
     assert done.returncode == 1, done.stderr
     assert expected in done.stderr, done.stderr
+
+
+def test_check_reports_its_problems_after_the_config_on_one_stream(tmp_path):
+    """The OTP client reads `check --init` with stderr into stdout and keeps the last lines:
+    the problem must come after the config dump even when stdout is block-buffered."""
+    (tmp_path / "p.yaml").write_text("modules: [no_such_module_here]\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "poolport", "check", "--config", str(tmp_path / "p.yaml"),
+                           "--import"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert done.returncode == 1
+    assert "No module named 'no_such_module_here'" in done.stdout.strip().splitlines()[-1], done.stdout
 
 
 def test_check_init_runs_worker_init_and_reports_its_failure(tmp_path):
