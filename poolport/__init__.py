@@ -9,6 +9,7 @@ from .errors import (
     PoolportError,
     ProtocolError,
 )
+from . import etf  # noqa: F401 - the codec; importing it registers how MapKey compares keys
 from .handler import handler, worker_state  # `poolport.handler` is the decorator, not the module
 from .terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Ref, Reference
 

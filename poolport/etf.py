@@ -99,6 +99,7 @@ from poolport.terms import (
     Pid,
     Port,
     Reference,
+    use_canonical,
 )
 
 try:  # the optional C accelerator (setup.py builds it when a compiler is there)
@@ -1201,3 +1202,6 @@ def term_codec(none_atom: str = "undefined", atom_encoding: AtomEncoding = "lati
     Both are the C ones when ACCELERATED (the C ``enc`` calls ``put`` once).
     """
     return _decoder(none_atom), _active_encoder(none_atom, atom_encoding)
+
+
+use_canonical(canonical)  # MapKey (poolport.terms) compares keys with it

@@ -6,7 +6,17 @@ as, so they go back to Erlang byte-identical and compare equal to themselves.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+# How MapKey compares keys: the codec's canonical encoding (Erlang's =:=). poolport.etf
+# registers it when it is imported (the package imports it), so this module needs no codec.
+_canonical_of: Callable[[Any], bytes] | None = None
+
+
+def use_canonical(fn: Callable[[Any], bytes]) -> None:
+    """Called once by poolport.etf: the function MapKey hashes and compares with."""
+    global _canonical_of
+    _canonical_of = fn
 
 
 class Atom(str):
@@ -128,9 +138,8 @@ class MapKey:
     def _key(self) -> bytes:
         key = self._canonical
         if key is None:
-            from poolport.etf import canonical  # terms.py stays import-free of the codec
-
-            key = self._canonical = canonical(self.term)
+            assert _canonical_of is not None, "poolport.etf registers it on import"
+            key = self._canonical = _canonical_of(self.term)
         return key
 
     def __eq__(self, other: object) -> bool:
