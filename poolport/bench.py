@@ -133,28 +133,11 @@ def drive(phases: list[str], server: list[str], timeout: float = 600) -> dict[st
     exit after its port closed, then that process group is killed, so no
     server of one measurement is still running during the next.
     """
-    escript = shutil.which("escript")
-    if escript is None:
-        raise RuntimeError("`escript` not found: install Erlang/OTP (see README)")
     if not DRIVER.is_file():
         raise RuntimeError(f"{DRIVER} is missing (run from a source checkout or an editable "
                            "install, or list bench_driver.escript in the package data)")
     t0 = time.monotonic()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([escript, str(DRIVER), *phases, "--", *server],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=_server_env(), start_new_session=True)
-        try:
-            status = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            status = None
-        ran = time.monotonic() - t0
-        _reap_group(proc.pid, SERVER_EXIT_S if status is not None else 0)
-        if status is None:
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
+    status, stdout, stderr, ran = run_escript([str(DRIVER), *phases, "--", *server], timeout)
     log(f"    ({server[2] if len(server) > 2 else server[-1]}: driver {ran:.1f} s, "
         f"server gone {time.monotonic() - t0 - ran:.1f} s later)")
     results: dict[str, Phase] = {}
@@ -174,6 +157,30 @@ def drive(phases: list[str], server: list[str], timeout: float = 600) -> dict[st
 
 
 SERVER_EXIT_S = 30.0
+
+
+def run_escript(argv: list[str], timeout: float, cwd: str | None = None) -> tuple[int | None, str, str, float]:
+    """Run ``escript argv...`` in a session of its own: (exit status or None if it timed out,
+    stdout, stderr, seconds it ran). Once it has exited, the servers it spawned get
+    ``SERVER_EXIT_S`` to follow, then its process group is killed."""
+    escript = shutil.which("escript")
+    if escript is None:
+        raise RuntimeError("`escript` not found: install Erlang/OTP (see README)")
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([escript, *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=_server_env(), start_new_session=True, cwd=cwd)
+        try:
+            status: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            status = None
+        ran = time.monotonic() - t0
+        _reap_group(proc.pid, SERVER_EXIT_S if status is not None else 0)
+        if status is None:
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return status, out.read(), err.read(), ran
 
 
 def _reap_group(pgid: int, grace: float) -> None:
@@ -359,9 +366,6 @@ def compile_otp_app(dest: Path) -> Path:
 
 
 def run_cluster(plan: Plan, report: Report) -> None:
-    escript = shutil.which("escript")
-    if escript is None:
-        raise RuntimeError("`escript` not found: install Erlang/OTP (see README)")
     serve = ["--workers", "1", "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
     with tempfile.TemporaryDirectory(prefix="poolport-bench-") as tmp:
         ebin = compile_otp_app(Path(tmp))
@@ -371,20 +375,8 @@ def run_cluster(plan: Plan, report: Report) -> None:
             f"burn({BURN_STEPS}) x {plan.cluster_calls} per node, {CALLERS} callers; "
             f"tiny calls x {plan.cluster_tiny}, pid and group")
         t0 = time.monotonic()
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen([escript, str(CLUSTER_DRIVER), *args, "--", sys.executable,
-                                     *serve], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    env=_server_env(), start_new_session=True, cwd=tmp)
-            try:
-                status = proc.wait(1200)
-            except subprocess.TimeoutExpired:
-                status = None
-            _reap_group(proc.pid, SERVER_EXIT_S if status is not None else 0)
-            if status is None:
-                proc.wait()
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
+        status, stdout, stderr, _ = run_escript([str(CLUSTER_DRIVER), *args, "--", sys.executable, *serve],
+                                                1200, cwd=tmp)
         log(f"    (cluster driver {time.monotonic() - t0:.1f} s)")
     results: dict[str, Phase] = {}
     for line in stdout.splitlines():
