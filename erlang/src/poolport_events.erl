@@ -41,9 +41,7 @@ attach(Pid, Name, Module) ->
 %% @doc Stop sending the pool's events (when it stops).
 -spec detach(pid(), atom()) -> ok.
 detach(Pid, Name) ->
-    _ = [persistent_term:erase(key(K)) || K <- [Pid | [Name || Name =/= undefined]],
-                                          persistent_term:get(key(K), undefined) =/= undefined],
-    ok.
+    forget([Pid | [Name || Name =/= undefined]]).
 
 %% @doc The events module of a local pool, or `undefined'.
 -spec handler(term()) -> {module(), [pid() | atom()]} | undefined.
@@ -81,10 +79,17 @@ emit({Module, Keys}, Event, Measurements, Meta) ->
         Class:Reason:Stack ->
             ?LOG_WARNING("poolport: events handler ~p raised ~p:~p on ~p; detached from ~p~n~p",
                          [Module, Class, Reason, Event, Keys, Stack]),
-            _ = [persistent_term:erase(key(K)) || K <- Keys,
-                                                  persistent_term:get(key(K), undefined) =/= undefined],
+            ok = forget(Keys),
             detached
     end.
+
+%% Erase the keys that are there (an erase costs a global GC pass: none for
+%% keys already gone).
+-spec forget([pid() | atom()]) -> ok.
+forget(Keys) ->
+    _ = [persistent_term:erase(key(K)) || K <- Keys,
+                                          persistent_term:get(key(K), undefined) =/= undefined],
+    ok.
 
 -spec key(pid() | atom()) -> {module(), pid() | atom()}.
 key(Pool) ->

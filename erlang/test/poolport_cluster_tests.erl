@@ -457,10 +457,4 @@ stop_load(Pids) ->
     Calls.
 
 pmap(Fun, List) ->
-    Self = self(),
-    Refs = [begin
-                Ref = make_ref(),
-                spawn_link(fun() -> Self ! {Ref, Fun(X)} end),
-                Ref
-            end || X <- List],
-    [receive {Ref, R} -> R after ?DEADLOCK * 2 -> error(deadlock) end || Ref <- Refs].
+    poolport_e2e_tests:pmap(Fun, List, ?DEADLOCK * 2).

@@ -18,7 +18,7 @@
 %% Shared with poolport_chaos_tests.
 -export([fixtures_dir/0, python_env/0, wait_until/2, os_alive/1]).
 %% Shared with poolport_cluster_tests.
--export([opts/1, start_distribution/0, stop_distribution/1, in_fresh_process/1]).
+-export([opts/1, start_distribution/0, stop_distribution/1, in_fresh_process/1, pmap/3]).
 %% The events handler of events/0: forwards to the process registered as
 %% poolport_events_sink; raises on a call to `fail' after `crash_on_fail'.
 -export([handle_event/3]).
@@ -903,13 +903,18 @@ ps_cmd(OsPid) ->
     string:trim(os:cmd("ps -o args= -p " ++ integer_to_list(OsPid))).
 
 pmap(Fun, List) ->
+    pmap(Fun, List, ?DEADLOCK).
+
+%% Fun applied to each element in a process of its own; each result waited
+%% for at most Timeout ms.
+pmap(Fun, List, Timeout) ->
     Self = self(),
     Refs = [begin
                 Ref = make_ref(),
                 spawn_link(fun() -> Self ! {Ref, Fun(X)} end),
                 Ref
             end || X <- List],
-    [receive {Ref, R} -> R after ?DEADLOCK -> error(deadlock) end || Ref <- Refs].
+    [receive {Ref, R} -> R after Timeout -> error(deadlock) end || Ref <- Refs].
 
 %% Poll Pred every 10 ms until it is true; fail after Timeout ms.
 wait_until(Pred, Timeout) ->
