@@ -6,8 +6,4 @@ poolport.etf runs on its pure-Python codec.
 
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=[
-        Extension("poolport._cetf", ["poolport/_cetf.c"], optional=True, extra_compile_args=["-O2"])
-    ]
-)
+setup(ext_modules=[Extension("poolport._cetf", ["poolport/_cetf.c"], optional=True, extra_compile_args=["-O2"])])

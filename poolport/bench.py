@@ -69,25 +69,45 @@ BIG_SIZES = (1_000_000, 10_000_000)
 
 @dataclass(frozen=True)
 class Plan:
-    rounds: int          # interleaved reference/poolport rounds for tiny and big
-    cpu_rounds: int      # rounds of (1 worker, N workers, reference) for cpu
-    cpu_calls: int       # burn calls per worker (1 worker: this many; N workers: N times)
+    rounds: int  # interleaved reference/poolport rounds for tiny and big
+    cpu_rounds: int  # rounds of (1 worker, N workers, reference) for cpu
+    cpu_calls: int  # burn calls per worker (1 worker: this many; N workers: N times)
     pipe_calls: int
     lock_calls: int
-    big_calls: tuple[int, int]   # calls of the 1 MB and 10 MB echo
+    big_calls: tuple[int, int]  # calls of the 1 MB and 10 MB echo
     codec_repeats: int
-    codec_min_time: float        # seconds per timed loop
-    cluster_calls: int           # burn calls per pool node in the group
-    cluster_tiny: int            # tiny lock-step calls, pid and group each
+    codec_min_time: float  # seconds per timed loop
+    cluster_calls: int  # burn calls per pool node in the group
+    cluster_tiny: int  # tiny lock-step calls, pid and group each
     cluster_rounds: int
 
 
-FULL = Plan(rounds=3, cpu_rounds=2, cpu_calls=60, pipe_calls=100_000, lock_calls=5_000,
-            big_calls=(30, 10), codec_repeats=5, codec_min_time=0.15,
-            cluster_calls=60, cluster_tiny=3_000, cluster_rounds=3)
-QUICK = Plan(rounds=1, cpu_rounds=1, cpu_calls=8, pipe_calls=10_000, lock_calls=1_000,
-             big_calls=(5, 3), codec_repeats=3, codec_min_time=0.02,
-             cluster_calls=8, cluster_tiny=200, cluster_rounds=1)
+FULL = Plan(
+    rounds=3,
+    cpu_rounds=2,
+    cpu_calls=60,
+    pipe_calls=100_000,
+    lock_calls=5_000,
+    big_calls=(30, 10),
+    codec_repeats=5,
+    codec_min_time=0.15,
+    cluster_calls=60,
+    cluster_tiny=3_000,
+    cluster_rounds=3,
+)
+QUICK = Plan(
+    rounds=1,
+    cpu_rounds=1,
+    cpu_calls=8,
+    pipe_calls=10_000,
+    lock_calls=1_000,
+    big_calls=(5, 3),
+    codec_repeats=3,
+    codec_min_time=0.02,
+    cluster_calls=8,
+    cluster_tiny=200,
+    cluster_rounds=1,
+)
 
 
 def log(msg: str) -> None:
@@ -98,6 +118,7 @@ _T0 = time.monotonic()
 
 
 # --------------------------------------------------------------------------- driving
+
 
 @dataclass
 class Phase:
@@ -117,8 +138,18 @@ def _server_env() -> dict[str, str]:
 
 
 def poolport_cmd(workers: int) -> list[str]:
-    return [sys.executable, "-m", "poolport", "serve", "--workers", str(workers),
-            "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
+    return [
+        sys.executable,
+        "-m",
+        "poolport",
+        "serve",
+        "--workers",
+        str(workers),
+        "--module",
+        "poolport.demo_handlers",
+        "--log-level",
+        "WARNING",
+    ]
 
 
 def reference_cmd() -> list[str]:
@@ -134,12 +165,16 @@ def drive(phases: list[str], server: list[str], timeout: float = 600) -> dict[st
     server of one measurement is still running during the next.
     """
     if not DRIVER.is_file():
-        raise RuntimeError(f"{DRIVER} is missing (run from a source checkout or an editable "
-                           "install, or list bench_driver.escript in the package data)")
+        raise RuntimeError(
+            f"{DRIVER} is missing (run from a source checkout or an editable "
+            "install, or list bench_driver.escript in the package data)"
+        )
     t0 = time.monotonic()
     status, stdout, stderr, ran = run_escript([str(DRIVER), *phases, "--", *server], timeout)
-    log(f"    ({server[2] if len(server) > 2 else server[-1]}: driver {ran:.1f} s, "
-        f"server gone {time.monotonic() - t0 - ran:.1f} s later)")
+    log(
+        f"    ({server[2] if len(server) > 2 else server[-1]}: driver {ran:.1f} s, "
+        f"server gone {time.monotonic() - t0 - ran:.1f} s later)"
+    )
     results: dict[str, Phase] = {}
     done = False
     for line in stdout.splitlines():
@@ -151,8 +186,9 @@ def drive(phases: list[str], server: list[str], timeout: float = 600) -> dict[st
             done = True
     if status != 0 or not done or set(results) != set(phases):
         why = "timed out" if status is None else f"exit {status}"
-        raise RuntimeError(f"Erlang driver failed ({why}) on {' '.join(server[1:4])}:\n"
-                           f"{stdout[-2000:]}{stderr[-3000:]}")
+        raise RuntimeError(
+            f"Erlang driver failed ({why}) on {' '.join(server[1:4])}:\n{stdout[-2000:]}{stderr[-3000:]}"
+        )
     return results
 
 
@@ -168,8 +204,15 @@ def run_escript(argv: list[str], timeout: float, cwd: str | None = None) -> tupl
         raise RuntimeError("`escript` not found: install Erlang/OTP (see README)")
     t0 = time.monotonic()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([escript, *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=_server_env(), start_new_session=True, cwd=cwd)
+        proc = subprocess.Popen(
+            [escript, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=_server_env(),
+            start_new_session=True,
+            cwd=cwd,
+        )
         try:
             status: int | None = proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -213,6 +256,7 @@ def _reap_group(pgid: int, grace: float) -> None:
 
 # --------------------------------------------------------------------------- table
 
+
 @dataclass
 class Row:
     workload: str
@@ -221,7 +265,7 @@ class Row:
     reference: float | str | None
     ratio: float | None = None
     bar: str = "—"
-    ok: bool | None = None       # None: no bar on this row
+    ok: bool | None = None  # None: no bar on this row
     fmt: str = "{:,.0f}"
 
     def cells(self) -> list[str]:
@@ -231,10 +275,10 @@ class Row:
             if isinstance(v, str):
                 return v
             return self.fmt.format(v)
+
         ratio = "—" if self.ratio is None else f"{self.ratio:.2f}×"
         result = "—" if self.ok is None else ("PASS" if self.ok else "**FAIL**")
-        return [self.workload, self.metric, show(self.poolport), show(self.reference), ratio,
-                self.bar, result]
+        return [self.workload, self.metric, show(self.poolport), show(self.reference), ratio, self.bar, result]
 
 
 @dataclass
@@ -262,6 +306,7 @@ def _best(values: list[float | None], low: bool = False) -> float | None:
 
 # --------------------------------------------------------------------------- workloads
 
+
 def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     spec1 = f"callers:burn:{BURN_STEPS}:{CALLERS}:{plan.cpu_calls}"
     specn = f"callers:burn:{BURN_STEPS}:{CALLERS}:{plan.cpu_calls * workers}"
@@ -285,8 +330,18 @@ def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     report.add(Row(w, "1 worker, calls/s", one, ref, _ratio(one, ref), fmt=fmt))
     report.add(Row(w, f"{workers} workers, calls/s", many, ref, _ratio(many, ref), fmt=fmt))
     scaling = many / (workers * one)
-    report.add(Row(w, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)", scaling, None, None,
-                   "≥ 0.90", scaling >= 0.9, fmt="{:.2f}"))
+    report.add(
+        Row(
+            w,
+            f"scaling: {workers}-worker ÷ ({workers} × 1-worker)",
+            scaling,
+            None,
+            None,
+            "≥ 0.90",
+            scaling >= 0.9,
+            fmt="{:.2f}",
+        )
+    )
 
 
 def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report) -> None:
@@ -301,8 +356,10 @@ def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report
     runs: dict[str, list[dict[str, Phase]]] = {"reference": [], "poolport": []}
     for r in range(plan.rounds):
         for side, cmd in (("reference", reference_cmd()), ("poolport", poolport_cmd(workers))):
-            log(f"{'tiny' if tiny else ''}{'+' if tiny and big else ''}{'big' if big else ''} "
-                f"round {r + 1}/{plan.rounds}: {side}")
+            log(
+                f"{'tiny' if tiny else ''}{'+' if tiny and big else ''}{'big' if big else ''} "
+                f"round {r + 1}/{plan.rounds}: {side}"
+            )
             res = drive(phases, cmd)
             runs[side].append(res)
             for spec, ph in res.items():
@@ -318,33 +375,54 @@ def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report
         return ph.calls / ph.seconds
 
     if tiny:
-        w = "tiny echo({I, <<\"abc\">>})"
+        w = 'tiny echo({I, <<"abc">>})'
         pp, ref = best("poolport", pipe, rate), best("reference", pipe, rate)
         r = _ratio(pp, ref)
-        report.add(Row(w, f"pipelined, {WINDOW} in flight, calls/s", pp, ref, r, "ratio ≥ 1.00",
-                       r is not None and r >= 1.0))
+        report.add(
+            Row(w, f"pipelined, {WINDOW} in flight, calls/s", pp, ref, r, "ratio ≥ 1.00", r is not None and r >= 1.0)
+        )
         pp, ref = best("poolport", lock, rate), best("reference", lock, rate)
         report.add(Row(w, "1 caller lock-step, calls/s", pp, ref, _ratio(pp, ref)))
         pp = best("poolport", lock, lambda p: p.p50_us, low=True)
         ref = best("reference", lock, lambda p: p.p50_us, low=True)
         r = _ratio(pp, ref)
-        report.add(Row(w, "1 caller lock-step, latency p50 µs", pp, ref, r, "ratio ≤ 3.00",
-                       r is not None and r <= 3.0, fmt="{:,.1f}"))
+        report.add(
+            Row(
+                w,
+                "1 caller lock-step, latency p50 µs",
+                pp,
+                ref,
+                r,
+                "ratio ≤ 3.00",
+                r is not None and r <= 3.0,
+                fmt="{:,.1f}",
+            )
+        )
         pp = best("poolport", lock, lambda p: p.p99_us, low=True)
         ref = best("reference", lock, lambda p: p.p99_us, low=True)
-        report.add(Row(w, "1 caller lock-step, latency p99 µs", pp, ref, _ratio(pp, ref),
-                       fmt="{:,.1f}"))
+        report.add(Row(w, "1 caller lock-step, latency p99 µs", pp, ref, _ratio(pp, ref), fmt="{:,.1f}"))
     if big:
         for size, spec in zip(BIG_SIZES, bigs):
+
             def mbps(ph: Phase, size: int = size) -> float:
                 return ph.calls * size / ph.seconds / 1e6
+
             pp, ref = best("poolport", spec, mbps), best("reference", spec, mbps)
             bar, ok = ("—", None)
             if size == 10_000_000:
                 bar, ok = "≥ 200 MB/s", pp is not None and pp >= 200
-            report.add(Row(f"binary echo {size // 1_000_000} MB, lock-step",
-                           "MB/s (payload, once per round trip)", pp, ref, _ratio(pp, ref), bar,
-                           ok, fmt="{:,.1f}"))
+            report.add(
+                Row(
+                    f"binary echo {size // 1_000_000} MB, lock-step",
+                    "MB/s (payload, once per round trip)",
+                    pp,
+                    ref,
+                    _ratio(pp, ref),
+                    bar,
+                    ok,
+                    fmt="{:,.1f}",
+                )
+            )
 
 
 def compile_otp_app(dest: Path) -> Path:
@@ -357,8 +435,9 @@ def compile_otp_app(dest: Path) -> Path:
         raise RuntimeError("`erlc` not found: install Erlang/OTP (see README)")
     ebin = dest / "ebin"
     ebin.mkdir(parents=True)
-    out = subprocess.run([erlc, "-o", str(ebin), *sorted(str(p) for p in src.glob("*.erl"))],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [erlc, "-o", str(ebin), *sorted(str(p) for p in src.glob("*.erl"))], capture_output=True, text=True, timeout=300
+    )
     if out.returncode != 0:
         raise RuntimeError(f"erlc failed on {src}:\n{out.stdout}{out.stderr}")
     shutil.copy(src / "poolport.app.src", ebin / "poolport.app")
@@ -369,14 +448,24 @@ def run_cluster(plan: Plan, report: Report) -> None:
     serve = ["--workers", "1", "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
     with tempfile.TemporaryDirectory(prefix="poolport-bench-") as tmp:
         ebin = compile_otp_app(Path(tmp))
-        args = [str(ebin), str(BURN_STEPS), str(CALLERS), str(plan.cluster_calls),
-                str(CLUSTER_NODES), str(plan.cluster_tiny), str(plan.cluster_rounds)]
-        log(f"cluster: 1..{CLUSTER_NODES} pool nodes (1 worker each) in a group, "
+        args = [
+            str(ebin),
+            str(BURN_STEPS),
+            str(CALLERS),
+            str(plan.cluster_calls),
+            str(CLUSTER_NODES),
+            str(plan.cluster_tiny),
+            str(plan.cluster_rounds),
+        ]
+        log(
+            f"cluster: 1..{CLUSTER_NODES} pool nodes (1 worker each) in a group, "
             f"burn({BURN_STEPS}) x {plan.cluster_calls} per node, {CALLERS} callers; "
-            f"tiny calls x {plan.cluster_tiny}, pid and group")
+            f"tiny calls x {plan.cluster_tiny}, pid and group"
+        )
         t0 = time.monotonic()
-        status, stdout, stderr, _ = run_escript([str(CLUSTER_DRIVER), *args, "--", sys.executable, *serve],
-                                                1200, cwd=tmp)
+        status, stdout, stderr, _ = run_escript(
+            [str(CLUSTER_DRIVER), *args, "--", sys.executable, *serve], 1200, cwd=tmp
+        )
         log(f"    (cluster driver {time.monotonic() - t0:.1f} s)")
     results: dict[str, Phase] = {}
     for line in stdout.splitlines():
@@ -394,36 +483,60 @@ def run_cluster(plan: Plan, report: Report) -> None:
     for k in range(1, CLUSTER_NODES + 1):
         ph = results[f"scale:{k}"]
         rate = ph.calls / ph.seconds
-        report.add(Row(w, f"{k} node{'s' if k > 1 else ''}, calls/s (reference: 1 node)", rate,
-                       one, _ratio(rate, one), fmt="{:,.1f}"))
+        report.add(
+            Row(
+                w,
+                f"{k} node{'s' if k > 1 else ''}, calls/s (reference: 1 node)",
+                rate,
+                one,
+                _ratio(rate, one),
+                fmt="{:,.1f}",
+            )
+        )
     direct, group = results["tiny:direct"], results["tiny:group"]
     us_direct = direct.seconds * 1e6 / direct.calls
     us_group = group.seconds * 1e6 / group.calls
-    report.add(Row('tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
-                   "µs per call, {group, G} (reference: the pool's pid)", us_group, us_direct,
-                   _ratio(us_group, us_direct), fmt="{:,.1f}"))
+    report.add(
+        Row(
+            'tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
+            "µs per call, {group, G} (reference: the pool's pid)",
+            us_group,
+            us_direct,
+            _ratio(us_group, us_direct),
+            fmt="{:,.1f}",
+        )
+    )
 
 
 def realistic_term() -> Any:
     """A nested term like an API's reply: maps with atom keys, lists, binaries, ints, floats."""
     from poolport.terms import Atom as A
+
     rng = random.Random(7)
     items = []
     for i in range(40):
-        items.append({
-            A("id"): i * 7919,
-            A("name"): b"user-%d" % i,
-            A("email"): b"user%d@example.com" % i,
-            A("score"): rng.random() * 100,
-            A("active"): i % 3 != 0,
-            A("roles"): [A("admin"), A("editor")] if i % 5 == 0 else [A("viewer")],
-            A("created"): (2024, 1 + i % 12, 1 + i % 28),
-            A("balance"): -i * 1_000_003,
-            A("avatar"): rng.randbytes(32),
-            A("counters"): [rng.randrange(1000) for _ in range(5)] + [70_000 + i],
-        })
-    return {A("status"): A("ok"), A("page"): 3, A("total"): 1_234_567_890_123,
-            A("took_ms"): 12.5, A("items"): items, A("tags"): [b"alpha", b"beta", b"gamma"]}
+        items.append(
+            {
+                A("id"): i * 7919,
+                A("name"): b"user-%d" % i,
+                A("email"): b"user%d@example.com" % i,
+                A("score"): rng.random() * 100,
+                A("active"): i % 3 != 0,
+                A("roles"): [A("admin"), A("editor")] if i % 5 == 0 else [A("viewer")],
+                A("created"): (2024, 1 + i % 12, 1 + i % 28),
+                A("balance"): -i * 1_000_003,
+                A("avatar"): rng.randbytes(32),
+                A("counters"): [rng.randrange(1000) for _ in range(5)] + [70_000 + i],
+            }
+        )
+    return {
+        A("status"): A("ok"),
+        A("page"): 3,
+        A("total"): 1_234_567_890_123,
+        A("took_ms"): 12.5,
+        A("items"): items,
+        A("tags"): [b"alpha", b"beta", b"gamma"],
+    }
 
 
 def _time_best(fn: Callable[[], Any], min_time: float) -> Callable[[], float]:
@@ -450,11 +563,13 @@ def _time_best(fn: Callable[[], Any], min_time: float) -> Callable[[], float]:
         finally:
             if gc_was:
                 gc.enable()
+
     return once
 
 
 def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]] | str]:
     from poolport import etf
+
     libs: dict[str, Any] = {"poolport": (etf.encode, etf.decode)}
     try:
         import erlang  # erlang_py
@@ -473,9 +588,9 @@ def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], A
 
 def run_codec(plan: Plan, report: Report) -> None:
     from poolport import etf
+
     libs = _codec_libs()
-    cases = [("nested term", realistic_term()),
-             ("1 MB binary", random.Random(1).randbytes(1_000_000))]
+    cases = [("nested term", realistic_term()), ("1 MB binary", random.Random(1).randbytes(1_000_000))]
     for case, term in cases:
         data = etf.encode(term)
         timers: dict[tuple[str, str], Callable[[], float]] = {}
@@ -485,7 +600,7 @@ def run_codec(plan: Plan, report: Report) -> None:
                 continue
             enc, dec = lib
             try:
-                native = dec(data)              # the library's own form of the term
+                native = dec(data)  # the library's own form of the term
                 again = enc(native)
                 if etf.decode(again) != etf.decode(data):
                     raise ValueError("re-encoded term differs")
@@ -493,12 +608,12 @@ def run_codec(plan: Plan, report: Report) -> None:
                 broken[name] = f"error: {type(exc).__name__}"
                 log(f"codec {case}: {name} cannot round-trip it: {exc!r}")
                 continue
-            timers[(name, "encode")] = _time_best(lambda e=enc, x=native: e(x),
-                                                  plan.codec_min_time)
-            timers[(name, "decode")] = _time_best(lambda d=dec: d(data),
-                                                  plan.codec_min_time)
-        log(f"codec {case} ({len(data):,} bytes): {plan.codec_repeats} interleaved repeats "
-            f"of {', '.join(sorted({k[0] for k in timers}))}")
+            timers[(name, "encode")] = _time_best(lambda e=enc, x=native: e(x), plan.codec_min_time)
+            timers[(name, "decode")] = _time_best(lambda d=dec: d(data), plan.codec_min_time)
+        log(
+            f"codec {case} ({len(data):,} bytes): {plan.codec_repeats} interleaved repeats "
+            f"of {', '.join(sorted({k[0] for k in timers}))}"
+        )
         best: dict[tuple[str, str], float] = {}
         for _ in range(plan.codec_repeats):
             for key, timer in timers.items():
@@ -525,20 +640,23 @@ def run_codec(plan: Plan, report: Report) -> None:
                 bar, ok = "—", None
                 if with_bar:
                     bar, ok = "ratio ≥ 1.00", (None if r is None else r >= 1.0)
-                report.add(Row(f"codec {case} vs {other}", f"{op}, {unit}", pp, ref, r, bar, ok,
-                               fmt=fmt))
+                report.add(Row(f"codec {case} vs {other}", f"{op}, {unit}", pp, ref, r, bar, ok, fmt=fmt))
 
 
 # --------------------------------------------------------------------------- main
+
 
 def otp_release() -> str:
     erl = shutil.which("erl")
     if erl is None:
         return "not found"
     try:
-        out = subprocess.run([erl, "-noshell", "-eval",
-                              'io:format("~s",[erlang:system_info(otp_release)]),halt().'],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [erl, "-noshell", "-eval", 'io:format("~s",[erlang:system_info(otp_release)]),halt().'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -553,8 +671,7 @@ def _load() -> str:
 
 def render(report: Report, header: str, notes: list[str]) -> str:
     cols = ["workload", "metric", "poolport", "reference", "ratio", "bar", "result"]
-    lines = [header, "", "| " + " | ".join(cols) + " |",
-             "|---|---|---:|---:|---:|---|---|"]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|---|---|---:|---:|---:|---|---|"]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in report.rows]
     lines.append("")
     lines += notes
@@ -563,15 +680,17 @@ def render(report: Report, header: str, notes: list[str]) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") -> int:
     """``prog`` is how the user started it, for ``--help`` (``poolport bench`` from the CLI)."""
-    ap = argparse.ArgumentParser(prog=prog,
-                                 description="poolport against the single-process port a user "
-                                 "would otherwise write (see benchmarks/README.md)")
-    ap.add_argument("--quick", action="store_true",
-                    help="small counts (for tests); figures are rough")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="poolport workers for the N-worker figures (default: CPU cores)")
-    ap.add_argument("--only", default=None,
-                    help=f"comma-separated workloads among {','.join(WORKLOADS)} (default: all)")
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="poolport against the single-process port a user would otherwise write (see benchmarks/README.md)",
+    )
+    ap.add_argument("--quick", action="store_true", help="small counts (for tests); figures are rough")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="poolport workers for the N-worker figures (default: CPU cores)"
+    )
+    ap.add_argument(
+        "--only", default=None, help=f"comma-separated workloads among {','.join(WORKLOADS)} (default: all)"
+    )
     ap.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = ap.parse_args(argv)
 
@@ -580,8 +699,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         only = {w.strip() for w in args.only.split(",") if w.strip()}
     unknown = only - set(WORKLOADS)
     if unknown:
-        ap.error(f"unknown workload(s) {', '.join(sorted(unknown))}; "
-                 f"choose among {', '.join(WORKLOADS)}")
+        ap.error(f"unknown workload(s) {', '.join(sorted(unknown))}; choose among {', '.join(WORKLOADS)}")
     cores = os.cpu_count() or 1
     workers = args.workers or cores
     if workers < 1:
@@ -591,18 +709,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
     otp = otp_release()
     pyver = f"{platform.python_implementation()} {platform.python_version()}"
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    header = (f"poolport benchmark{' (--quick: rough figures)' if args.quick else ''}: "
-              f"{cores} CPU cores, {pyver}, Erlang/OTP {otp}, {when}; "
-              f"poolport with {workers} worker(s), {codec_name()} codec, idle_spin_us "
-              f"{Config().idle_spin_us}; load average at start {_load()}")
+    header = (
+        f"poolport benchmark{' (--quick: rough figures)' if args.quick else ''}: "
+        f"{cores} CPU cores, {pyver}, Erlang/OTP {otp}, {when}; "
+        f"poolport with {workers} worker(s), {codec_name()} codec, idle_spin_us "
+        f"{Config().idle_spin_us}; load average at start {_load()}"
+    )
     log(header)
     report = Report()
     steps: list[tuple[str, Callable[[], None]]] = []
     if "cpu" in only:
         steps.append(("cpu", lambda: run_cpu(plan, workers, report)))
     if "tiny" in only or "big" in only:
-        steps.append(("tiny/big", lambda: run_endtoend(plan, workers, "tiny" in only,
-                                                       "big" in only, report)))
+        steps.append(("tiny/big", lambda: run_endtoend(plan, workers, "tiny" in only, "big" in only, report)))
     if "codec" in only:
         steps.append(("codec", lambda: run_codec(plan, report)))
     if "cluster" in only:
@@ -635,10 +754,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         f"the speed-up (at most the {os.cpu_count() or 1} cores of this host); tiny: "
         f"best of {plan.cluster_rounds} interleaved runs (the first of each pair alternates), "
         "reference = the same calls to the pool's pid.",
-        f"Load average at the end: {_load()} (1, 5, 15 min; above {cores} means other work "
-        "shared the cores).",
-        f"Bars: {passed} passed, {len(failed)} failed"
-        + (": " + "; ".join(failed) if failed else "") + ".",
+        f"Load average at the end: {_load()} (1, 5, 15 min; above {cores} means other work shared the cores).",
+        f"Bars: {passed} passed, {len(failed)} failed" + (": " + "; ".join(failed) if failed else "") + ".",
     ]
     notes += [f"ERROR (not measured): {e.splitlines()[0]}" for e in report.errors]
     text = render(report, header, notes)

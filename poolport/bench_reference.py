@@ -55,33 +55,33 @@ def _dec(d: bytes, i: int) -> tuple[Any, int]:
         items, i = _items(d, i + 2, d[i + 1])
         return tuple(items), i
     if t == 100 or t == 118:  # ATOM_EXT (what OTP 25 writes) / ATOM_UTF8_EXT
-        j = i + 3 + int.from_bytes(d[i + 1:i + 3], "big")
-        raw = d[i + 3:j]
+        j = i + 3 + int.from_bytes(d[i + 1 : i + 3], "big")
+        raw = d[i + 3 : j]
         a = _atoms.get(raw)
         if a is None and raw not in _atoms:
             a = _atoms[raw] = Atom(raw.decode("utf-8"))
         return a, j
     if t == 119 or t == 115:  # SMALL_ATOM_UTF8_EXT (OTP 26+) / SMALL_ATOM_EXT
         j = i + 2 + d[i + 1]
-        raw = d[i + 2:j]
+        raw = d[i + 2 : j]
         a = _atoms.get(raw)
         if a is None and raw not in _atoms:
             a = _atoms[raw] = Atom(raw.decode("utf-8"))
         return a, j
     if t == 109:  # BINARY_EXT
-        j = i + 5 + int.from_bytes(d[i + 1:i + 5], "big")
-        return d[i + 5:j], j
+        j = i + 5 + int.from_bytes(d[i + 1 : i + 5], "big")
+        return d[i + 5 : j], j
     if t == 108:  # LIST_EXT
-        items, i = _items(d, i + 5, int.from_bytes(d[i + 1:i + 5], "big"))
+        items, i = _items(d, i + 5, int.from_bytes(d[i + 1 : i + 5], "big"))
         if d[i] == 106:  # proper list
             return items, i + 1
         raise ValueError("improper lists are not supported by the reference")
     if t == 106:  # NIL_EXT
         return [], i + 1
     if t == 98:  # INTEGER_EXT
-        return int.from_bytes(d[i + 1:i + 5], "big", signed=True), i + 5
+        return int.from_bytes(d[i + 1 : i + 5], "big", signed=True), i + 5
     if t == 116:  # MAP_EXT
-        n = int.from_bytes(d[i + 1:i + 5], "big")
+        n = int.from_bytes(d[i + 1 : i + 5], "big")
         i += 5
         m = {}
         for _ in range(n):
@@ -92,17 +92,17 @@ def _dec(d: bytes, i: int) -> tuple[Any, int]:
     if t == 70:  # NEW_FLOAT_EXT
         return _F64.unpack_from(d, i + 1)[0], i + 9
     if t == 107:  # STRING_EXT (a charlist)
-        j = i + 3 + int.from_bytes(d[i + 1:i + 3], "big")
-        return list(d[i + 3:j]), j
+        j = i + 3 + int.from_bytes(d[i + 1 : i + 3], "big")
+        return list(d[i + 3 : j]), j
     if t == 110 or t == 111:  # SMALL_BIG_EXT / LARGE_BIG_EXT
         if t == 110:
             n, sign, i = d[i + 1], d[i + 2], i + 3
         else:
-            n, sign, i = int.from_bytes(d[i + 1:i + 5], "big"), d[i + 5], i + 6
-        v = int.from_bytes(d[i:i + n], "little")
+            n, sign, i = int.from_bytes(d[i + 1 : i + 5], "big"), d[i + 5], i + 6
+        v = int.from_bytes(d[i : i + n], "little")
         return (-v if sign else v), i + n
     if t == 105:  # LARGE_TUPLE_EXT
-        items, i = _items(d, i + 5, int.from_bytes(d[i + 1:i + 5], "big"))
+        items, i = _items(d, i + 5, int.from_bytes(d[i + 1 : i + 5], "big"))
         return tuple(items), i
     raise ValueError(f"unsupported ETF tag {t} at byte {i}")
 
@@ -241,7 +241,7 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
         return
     rest = memoryview(b"".join(parts))[done:]
     while rest:
-        rest = rest[os.write(fd, rest):]
+        rest = rest[os.write(fd, rest) :]
 
 
 def serve(rfd: int = 0, wfd: int = 1) -> None:
@@ -255,7 +255,7 @@ def serve(rfd: int = 0, wfd: int = 1) -> None:
         pos = 0
         out: list[bytes] = []
         while n - pos >= 4:
-            end = pos + 4 + int.from_bytes(data[pos:pos + 4], "big")
+            end = pos + 4 + int.from_bytes(data[pos : pos + 4], "big")
             if end > n:
                 break
             reply = handle(data, pos + 4)

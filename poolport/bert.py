@@ -18,9 +18,7 @@ from .errors import ProtocolError
 from .terms import Atom
 
 PROTOCOL, SERVER, USER = Atom("protocol"), Atom("server"), Atom("user")
-CALL, CAST, INFO, REPLY, NOREPLY, ERROR = (
-    Atom(a) for a in ("call", "cast", "info", "reply", "noreply", "error")
-)
+CALL, CAST, INFO, REPLY, NOREPLY, ERROR = (Atom(a) for a in ("call", "cast", "info", "reply", "noreply", "error"))
 
 # protocol error codes
 BAD_FRAME = 1  # frame over max_frame_bytes, or not a frame at all
@@ -137,8 +135,9 @@ def noreply() -> tuple[Any, ...]:
     return (NOREPLY,)
 
 
-def error(kind: Atom, code: int, cls: str, detail: str, backtrace: list[str] | None = None,
-          bare: bool = False) -> tuple[Any, ...]:
+def error(
+    kind: Atom, code: int, cls: str, detail: str, backtrace: list[str] | None = None, bare: bool = False
+) -> tuple[Any, ...]:
     """The BERT-RPC error term (or the bare-mode one); text goes out as UTF-8 binaries."""
     if bare:
         return (ERROR, (kind, cls.encode(), detail.encode()))

@@ -25,22 +25,38 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packet", type=int, choices=(1, 2, 4), help="{packet,N} length header size")
     p.add_argument("--protocol", choices=("bert", "bare"))
     p.add_argument("--bare-module", help="module whose functions answer bare {Name, Arg...} requests")
-    p.add_argument("--module", "-m", action="append", dest="modules", metavar="MODULE",
-                   help="allow this module (repeatable; adds to the config's list)")
-    p.add_argument("--python-path", action="append", metavar="DIR",
-                   help="prepend to sys.path in workers (repeatable; adds to the config's list)")
+    p.add_argument(
+        "--module",
+        "-m",
+        action="append",
+        dest="modules",
+        metavar="MODULE",
+        help="allow this module (repeatable; adds to the config's list)",
+    )
+    p.add_argument(
+        "--python-path",
+        action="append",
+        metavar="DIR",
+        help="prepend to sys.path in workers (repeatable; adds to the config's list)",
+    )
     p.add_argument("--timeout-ms", type=int, help="default per-call timeout, 0 = none")
     p.add_argument("--max-in-flight", type=int)
     p.add_argument("--max-in-flight-bytes", type=int, help="request and reply bytes held before stdin waits")
-    p.add_argument("--reply-tags", action="store_const", const=True,
-                   help="prefix every reply frame with its request's 64-bit sequence number")
+    p.add_argument(
+        "--reply-tags",
+        action="store_const",
+        const=True,
+        help="prefix every reply frame with its request's 64-bit sequence number",
+    )
     p.add_argument("--max-frame-bytes", type=int)
-    p.add_argument("--max-term-elements", type=int,
-                   help="list/tuple/map/string elements one request may decode to")
+    p.add_argument("--max-term-elements", type=int, help="list/tuple/map/string elements one request may decode to")
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
     p.add_argument("--idle-spin-us", type=int, help="microseconds to poll before sleeping, 0 = never")
-    p.add_argument("--atom-encoding", choices=ATOM_ENCODINGS,
-                   help="how replies write atoms: latin1 (as OTP 25; what BERT clients read) or utf8 (as OTP 26+)")
+    p.add_argument(
+        "--atom-encoding",
+        choices=ATOM_ENCODINGS,
+        help="how replies write atoms: latin1 (as OTP 25; what BERT clients read) or utf8 (as OTP 26+)",
+    )
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     p.add_argument("--name", help="the pool's name, shown in every log line")
 
@@ -56,12 +72,19 @@ def read_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"cannot read config file {args.config!r}: {exc.strerror}") from None
         base, source = os.path.dirname(os.path.abspath(args.config)), args.config
     overrides: dict[str, Any] = {
-        "packet": args.packet, "protocol": args.protocol, "bare_module": args.bare_module,
-        "timeout_ms": args.timeout_ms, "max_in_flight": args.max_in_flight,
-        "max_frame_bytes": args.max_frame_bytes, "max_term_elements": args.max_term_elements,
-        "log_level": args.log_level, "name": args.name,
-        "max_worker_memory_mb": args.max_worker_memory_mb, "idle_spin_us": args.idle_spin_us,
-        "max_in_flight_bytes": args.max_in_flight_bytes, "reply_tags": args.reply_tags,
+        "packet": args.packet,
+        "protocol": args.protocol,
+        "bare_module": args.bare_module,
+        "timeout_ms": args.timeout_ms,
+        "max_in_flight": args.max_in_flight,
+        "max_frame_bytes": args.max_frame_bytes,
+        "max_term_elements": args.max_term_elements,
+        "log_level": args.log_level,
+        "name": args.name,
+        "max_worker_memory_mb": args.max_worker_memory_mb,
+        "idle_spin_us": args.idle_spin_us,
+        "max_in_flight_bytes": args.max_in_flight_bytes,
+        "reply_tags": args.reply_tags,
         "atom_encoding": args.atom_encoding,
     }
     if args.workers is not None:
@@ -73,8 +96,8 @@ def read_config(args: argparse.Namespace) -> Config:
         import msgspec
 
         config = msgspec.structs.replace(
-            config, modules=[*config.modules, *extra_modules],
-            python_path=[*extra_paths, *config.python_path])
+            config, modules=[*config.modules, *extra_modules], python_path=[*extra_paths, *config.python_path]
+        )
         try:
             config = msgspec.convert(msgspec.to_builtins(config), Config)  # re-validate names
         except msgspec.ValidationError as exc:
@@ -116,9 +139,14 @@ def serve(config: Config) -> int:
     os.close(devnull)
     sys.stdout = sys.stderr
     log = logging.getLogger("poolport")
-    log.info("serving %s protocol, {packet,%d}, %d worker(s), modules %s, %s codec",
-             config.protocol, config.packet, config.worker_count, config.modules or "(none)",
-             codec_name())
+    log.info(
+        "serving %s protocol, {packet,%d}, %d worker(s), modules %s, %s codec",
+        config.protocol,
+        config.packet,
+        config.worker_count,
+        config.modules or "(none)",
+        codec_name(),
+    )
     try:
         return Dispatcher(config, in_fd, out_fd).run()
     finally:
@@ -139,8 +167,9 @@ def _enlarge_pipes(*fds: int) -> None:
 
 def _setup_logging(level: str, name: str = "") -> None:
     label = f"{name} " if name else ""
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format=f"%(asctime)s poolport[{label}%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format=f"%(asctime)s poolport[{label}%(process)d] %(levelname)s %(message)s"
+    )
 
 
 def check(config: Config, imports: bool, init: bool) -> int:
@@ -153,11 +182,13 @@ def check(config: Config, imports: bool, init: bool) -> int:
 
     print(msgspec.json.format(msgspec.json.encode(config)).decode(), flush=True)  # before any problem:
     if not imports:  # one reading stdout and stderr together (a pool's start-up diagnosis) sees them last
-        print(f"poolport: configuration valid (schema only: add --import to import the handler "
-              f"modules, --init to run worker_init too); {codec_name()} codec", file=sys.stderr)
+        print(
+            f"poolport: configuration valid (schema only: add --import to import the handler "
+            f"modules, --init to run worker_init too); {codec_name()} codec",
+            file=sys.stderr,
+        )
         return 0
-    problems = [f"python_path entry {p!r} is not a directory" for p in config.python_path
-                if not os.path.isdir(p)]
+    problems = [f"python_path entry {p!r} is not a directory" for p in config.python_path if not os.path.isdir(p)]
     problems += [f"cannot import allowlisted module {m!r}:\n{tb}" for m, tb in import_handlers(config)]
     if init and config.worker_init and not problems:
         try:
@@ -176,22 +207,23 @@ def check(config: Config, imports: bool, init: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="poolport", description="Call CPU-heavy Python from Erlang or Elixir in parallel through one port.")
+        prog="poolport", description="Call CPU-heavy Python from Erlang or Elixir in parallel through one port."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run as an Erlang port program (frames on stdin/stdout)")
     _add_config_flags(p_serve)
     p_check = sub.add_parser("check", help="validate a configuration and print it")
     _add_config_flags(p_check)
-    p_check.add_argument("--import", dest="imports", action="store_true",
-                         help="also import every allowlisted module, as a worker would")
+    p_check.add_argument(
+        "--import", dest="imports", action="store_true", help="also import every allowlisted module, as a worker would"
+    )
     p_check.add_argument("--init", action="store_true", help="also run worker_init (implies --import)")
     p_demo = sub.add_parser("demo", help="Erlang calls a CPU-heavy function: 1 worker vs N")
     p_demo.add_argument("--calls", type=_positive_int, default=200, help="calls per measurement")
     p_demo.add_argument("--steps", type=_positive_int, default=200_000, help="loop steps per call")
     p_demo.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
-    sub.add_parser("bench", help="the benchmark: poolport vs a single-process port, from a real erl",
-                   add_help=False)
+    sub.add_parser("bench", help="the benchmark: poolport vs a single-process port, from a real erl", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main

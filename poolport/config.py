@@ -19,12 +19,20 @@ from .etf import AtomEncoding
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-ModuleName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
-                                         description="a module name like 'pkg.mod'")]
+ModuleName = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", description="a module name like 'pkg.mod'"
+    ),
+]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-InitSpec = Annotated[str, msgspec.Meta(  # worker_init: "module:function" (see poolport.handler)
-    pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
-    description="'module:function', e.g. 'handlers.setup:load_model'")]
+InitSpec = Annotated[
+    str,
+    msgspec.Meta(  # worker_init: "module:function" (see poolport.handler)
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="'module:function', e.g. 'handlers.setup:load_model'",
+    ),
+]
 
 
 class FunctionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -83,8 +91,9 @@ def smallest_timeout(*timeouts_ms: int | None) -> int:
     return min((t for t in timeouts_ms if t), default=0)
 
 
-def load_config(data: bytes | str, base_dir: str = ".", overrides: dict[str, Any] | None = None,
-                source: str = "config") -> Config:
+def load_config(
+    data: bytes | str, base_dir: str = ".", overrides: dict[str, Any] | None = None, source: str = "config"
+) -> Config:
     """Parse YAML ``data`` into a validated :class:`Config`; ``overrides`` (CLI flags) win."""
     try:
         raw = yaml.safe_load(data)
@@ -100,8 +109,7 @@ def load_config(data: bytes | str, base_dir: str = ".", overrides: dict[str, Any
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {explain(raw, Config) or exc}") from None
     if config.protocol == "bare" and config.bare_module is None:
-        raise ConfigError(f"{source}: protocol: 'bare' needs bare_module: the module that answers "
-                          "bare requests")
+        raise ConfigError(f"{source}: protocol: 'bare' needs bare_module: the module that answers bare requests")
     paths = [os.path.normpath(os.path.join(base_dir, p)) for p in config.python_path]
     modules = list(config.modules)
     if config.bare_module and not config.allowed(config.bare_module):

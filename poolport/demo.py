@@ -20,8 +20,12 @@ def drive(mode: str, calls: int, arg: int, serve_args: list[str], timeout: float
     escript = shutil.which("escript")
     if escript is None:
         raise SystemExit("poolport: `escript` not found; install Erlang/OTP (see README)")
-    proc = subprocess.run([escript, str(DRIVER), mode, sys.executable, str(calls), str(arg), "--",
-                           *serve_args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [escript, str(DRIVER), mode, sys.executable, str(calls), str(arg), "--", *serve_args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     last = proc.stdout.strip().splitlines()[-1:] or [""]
     fields = last[0].split()
     if proc.returncode != 0 or not fields or fields[0] != "ok":
@@ -31,14 +35,13 @@ def drive(mode: str, calls: int, arg: int, serve_args: list[str], timeout: float
 
 def run_demo(calls: int = 200, steps: int = 200_000, workers: int | None = None) -> int:
     workers = workers or os.cpu_count() or 1
-    print(f"poolport demo: Erlang sends {calls} calls of burn({steps}) at once through one port",
-          file=sys.stderr)
+    print(f"poolport demo: Erlang sends {calls} calls of burn({steps}) at once through one port", file=sys.stderr)
     rows = []
     for n in sorted({1, workers}):
         print(f"  measuring {n} worker(s)...", file=sys.stderr, flush=True)
-        done, seconds, seen = drive("burn", calls, steps,
-                                    ["--workers", str(n), "--module", "poolport.demo_handlers",
-                                     "--log-level", "WARNING"])
+        done, seconds, seen = drive(
+            "burn", calls, steps, ["--workers", str(n), "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
+        )
         rows.append((n, seen, done / seconds))
     base = rows[0][2]
     print("\n| workers | worker pids seen | calls/s | speed-up |\n|---:|---:|---:|---:|")

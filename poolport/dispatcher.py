@@ -119,9 +119,28 @@ class Poller:
 class Slot:
     """One worker process: its loky executor, link socket, progress record and outbox."""
 
-    __slots__ = ("index", "executor", "future", "sock", "pid", "progress", "reader", "outbox",
-                 "killed", "failures", "restart_at", "progress_path", "idle_since", "events",
-                 "dying_since", "link_error", "culprit", "heard", "stall_mark", "stall_since")
+    __slots__ = (
+        "index",
+        "executor",
+        "future",
+        "sock",
+        "pid",
+        "progress",
+        "reader",
+        "outbox",
+        "killed",
+        "failures",
+        "restart_at",
+        "progress_path",
+        "idle_since",
+        "events",
+        "dying_since",
+        "link_error",
+        "culprit",
+        "heard",
+        "stall_mark",
+        "stall_since",
+    )
 
     def __init__(self, index: int, progress_path: str) -> None:
         self.index = index
@@ -168,8 +187,7 @@ class Dispatcher:
         os.set_blocking(out_fd, False)
         self.packet = config.packet
         self.bare = config.protocol == "bare"
-        self.frames = FrameBuffer(config.packet, config.max_frame_bytes,
-                                  attach=None if self.bare else bert.is_info)
+        self.frames = FrameBuffer(config.packet, config.max_frame_bytes, attach=None if self.bare else bert.is_info)
         self.ledger = Ledger(config.worker_count)
         self.stdout = Outbox()
         self.write_stdout = functools.partial(os.writev, out_fd)
@@ -190,12 +208,15 @@ class Dispatcher:
         self.hellos: list[Hello] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
-        self.slots = [Slot(i, os.path.join(self.tmpdir, f"progress-{i}"))
-                      for i in range(config.worker_count)]
+        self.slots = [Slot(i, os.path.join(self.tmpdir, f"progress-{i}")) for i in range(config.worker_count)]
         self.counters_path = os.path.join(self.tmpdir, "counters")
         self.counters = Counters(self.counters_path, create=True)
-        self.info = {"workers": len(self.slots), "os_pid": os.getpid(), "packet": config.packet,
-                     "protocol": config.protocol}
+        self.info = {
+            "workers": len(self.slots),
+            "os_pid": os.getpid(),
+            "packet": config.packet,
+            "protocol": config.protocol,
+        }
         self.info_dropped = 0  # bytes of info packets the FrameBuffer dropped, as already logged
         self.info_logged_at = -math.inf
         self.reading = False  # stdin is watched from the start; POLLIN is asked for while reading
@@ -242,8 +263,9 @@ class Dispatcher:
                     if self.reading:
                         self._read_stdin()
                     elif mask & HANG_UP:  # EOF seen while not reading: the Erlang side is gone
-                        log.info("stdin closed while not being read: finishing %d in-flight call(s)",
-                                 self.ledger.in_flight)
+                        log.info(
+                            "stdin closed while not being read: finishing %d in-flight call(s)", self.ledger.in_flight
+                        )
                         self._close_input()
                 elif tag == "stdout":
                     if mask & HANG_UP:
@@ -334,16 +356,27 @@ class Dispatcher:
         for segment in self.frames.segments():
             if type(segment) is Oversized:
                 seq = self.ledger.next_seq
-                self.ledger.answer_now(self._reply_frame(seq, bert.error(
-                    bert.PROTOCOL, bert.BAD_FRAME, "FrameTooLarge",
-                    f"frame of {segment.size} bytes is over max_frame_bytes="
-                    f"{self.config.max_frame_bytes}", bare=self.bare)))
+                self.ledger.answer_now(
+                    self._reply_frame(
+                        seq,
+                        bert.error(
+                            bert.PROTOCOL,
+                            bert.BAD_FRAME,
+                            "FrameTooLarge",
+                            f"frame of {segment.size} bytes is over max_frame_bytes={self.config.max_frame_bytes}",
+                            bare=self.bare,
+                        ),
+                    )
+                )
             else:
                 self.ledger.admit(segment)  # type: ignore[arg-type]
         if self.frames.dropped != self.info_dropped and time.monotonic() - self.info_logged_at > 1.0:
-            log.warning("dropped %d bytes of {info, ...} packets: more than %d KiB of them waited for "
-                        "one call (only the latest are kept)", self.frames.dropped - self.info_dropped,
-                        MAX_ATTACHED >> 10)
+            log.warning(
+                "dropped %d bytes of {info, ...} packets: more than %d KiB of them waited for "
+                "one call (only the latest are kept)",
+                self.frames.dropped - self.info_dropped,
+                MAX_ATTACHED >> 10,
+            )
             self.info_dropped, self.info_logged_at = self.frames.dropped, time.monotonic()
 
     def _reply_frame(self, seq: int, term: Any) -> bytes:
@@ -395,8 +428,11 @@ class Dispatcher:
         if not ledger.queued:
             return
         runs = ledger.runs
-        ranked = sorted((_load(s, ledger, now), s.index) for s in self.slots
-                        if s.sock is not None and s.killed is None and len(runs[s.index]) < MAX_QUEUED_RUNS)
+        ranked = sorted(
+            (_load(s, ledger, now), s.index)
+            for s in self.slots
+            if s.sock is not None and s.killed is None and len(runs[s.index]) < MAX_QUEUED_RUNS
+        )
         if not ranked:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
@@ -457,8 +493,8 @@ class Dispatcher:
         slot.progress = slot.progress or Progress(slot.progress_path, create=True)
         slot.executor = loky.ProcessPoolExecutor(max_workers=1)
         slot.future = slot.executor.submit(
-            worker_main, self.address, slot.progress_path, self.counters_path, slot.index, self.config,
-            self.info)
+            worker_main, self.address, slot.progress_path, self.counters_path, slot.index, self.config, self.info
+        )
         slot.future.add_done_callback(self._wake)
         slot.restart_at = 0.0
 
@@ -561,8 +597,7 @@ class Dispatcher:
             elapsed = now - max(run.sent_at, slot.idle_since)  # not the time spent queued behind a run
             slot.idle_since = now
             per_call = elapsed / run.count
-            self.cost = per_call if self.cost <= 0 else (
-                COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
+            self.cost = per_call if self.cost <= 0 else (COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
 
     def _chores(self, now: float) -> None:
         """Once per loop, one pass over the slots: timeouts, deaths to account, restarts due."""
@@ -590,8 +625,13 @@ class Dispatcher:
             seq = self.ledger.index_of(slot.index, snap.started - 1)
             if seq is None:
                 return
-            log.warning("call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
-                        seq, snap.timeout_ms, slot.index, slot.pid)
+            log.warning(
+                "call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
+                seq,
+                snap.timeout_ms,
+                slot.index,
+                slot.pid,
+            )
             self._kill(slot, f"timeout of call #{seq}")
             slot.culprit = snap.started - 1
             self.counters.add("timeouts")
@@ -613,9 +653,14 @@ class Dispatcher:
         if mark != slot.stall_mark or not slot.events & POLLIN:
             slot.stall_mark, slot.stall_since = mark, now
         elif now - slot.stall_since > STALL_S:
-            log.warning("worker %d (pid %d) owes %d call(s) but has run none and sent nothing for "
-                        "%.0f s (stopped?): replacing it", slot.index, slot.pid,
-                        self.ledger.sent[slot.index] - snap.finished, now - slot.stall_since)
+            log.warning(
+                "worker %d (pid %d) owes %d call(s) but has run none and sent nothing for "
+                "%.0f s (stopped?): replacing it",
+                slot.index,
+                slot.pid,
+                self.ledger.sent[slot.index] - snap.finished,
+                now - slot.stall_since,
+            )
             self._kill(slot, "stalled between calls")
 
     def _select_timeout(self, now: float) -> float | None:
@@ -655,8 +700,7 @@ class Dispatcher:
     def _check_death(self, slot: Slot, now: float) -> None:
         """Account for a worker whose link is gone once loky saw it end (or it took too long)."""
         if slot.future is None or slot.future.done() or now - slot.dying_since >= DEATH_WAIT_S:
-            reason = _describe_exit(slot.future) if slot.future is not None and slot.future.done() \
-                else slot.link_error
+            reason = _describe_exit(slot.future) if slot.future is not None and slot.future.done() else slot.link_error
             self._on_death(slot, reason)
 
     def _on_death(self, slot: Slot, reason: str) -> None:
@@ -691,22 +735,33 @@ class Dispatcher:
             raise SystemExit(f"worker {slot.index} died {slot.failures} times before serving: {reason}")
         if self.closing and not self.ledger.queued:
             return  # closing with nothing left for a new process to do
-        delay = 0.0 if slot.failures == 0 else min(5.0, 0.1 * 2 ** slot.failures)
+        delay = 0.0 if slot.failures == 0 else min(5.0, 0.1 * 2**slot.failures)
         slot.restart_at = time.monotonic() + delay
         if not delay:
             self._start(slot)
 
     def _crash_error(self, slot: Slot, snap: Any, reason: str, why: str) -> Any:
         if why == "again":
-            detail = (f"the worker holding this call died ({reason}), and so did a worker before: "
-                      "this call may be what kills them, so it is not run again")
+            detail = (
+                f"the worker holding this call died ({reason}), and so did a worker before: "
+                "this call may be what kills them, so it is not run again"
+            )
             return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed", detail, bare=self.bare)
         if slot.killed is not None and slot.killed.startswith("timeout") and snap is not None:
-            return bert.error(bert.SERVER, bert.TIMEOUT, "Timeout",
-                              f"call exceeded its timeout of {snap.timeout_ms} ms; worker replaced",
-                              bare=self.bare)
-        return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed",
-                          f"worker process {slot.pid} died during this call: {reason}", bare=self.bare)
+            return bert.error(
+                bert.SERVER,
+                bert.TIMEOUT,
+                "Timeout",
+                f"call exceeded its timeout of {snap.timeout_ms} ms; worker replaced",
+                bare=self.bare,
+            )
+        return bert.error(
+            bert.SERVER,
+            bert.WORKER_CRASHED,
+            "WorkerCrashed",
+            f"worker process {slot.pid} died during this call: {reason}",
+            bare=self.bare,
+        )
 
 
 def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:
@@ -740,7 +795,7 @@ def sweep_stale_dirs(root: str | None = None) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        pid_text = name[len(TMP_PREFIX):].split("-", 1)[0]
+        pid_text = name[len(TMP_PREFIX) :].split("-", 1)[0]
         if not name.startswith(TMP_PREFIX) or not pid_text.isdigit():
             continue
         path = os.path.join(root, name)

@@ -186,16 +186,13 @@ Enc = Callable[[Any, Callable[[bytes], Any]], None]
 
 def _claims(what: str, pos: int, count: int, unit: str, left: int) -> DecodeError:
     """A length field that promises more than the input holds."""
-    return DecodeError(
-        f"{what} at byte {pos} claims {count} {unit} but only {max(left, 0)} bytes remain"
-    )
+    return DecodeError(f"{what} at byte {pos} claims {count} {unit} but only {max(left, 0)} bytes remain")
 
 
 def _too_many(what: str, pos: int, count: int, left: int) -> DecodeError:
     """A container that would take the term past its element budget (``max_elements``)."""
     return DecodeError(
-        f"{what} at byte {pos} holds {count} elements but the term may hold only {left} more"
-        " (max_term_elements)"
+        f"{what} at byte {pos} holds {count} elements but the term may hold only {left} more (max_term_elements)"
     )
 
 
@@ -442,9 +439,7 @@ def _make_decoder(none_atom: str | None) -> Dec:
                     elif t == 109:
                         end = pos + 5 + _u32(data, pos + 1)[0]
                         if end > len(data):
-                            raise _claims(
-                                "binary", pos, end - pos - 5, "bytes", len(data) - pos - 5
-                            )
+                            raise _claims("binary", pos, end - pos - 5, "bytes", len(data) - pos - 5)
                         put(data[pos + 5 : end])
                         pos = end
                     else:
@@ -595,9 +590,7 @@ def _make_decoder(none_atom: str | None) -> Dec:
             p = _pid_end(data, _int_end(data, _int_end(data, _atom_end(data, pos + 30))))
             p, mark = free_vars(data, p, _u32(data, pos + 26)[0], depth - 1, budget, pos)
             if p != end:
-                raise DecodeError(
-                    f"fun at byte {pos} has size {size} but its fields take {p - pos - 1}"
-                )
+                raise DecodeError(f"fun at byte {pos} has size {size} but its fields take {p - pos - 1}")
             cls = Fun
         elif tag == 117:  # FUN_EXT (pre-R8 funs; still decodable by Erlang)
             if depth <= 0:
@@ -647,9 +640,7 @@ def _make_decoder(none_atom: str | None) -> Dec:
 
     nested = threading.local()  # .funs: (start, end, digest) of funs met in free variables
 
-    def free_vars(
-        data: bytes, pos: int, n: int, depth: int, budget: list[int], at: int
-    ) -> tuple[int, int]:
+    def free_vars(data: bytes, pos: int, n: int, depth: int, budget: list[int], at: int) -> tuple[int, int]:
         """Validate the fun at ``at``'s ``n`` free variables: (where they end, mark for ``fun``).
 
         Their terms are only checked, not kept: the fun keeps its bytes.
@@ -714,13 +705,9 @@ def _decoder(none_atom: str | None) -> Dec:
     return dec
 
 
-def _c_decoder(
-    fallback: Dec, none_atom: str | None
-) -> Dec:
+def _c_decoder(fallback: Dec, none_atom: str | None) -> Dec:
     """The C decoder that hands what it does not take to ``fallback`` (the Python ``dec``)."""
-    return _cetf.Decoder(
-        fallback, _special_atoms(none_atom), Atom, ImproperList, _map_with_wrapped_keys
-    ).decode
+    return _cetf.Decoder(fallback, _special_atoms(none_atom), Atom, ImproperList, _map_with_wrapped_keys).decode
 
 
 def _inflate(data: bytes, max_inflated: int) -> bytes:
@@ -729,28 +716,20 @@ def _inflate(data: bytes, max_inflated: int) -> bytes:
         raise DecodeError(f"compressed term header at byte 1 is truncated ({len(data)} bytes)")
     size = _u32(data, 2)[0]
     if size > max_inflated:
-        raise DecodeError(
-            f"compressed term at byte 1 declares {size} inflated bytes, over max_inflated={max_inflated}"
-        )
+        raise DecodeError(f"compressed term at byte 1 declares {size} inflated bytes, over max_inflated={max_inflated}")
     inflater = zlib.decompressobj()
     try:
         body = inflater.decompress(data[6:], size + 1)  # one spare byte detects overflow
     except zlib.error as exc:
         raise DecodeError(f"compressed term at byte 1 is corrupt: {exc}") from None
     if len(body) > size:
-        raise DecodeError(
-            f"compressed term at byte 1 declares {size} inflated bytes but inflates to more"
-        )
+        raise DecodeError(f"compressed term at byte 1 declares {size} inflated bytes but inflates to more")
     if not inflater.eof:
         raise DecodeError("compressed data starting at byte 6 is truncated")
     if len(body) != size:
-        raise DecodeError(
-            f"compressed term at byte 1 declares {size} inflated bytes but inflates to {len(body)}"
-        )
+        raise DecodeError(f"compressed term at byte 1 declares {size} inflated bytes but inflates to {len(body)}")
     if inflater.unused_data:
-        raise DecodeError(
-            f"trailing bytes after the compressed data ({len(inflater.unused_data)} bytes)"
-        )
+        raise DecodeError(f"trailing bytes after the compressed data ({len(inflater.unused_data)} bytes)")
     return body
 
 
@@ -1089,8 +1068,9 @@ def term_writer(none_atom: str = "undefined", atom_encoding: AtomEncoding = "lat
     return write
 
 
-def encode(term: Any, *, none_atom: str = "undefined", compressed: int = 0,
-           atom_encoding: AtomEncoding = "latin1") -> bytes:
+def encode(
+    term: Any, *, none_atom: str = "undefined", compressed: int = 0, atom_encoding: AtomEncoding = "latin1"
+) -> bytes:
     """Encode ``term`` as ETF (version byte 131 first).
 
     ``None`` becomes the atom ``none_atom``; ``compressed`` (0..9) is the zlib

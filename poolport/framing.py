@@ -71,8 +71,7 @@ class FrameBuffer:
     buffered. Bytes arriving for a big frame are joined once, when complete.
     """
 
-    def __init__(self, packet: int = 4, max_frame: int = 64 * 1024 * 1024,
-                 attach: Attach | None = None) -> None:
+    def __init__(self, packet: int = 4, max_frame: int = 64 * 1024 * 1024, attach: Attach | None = None) -> None:
         if packet not in PACKET_SIZES:
             raise FrameError(f"packet must be one of {PACKET_SIZES}, got {packet!r}")
         self.packet = packet
@@ -120,8 +119,13 @@ class FrameBuffer:
         buf = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         p, limit, attach, unpack = self.packet, self.max_frame, self.attach, self._header.unpack_from
         n = len(buf)
-        if not self._scan and n > p and p + unpack(buf)[0] == n and n - p <= limit and (
-                attach is None or not attach(buf, p, n)):  # the usual case in lock-step: one whole request
+        if (
+            not self._scan
+            and n > p
+            and p + unpack(buf)[0] == n
+            and n - p <= limit
+            and (attach is None or not attach(buf, p, n))
+        ):  # the usual case in lock-step: one whole request
             self._parts, self._have, self._need = [], 0, p
             out.append(Segment(buf, [0, n]))
             return out

@@ -31,8 +31,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 from .errors import PoolportError
 
-__all__ = ["HandlerSettings", "aliases", "handler", "is_handler", "run_worker_init", "settings_of",
-           "worker_state"]
+__all__ = ["HandlerSettings", "aliases", "handler", "is_handler", "run_worker_init", "settings_of", "worker_state"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,10 +55,8 @@ def handler(fn: Any = None, /, *, timeout_ms: int | None = None, name: str | Non
     """Attach poolport settings to a handler; usable as ``@handler`` or ``@handler(...)``."""
     if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms < 0):
         raise ValueError(f"timeout_ms must be an int >= 0 (0 = no timeout), got {timeout_ms!r}")
-    if name is not None and (not isinstance(name, str) or not name or name.startswith("_")
-                             or len(name) > 255):
-        raise ValueError(f"name must be a non-empty atom name (max 255 characters) not "
-                         f"starting with '_', got {name!r}")
+    if name is not None and (not isinstance(name, str) or not name or name.startswith("_") or len(name) > 255):
+        raise ValueError(f"name must be a non-empty atom name (max 255 characters) not starting with '_', got {name!r}")
     settings = HandlerSettings(timeout_ms, name)
 
     def decorate(f: F) -> F:
@@ -104,8 +101,7 @@ def aliases(module: types.ModuleType) -> dict[str, Callable[..., Any]]:
     out: dict[str, Callable[..., Any]] = {}
     for obj in list(vars(module).values()):
         settings = settings_of(obj)
-        if (settings is not None and settings.name
-                and getattr(obj, "__module__", None) == module.__name__):
+        if settings is not None and settings.name and getattr(obj, "__module__", None) == module.__name__:
             out.setdefault(settings.name, obj)
     return out
 
@@ -131,8 +127,9 @@ def worker_state() -> Any:
     if _state is _NO_STATE:
         raise PoolportError(
             "poolport.worker_state(): no worker state in this process; set `worker_init: "
-            "\"module:function\"` in the config (it runs once per worker and its return value "
-            "is the state)")
+            '"module:function"` in the config (it runs once per worker and its return value '
+            "is the state)"
+        )
     return _state
 
 

@@ -49,8 +49,7 @@ class Run:
 
     __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes")
 
-    def __init__(self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float,
-                 strikes: int) -> None:
+    def __init__(self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float, strikes: int) -> None:
         self.start, self.data, self.bounds = start, data, bounds
         self.count = len(bounds) - 1
         self.size = len(data)
@@ -58,7 +57,6 @@ class Run:
         self.base = base
         self.sent_at = sent_at
         self.strikes = strikes  # from the worker deaths these requests have been through
-
 
 
 Blame = Callable[[int, str], bytes]
@@ -127,9 +125,14 @@ class Ledger:
             j = max(i + 1, bisect_right(bounds, start + max_bytes, i + 1, j) - 1)
             if bounds[j] - start > max_bytes and strict:
                 return None
-        run = Run(head.seq, seg.data[start : bounds[j]],
-                  [0, bounds[j] - start] if j == i + 1 else [b - start for b in bounds[i : j + 1]],
-                  self.sent[slot], now, head.strikes)
+        run = Run(
+            head.seq,
+            seg.data[start : bounds[j]],
+            [0, bounds[j] - start] if j == i + 1 else [b - start for b in bounds[i : j + 1]],
+            self.sent[slot],
+            now,
+            head.strikes,
+        )
         head.pos, head.seq = j, head.seq + run.count
         if j == last:
             self.pending.popleft()
@@ -150,8 +153,10 @@ class Ledger:
         """
         runs = self.runs[slot]
         if not runs or count < 1 or count > runs[0].count - runs[0].done:
-            raise ValueError(f"slot {slot} sent {count} replies; it owes "
-                             f"{runs[0].count - runs[0].done if runs else 0} in its current run")
+            raise ValueError(
+                f"slot {slot} sent {count} replies; it owes "
+                f"{runs[0].count - runs[0].done if runs else 0} in its current run"
+            )
         run = runs[0]
         self._add(run.start + run.done, count, data)
         run.done += count

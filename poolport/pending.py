@@ -35,16 +35,19 @@ def take_head(queue: deque[Pending], size: int) -> Pending:
     entries with different ``strikes``.
     """
     head = queue[0]
-    if (len(head) >= size or len(queue) == 1 or queue[1].seq != head.seq + len(head)
-            or queue[1].strikes != head.strikes):
+    if len(head) >= size or len(queue) == 1 or queue[1].seq != head.seq + len(head) or queue[1].strikes != head.strikes:
         return head
     queue.popleft()
     seg, i = head.segment, head.pos
     start = seg.bounds[i]
     parts = [seg.data[start : seg.bounds[-1]]]
     bounds = [b - start for b in seg.bounds[i:]]
-    while (queue and len(bounds) - 1 < size and queue[0].seq == head.seq + len(bounds) - 1
-           and queue[0].strikes == head.strikes):
+    while (
+        queue
+        and len(bounds) - 1 < size
+        and queue[0].seq == head.seq + len(bounds) - 1
+        and queue[0].strikes == head.strikes
+    ):
         nxt = queue.popleft()
         nb = nxt.segment.bounds
         shift = bounds[-1] - nb[nxt.pos]

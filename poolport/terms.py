@@ -88,9 +88,7 @@ class BitString:
         self.bits = bits
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, BitString) and other.data == self.data and other.bits == self.bits
-        )
+        return isinstance(other, BitString) and other.data == self.data and other.bits == self.bits
 
     def __hash__(self) -> int:
         return hash((self.data, self.bits))
@@ -109,9 +107,7 @@ class ImproperList:
         self.tail = tail
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, ImproperList) and other.items == self.items and other.tail == self.tail
-        )
+        return isinstance(other, ImproperList) and other.items == self.items and other.tail == self.tail
 
     def __hash__(self) -> int:  # pragma: no cover - lists are unhashable anyway
         raise TypeError("unhashable type: 'ImproperList'")

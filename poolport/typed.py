@@ -72,8 +72,9 @@ Normaliser = Callable[[Any], Any]
 
 
 def _printable(c: Any) -> bool:
-    return type(c) is int and (32 <= c <= 126 or 8 <= c <= 13 or c == 27
-                               or (160 <= c <= 0x10FFFF and not 0xD800 <= c <= 0xDFFF))
+    return type(c) is int and (
+        32 <= c <= 126 or 8 <= c <= 13 or c == 27 or (160 <= c <= 0x10FFFF and not 0xD800 <= c <= 0xDFFF)
+    )
 
 
 def erlang_kind(value: Any, none_atom: str = "undefined") -> str:
@@ -99,18 +100,34 @@ def erlang_kind(value: Any, none_atom: str = "undefined") -> str:
         return "tuple"
     if isinstance(value, Mapping):
         return "map"
-    for cls, name in ((ImproperList, "improper list"), (BitString, "bitstring"), (Pid, "pid"),
-                      (Reference, "reference"), (Port, "port"), (Fun, "fun")):
+    for cls, name in (
+        (ImproperList, "improper list"),
+        (BitString, "bitstring"),
+        (Pid, "pid"),
+        (Reference, "reference"),
+        (Port, "port"),
+        (Fun, "fun"),
+    ):
         if isinstance(value, cls):
             return name
     return type(value).__name__
 
 
 # msgspec's names for what it got, when the value itself cannot be looked at
-_MSGSPEC_GOT = {"bytes": "binary", "str": "atom", "array": "list", "object": "map",
-                "int": "integer", "bool": "boolean", "Reference": "reference", "Pid": "pid",
-                "Port": "port", "Fun": "fun", "BitString": "bitstring",
-                "ImproperList": "improper list"}
+_MSGSPEC_GOT = {
+    "bytes": "binary",
+    "str": "atom",
+    "array": "list",
+    "object": "map",
+    "int": "integer",
+    "bool": "boolean",
+    "Reference": "reference",
+    "Pid": "pid",
+    "Port": "port",
+    "Fun": "fun",
+    "BitString": "bitstring",
+    "ImproperList": "improper list",
+}
 # msgspec's names for what it expected
 _MSGSPEC_EXPECTED = {"array": "list", "object": "map", "null": "None"}
 
@@ -169,13 +186,17 @@ def _translate(message: str, value: Any, where: str, annotation: Any, none_atom:
     body = message[: at.start()] if at else message
     part = _MISSING if is_key else _walk(value, path)
     if isinstance(part, _Invalid):
-        return (f"Invalid value {part.text!r}, expected one of {', '.join(part.choices)}"
-                f" - at {where}{path}")
+        return f"Invalid value {part.text!r}, expected one of {', '.join(part.choices)} - at {where}{path}"
     if not path and not is_key:  # at the argument itself: name the annotation, not "array"/"object"
         origin = typing.get_origin(annotation)
-        body = re.sub(r"^Expected `(array|object)`(,| of)", lambda m: "Expected `{}`{}".format(
-            origin.__name__ if m.group(2) == " of" and isinstance(origin, type)
-            else type_name(annotation), m.group(2)), body)
+        body = re.sub(
+            r"^Expected `(array|object)`(,| of)",
+            lambda m: "Expected `{}`{}".format(
+                origin.__name__ if m.group(2) == " of" and isinstance(origin, type) else type_name(annotation),
+                m.group(2),
+            ),
+            body,
+        )
 
     def got(m: re.Match[str]) -> str:
         if part is _MISSING:
@@ -190,8 +211,7 @@ def _translate(message: str, value: Any, where: str, annotation: Any, none_atom:
         return f"got {kind}"
 
     body = _GOT.sub(got, body)
-    body = _TICKED.sub(
-        lambda m: " | ".join(_MSGSPEC_EXPECTED.get(p, p) for p in m.group(1).split(" | ")), body)
+    body = _TICKED.sub(lambda m: " | ".join(_MSGSPEC_EXPECTED.get(p, p) for p in m.group(1).split(" | ")), body)
     body = body.replace("Object missing required field", "Map missing required field")
     body = body.replace("Object contains unknown field", "Map contains unknown field")
     body = body.replace("Invalid enum value", "Invalid value")
@@ -247,8 +267,7 @@ def _native(info: Any) -> Callable[[Any], bool]:
         return lambda v: isinstance(v, str)
     if isinstance(info, (mi.BytesType, mi.ByteArrayType, mi.MemoryViewType)):
         return lambda v: isinstance(v, (bytes, bytearray))
-    if isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType,
-                         mi.TupleType, mi.NamedTupleType)):
+    if isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType, mi.TupleType, mi.NamedTupleType)):
         return lambda v: isinstance(v, (list, tuple))
     if isinstance(info, mi.StructType) and info.array_like:
         return lambda v: isinstance(v, (list, tuple))
@@ -267,6 +286,7 @@ def _sequence(item: Normaliser) -> Normaliser:
         if isinstance(v, (list, tuple)):
             return [item(x) for x in v]
         return v
+
     return norm
 
 
@@ -285,6 +305,7 @@ def _fields(fields: Any, tag_field: str | None = None, tag: Any = None) -> Norma
             n = by_name.get(k)
             out[k] = n(x) if n is not None else x
         return out
+
     return norm
 
 
@@ -296,6 +317,7 @@ def _positional(norms: list[Normaliser | None]) -> Normaliser | None:
         if isinstance(v, (list, tuple)) and len(v) == len(norms):
             return [x if n is None else n(x) for n, x in zip(norms, v, strict=True)]
         return v
+
     return norm
 
 
@@ -318,6 +340,7 @@ def _enum(cls: type[enum.Enum]) -> Normaliser:
                     return hit
                 return text if text in text_values else _Invalid(text, choices)
         return v
+
     return norm
 
 
@@ -333,6 +356,7 @@ def _literal(values: tuple[Any, ...]) -> Normaliser | None:
             if isinstance(text, str):
                 return text if text in allowed else _Invalid(text, texts)
         return v
+
     return norm
 
 
@@ -346,8 +370,11 @@ def _union(infos: tuple[Any, ...]) -> Normaliser | None:
         n = _compile(info)
         if n is not None:
             by_tag[(info.tag_field, info.tag)] = n
-    converters = [n for info, _, n in members if n is not None
-                  and isinstance(info, (mi.StrType, mi.EnumType, mi.LiteralType, *_TEXT_PARSED))]
+    converters = [
+        n
+        for info, _, n in members
+        if n is not None and isinstance(info, (mi.StrType, mi.EnumType, mi.LiteralType, *_TEXT_PARSED))
+    ]
 
     def norm(v: Any) -> Any:
         if by_tag and type(v) is dict:  # a tagged union of Structs: the tag picks the member
@@ -366,12 +393,15 @@ def _union(infos: tuple[Any, ...]) -> Normaliser | None:
             elif out is not v:
                 return out
         return v if invalid is None else invalid
+
     return norm
 
 
-_TEXT_PARSED = tuple(getattr(mi, name) for name in
-                     ("DateTimeType", "DateType", "TimeType", "TimeDeltaType", "UUIDType",
-                      "DecimalType") if hasattr(mi, name))
+_TEXT_PARSED = tuple(
+    getattr(mi, name)
+    for name in ("DateTimeType", "DateType", "TimeType", "TimeDeltaType", "UUIDType", "DecimalType")
+    if hasattr(mi, name)
+)
 
 
 def _compile(info: Any) -> Normaliser | None:
@@ -395,6 +425,7 @@ def _compile(info: Any) -> Normaliser | None:
             if type(v) is not dict:
                 return v
             return {(k(a) if k else a): (value(b) if value else b) for a, b in v.items()}
+
         return norm
     if isinstance(info, mi.StructType):
         if info.array_like:
@@ -407,8 +438,9 @@ def _compile(info: Any) -> Normaliser | None:
             def norm_array(v: Any) -> Any:  # optional trailing fields: normalise what is there
                 if isinstance(v, (list, tuple)):
                     head = [x if n is None else n(x) for n, x in zip(norms, v, strict=False)]
-                    return head + list(v[len(norms):])
+                    return head + list(v[len(norms) :])
                 return v
+
             return norm_array
         return _fields(info.fields, info.tag_field, info.tag)
     if isinstance(info, (mi.DataclassType, mi.TypedDictType)):
@@ -455,14 +487,13 @@ def _converter(name: str, annotation: Any, none_atom: str) -> Callable[..., Any]
         try:
             return msgspec.convert(v, annotation, builtin_types=_NOT_COERCED)
         except msgspec.ValidationError as exc:
-            raise ArgumentError(_translate(str(exc), v, where, annotation, none_atom),
-                                argument=name) from None
+            raise ArgumentError(_translate(str(exc), v, where, annotation, none_atom), argument=name) from None
 
     # fast paths: an unconstrained scalar that already has its exact type needs no msgspec
-    exact = {mi.IntType: int, mi.FloatType: float, mi.BoolType: bool,
-             mi.BytesType: bytes}.get(type(info))
+    exact = {mi.IntType: int, mi.FloatType: float, mi.BoolType: bool, mi.BytesType: bytes}.get(type(info))
     unconstrained = not any(getattr(info, a, None) is not None for a in _CONSTRAINTS)
     if unconstrained and isinstance(info, mi.StrType):
+
         def text(value: Any, where: str = name) -> Any:
             if type(value) is bytes:  # the usual case: a binary
                 try:
@@ -471,10 +502,13 @@ def _converter(name: str, annotation: Any, none_atom: str) -> Callable[..., Any]
                     return slow(value, where)
             v = _text(value)
             return v if type(v) is str else slow(value, where)
+
         return text
     if unconstrained and exact is not None:
+
         def scalar(value: Any, where: str = name) -> Any:
             return value if type(value) is exact else slow(value, where)
+
         return scalar
     return slow
 
@@ -500,8 +534,14 @@ class Plan:
                 try:
                     convert = _converter(p.name, annotation, none_atom)
                 except (TypeError, ValueError) as exc:  # a type msgspec cannot convert to
-                    log.warning("%s.%s: argument %r (%r) is passed unconverted: %s",
-                                getattr(fn, "__module__", "?"), self.name, p.name, annotation, exc)
+                    log.warning(
+                        "%s.%s: argument %r (%r) is passed unconverted: %s",
+                        getattr(fn, "__module__", "?"),
+                        self.name,
+                        p.name,
+                        annotation,
+                        exc,
+                    )
             if p.kind is p.VAR_POSITIONAL:
                 has_varargs = True
                 if convert is not None:
@@ -527,8 +567,7 @@ class Plan:
             want = f"{self.required} to {int(self.maximum)}"
         plural = "" if (self.required if self.maximum == math.inf else self.maximum) == 1 else "s"
         names = f" ({', '.join(self.names)})" if self.names else ""
-        return ArgumentError(
-            f"Expected {want} argument{plural}{names}, got {given} - at {self.name}")
+        return ArgumentError(f"Expected {want} argument{plural}{names}, got {given} - at {self.name}")
 
     def convert(self, args: tuple[Any, ...] | list[Any]) -> list[Any]:
         """The converted positional arguments; raises ArgumentError on a count or type mismatch."""
@@ -569,8 +608,7 @@ def _build(fn: Callable[..., Any], none_atom: str) -> Plan | None:
     try:
         plan = Plan(fn, none_atom)
     except (TypeError, ValueError, NameError) as exc:  # no signature, unresolvable annotations
-        log.warning("%r: arguments are passed unconverted (cannot read its annotations: %s)",
-                    fn, exc)
+        log.warning("%r: arguments are passed unconverted (cannot read its annotations: %s)", fn, exc)
         return None
     return plan if plan.typed else None
 
@@ -600,8 +638,10 @@ def wrap(fn: Callable[..., Any], none_atom: str = "undefined") -> Callable[..., 
                 raise arity_error(len(args))
             return fn(one(args[0]))
     else:
+
         def typed(*args: Any) -> Any:
             return fn(*convert(args))
+
     functools.update_wrapper(typed, fn)
     typed.__poolport_plan__ = plan  # type: ignore[attr-defined]
     try:

@@ -96,15 +96,21 @@ class Handlers:
                     if exposed_name(fn) not in (None, function):
                         fn = None
             except Exception as exc:  # noqa: BLE001
-                return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
-                        f"{module}.{function}: looking it up raised {type(exc).__name__}: {_safe_str(exc)}")
+                return (
+                    bert.NO_SUCH_FUNCTION,
+                    "NoSuchFunction",
+                    f"{module}.{function}: looking it up raised {type(exc).__name__}: {_safe_str(exc)}",
+                )
         if fn is None or not is_handler(fn):
             what = "" if fn is None else f" (it is a {type(fn).__name__}: only functions can be called)"
             return (bert.NO_SUCH_FUNCTION, "NoSuchFunction", f"{module}.{function} is not a public function{what}")
         owner = getattr(fn, "__module__", None)  # safe: fn is a function, or marked by its author
         if not (isinstance(owner, str) and self.config.allowed(owner)):
-            return (bert.NO_SUCH_FUNCTION, "NoSuchFunction",
-                    f"{module}.{function} is defined in {owner!r}, which is not allowlisted")
+            return (
+                bert.NO_SUCH_FUNCTION,
+                "NoSuchFunction",
+                f"{module}.{function} is defined in {owner!r}, which is not allowlisted",
+            )
         # -- typed arguments (poolport.typed): fn itself when it has no annotated parameters
         settings = settings_of(fn)
         if settings is not None and settings.timeout_ms is not None:
@@ -125,8 +131,13 @@ class Worker:
     timeout covers decoding and encoding too.
     """
 
-    def __init__(self, config: Config, info: dict[str, Any] | None = None,
-                 progress: Progress | None = None, counters: Counters | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        info: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+        counters: Counters | None = None,
+    ) -> None:
         self.config = config
         self.progress = progress or _NoProgress()
         self.counters = counters
@@ -146,8 +157,9 @@ class Worker:
         self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
         self._noreply = self._encode(bert.noreply())
         # made now, while memory is plentiful: the reply when even an error reply cannot be made
-        self._out_of_memory = self._error(bert.SERVER, bert.INTERNAL, "MemoryError",
-                                          "the worker ran out of memory while answering this request")
+        self._out_of_memory = self._error(
+            bert.SERVER, bert.INTERNAL, "MemoryError", "the worker ran out of memory while answering this request"
+        )
 
     def answer(self, data: bytes, start: int, end: int) -> bytes | None:
         """The reply to the request ``data[start:end]``; ``None`` for an ``info`` packet.
@@ -199,8 +211,12 @@ class Worker:
             kind, pos = self._dec(data, start + 3, 1, budget)
             module, pos = self._dec(data, pos, 1, budget)
             function, pos = self._dec(data, pos, 1, budget)
-            if not (kind in (bert.CALL, bert.CAST) and type(module) is Atom and type(function) is Atom
-                    and module != BUILTIN_MODULE):
+            if not (
+                kind in (bert.CALL, bert.CAST)
+                and type(module) is Atom
+                and type(function) is Atom
+                and module != BUILTIN_MODULE
+            ):
                 return None
             fn = self.handlers.known(module, function)
             if fn is None:
@@ -227,41 +243,62 @@ class Worker:
 
     def _take_info(self, payload: bytes) -> None:
         try:
-            timeout = bert.info_timeout(etf.decode(payload, none_atom=self._none, max_depth=8,
-                                                   max_inflated=self.config.max_frame_bytes,
-                                                   max_elements=INFO_MAX_ELEMENTS))
+            timeout = bert.info_timeout(
+                etf.decode(
+                    payload,
+                    none_atom=self._none,
+                    max_depth=8,
+                    max_inflated=self.config.max_frame_bytes,
+                    max_elements=INFO_MAX_ELEMENTS,
+                )
+            )
         except BaseException as exc:  # noqa: BLE001 - an info packet is a hint: never fatal
-            log.warning("ignoring an info packet that cannot be read: %s: %s", type(exc).__name__,
-                        _safe_str(exc))
+            log.warning("ignoring an info packet that cannot be read: %s: %s", type(exc).__name__, _safe_str(exc))
             return
         if timeout is not None:
             self._next_timeout = timeout
 
     def _answer(self, payload: bytes, timeout: int | None) -> bytes:
         try:
-            term = etf.decode(payload, none_atom=self._none, max_depth=self.config.max_term_depth,
-                              max_inflated=self.config.max_frame_bytes,
-                              max_elements=self.config.max_term_elements)
+            term = etf.decode(
+                payload,
+                none_atom=self._none,
+                max_depth=self.config.max_term_depth,
+                max_inflated=self.config.max_frame_bytes,
+                max_elements=self.config.max_term_elements,
+            )
         except DecodeError as exc:
             return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "DecodeError", str(exc))
         except Exception as exc:  # noqa: BLE001 - MemoryError under max_worker_memory_mb, ...
-            return self._error(bert.PROTOCOL, bert.BAD_REQUEST, type(exc).__name__,
-                               f"the request could not be decoded: {_safe_str(exc)}")
+            return self._error(
+                bert.PROTOCOL,
+                bert.BAD_REQUEST,
+                type(exc).__name__,
+                f"the request could not be decoded: {_safe_str(exc)}",
+            )
         try:
             request = bert.parse_bare_request(term) if self.bare else bert.parse_request(term)
         except ProtocolError as exc:
             return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", str(exc))
         if request.module == BUILTIN_MODULE and request.function == "info":
-            info = self.info if self.counters is None else {
-                **self.info, **{Atom(k): v for k, v in self.counters.read().items()}}
+            info = (
+                self.info
+                if self.counters is None
+                else {**self.info, **{Atom(k): v for k, v in self.counters.read().items()}}
+            )
             return self._encode_reply(info)
         module = self.config.bare_module if self.bare else request.module
         fn = self.handlers.resolve(module, request.function)
         if type(fn) is tuple:
             return self._error(bert.SERVER, *fn)
         self.progress.set_timeout(smallest_timeout(timeout, self._timeout_for(module, request.function)))
-        return self._invoke(fn, request.kind == "cast", module, request.function,  # type: ignore[arg-type]
-                            request.args)
+        return self._invoke(
+            fn,
+            request.kind == "cast",
+            module,
+            request.function,  # type: ignore[arg-type]
+            request.args,
+        )
 
     def _timeout_for(self, module: str, function: str) -> int:
         """The config's entry, then the decorator's, then the global one."""
@@ -269,8 +306,7 @@ class Worker:
         handler_ms = timeouts.get((module, function)) if timeouts else None
         return self.config.timeout_for(module, function, handler_ms)
 
-    def _invoke(self, fn: Callable[..., Any], cast: bool, module: str, function: str,
-                args: list[Any]) -> bytes:
+    def _invoke(self, fn: Callable[..., Any], cast: bool, module: str, function: str, args: list[Any]) -> bytes:
         """Call the handler and encode what comes of it."""
         try:
             result = fn(*args)
@@ -312,10 +348,10 @@ class Worker:
             except EncodeError as exc:
                 error = exc
         except (MemoryError, RecursionError) as exc:
-            return self._error(bert.USER, bert.USER_ERROR, type(exc).__name__,
-                               f"the result could not be encoded: {_safe_str(exc)}")
-        return self._error(bert.USER, bert.USER_ERROR, "EncodeError",
-                           f"the result cannot be sent: {error}")
+            return self._error(
+                bert.USER, bert.USER_ERROR, type(exc).__name__, f"the result could not be encoded: {_safe_str(exc)}"
+            )
+        return self._error(bert.USER, bert.USER_ERROR, "EncodeError", f"the result cannot be sent: {error}")
 
     def _internal_error(self, exc: BaseException) -> bytes:
         """poolport itself failed on this request: say so in its reply, keep serving."""
@@ -327,8 +363,9 @@ class Worker:
 
     def too_big(self, size: int, packet: int) -> bytes:
         """The error sent instead of a reply that cannot fit the port's length header."""
-        return self._error(bert.USER, bert.USER_ERROR, "EncodeError",
-                           f"the reply is {size} bytes, too big for {{packet,{packet}}}")
+        return self._error(
+            bert.USER, bert.USER_ERROR, "EncodeError", f"the reply is {size} bytes, too big for {{packet,{packet}}}"
+        )
 
     def _encode(self, term: Any) -> bytes:
         return etf.encode(term, none_atom=self._none, atom_encoding=self._atom_encoding)
@@ -337,8 +374,14 @@ class Worker:
         return self._encode(bert.error(kind, code, cls, detail, trace, bare=self.bare))
 
 
-def serve_run(worker: Worker, run: bytes, packet: int, send: Callable[[int, list[bytes]], None],
-              start: int = 0, first: int | None = None) -> None:
+def serve_run(
+    worker: Worker,
+    run: bytes,
+    packet: int,
+    send: Callable[[int, list[bytes]], None],
+    start: int = 0,
+    first: int | None = None,
+) -> None:
     """Answer every frame of ``run[start:]``; ``send(count, framed_replies)`` is called as
     progress is made. With ``first`` (the sequence number of the run's first request) every
     reply frame is tagged with its request's sequence number (``reply_tags``)."""
@@ -428,16 +471,20 @@ def import_handlers(config: Config) -> list[tuple[str, str]]:
     return failed
 
 
-def worker_main(address: str, progress_path: str, counters_path: str, slot: int, config: Config,
-                info: dict[str, Any]) -> None:
+def worker_main(
+    address: str, progress_path: str, counters_path: str, slot: int, config: Config, info: dict[str, Any]
+) -> None:
     """Entry point of a pool process (submitted once to its loky executor)."""
     _isolate_stdout()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the dispatcher's to handle
     keep_freed_memory()
     _limit_memory(config.max_worker_memory_mb)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s poolport[{config.name + ' ' if config.name else ''}worker {slot} "
-                               f"pid {os.getpid()}] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=config.log_level,
+        stream=sys.stderr,
+        format=f"%(asctime)s poolport[{config.name + ' ' if config.name else ''}worker {slot} "
+        f"pid {os.getpid()}] %(levelname)s %(message)s",
+    )
     worker = Worker(config, info, Progress(progress_path), Counters(counters_path))
     for module, error in import_handlers(config):  # warm up; failures are reported per call
         log.warning("cannot import allowlisted module %r: %s", module, error.splitlines()[-1])

@@ -32,8 +32,13 @@ def encode_frames(terms: Iterable[Any]) -> bytes:
 
 def error_head(reply: Any) -> tuple | None:
     """``(Type, Code, Class)`` of an ``{error, {Type, Code, Class, Detail, Trace}}`` reply."""
-    if (type(reply) is tuple and len(reply) == 2 and reply[0] == ERROR and type(reply[1]) is tuple
-            and len(reply[1]) == 5):
+    if (
+        type(reply) is tuple
+        and len(reply) == 2
+        and reply[0] == ERROR
+        and type(reply[1]) is tuple
+        and len(reply[1]) == 5
+    ):
         return tuple(reply[1][:3])
     return None
 
@@ -73,14 +78,17 @@ def _brief(x: Any, depth: int) -> str:
 
 def mismatch(expected: Any, got: Any) -> str:
     """Where a reply differs from the expected one, for binaries: lengths and first offset."""
+
     def payload(t: Any) -> Any:
         return t[1] if type(t) is tuple and len(t) == 2 and t[0] == OK else None
 
     e, g = payload(expected), payload(got)
     if type(e) is bytes and type(g) is bytes:
         first = next((k for k, (a, b) in enumerate(zip(e, g)) if a != b), min(len(e), len(g)))
-        return (f"expected a {len(e)}-byte binary, got {len(g)} bytes, first difference at byte "
-                f"{first}; got starts {g[:24]!r}")
+        return (
+            f"expected a {len(e)}-byte binary, got {len(g)} bytes, first difference at byte "
+            f"{first}; got starts {g[:24]!r}"
+        )
     return f"expected {short(expected)}, got {short(got)}"
 
 
@@ -94,7 +102,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
             data = fh.read()
     except OSError:
         return None
-    rest = data[data.rindex(b")") + 2:].split()
+    rest = data[data.rindex(b")") + 2 :].split()
     return rest[0].decode(), int(rest[1])
 
 
@@ -191,8 +199,9 @@ class Server(PortClient):
             self._writer.join(timeout)
             assert not self._writer.is_alive(), "the writer is still blocked: stdin is not being read"
         if self.write_error is not None:
-            raise AssertionError(f"writing requests failed: {self.write_error!r}\n"
-                                 f"stderr:\n{self.stderr_text()[-2000:]}")
+            raise AssertionError(
+                f"writing requests failed: {self.write_error!r}\nstderr:\n{self.stderr_text()[-2000:]}"
+            )
 
     def close_stdin(self) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
@@ -203,9 +212,11 @@ class Server(PortClient):
     def _fill(self, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"timed out waiting for {what} "
-                                 f"(server alive: {self.proc.poll() is None}); stderr tail:\n"
-                                 f"{self.stderr_text()[-2000:]}")
+            raise AssertionError(
+                f"timed out waiting for {what} "
+                f"(server alive: {self.proc.poll() is None}); stderr tail:\n"
+                f"{self.stderr_text()[-2000:]}"
+            )
         r, _, _ = select.select([self.out_fd], [], [], min(left, 1.0))
         if not r:
             return
@@ -217,8 +228,10 @@ class Server(PortClient):
                 self.proc.wait(5)
             except Exception:  # noqa: BLE001 - still running: report what is there
                 pass
-            raise EOFError(f"poolport serve closed stdout while waiting for {what} "
-                           f"(exit {self.proc.poll()}); stderr tail:\n{self.stderr_text()[-2000:]}")
+            raise EOFError(
+                f"poolport serve closed stdout while waiting for {what} "
+                f"(exit {self.proc.poll()}); stderr tail:\n{self.stderr_text()[-2000:]}"
+            )
         if self._pos > (1 << 24) and self._pos * 2 > len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
@@ -230,8 +243,10 @@ class Server(PortClient):
             self._fill(deadline, "a reply header")
         size = int.from_bytes(self._buf[self._pos : self._pos + 4], "big")
         if size > MAX_REPLY:
-            raise AssertionError(f"reply header announces {size} bytes: the reply stream is torn "
-                                 f"(bytes {bytes(self._buf[self._pos:self._pos + 16])!r})")
+            raise AssertionError(
+                f"reply header announces {size} bytes: the reply stream is torn "
+                f"(bytes {bytes(self._buf[self._pos : self._pos + 16])!r})"
+            )
         while len(self._buf) - self._pos < 4 + size:
             self._fill(deadline, f"the rest of a {size}-byte reply")
         data = bytes(self._buf[self._pos + 4 : self._pos + 4 + size])
@@ -243,8 +258,10 @@ class Server(PortClient):
         try:
             return etf.decode(data, max_inflated=1 << 31)
         except Exception as exc:  # noqa: BLE001
-            raise AssertionError(f"a reply frame of {len(data)} bytes does not decode ({exc}): "
-                                 f"the reply stream is torn; starts {data[:40]!r}") from None
+            raise AssertionError(
+                f"a reply frame of {len(data)} bytes does not decode ({exc}): "
+                f"the reply stream is torn; starts {data[:40]!r}"
+            ) from None
 
     def request(self, term: Any, timeout: float = HANG_S) -> Any:
         self.write_all(frame(etf.encode(term)))
@@ -255,8 +272,9 @@ class Server(PortClient):
         deadline = time.monotonic() + timeout
         while True:
             if len(self._buf) > self._pos:
-                raise AssertionError(f"extra bytes after the last reply: "
-                                     f"{bytes(self._buf[self._pos:self._pos + 60])!r}")
+                raise AssertionError(
+                    f"extra bytes after the last reply: {bytes(self._buf[self._pos : self._pos + 60])!r}"
+                )
             try:
                 self._fill(deadline, "end of stream")
             except EOFError:

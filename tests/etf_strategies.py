@@ -58,9 +58,7 @@ leaves = st.one_of(
 )
 
 hashable_keys = st.recursive(
-    st.one_of(
-        ints, floats, atoms(), st.booleans(), st.none(), st.binary(max_size=10), bitstrings()
-    ),
+    st.one_of(ints, floats, atoms(), st.booleans(), st.none(), st.binary(max_size=10), bitstrings()),
     lambda inner: st.lists(inner, max_size=3).map(tuple),
     max_leaves=5,
 )
@@ -154,9 +152,7 @@ def funs(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):  # EXPORT_EXT
         function = _atom_bytes(b"map", True)
         return b"q" + module + function + bytes((97, draw(st.integers(0, 255))))
-    free = draw(
-        st.lists(st.sampled_from([b"a\x01", b"j", b"w\x02ok", b"m\x00\x00\x00\x01z"]), max_size=3)
-    )
+    free = draw(st.lists(st.sampled_from([b"a\x01", b"j", b"w\x02ok", b"m\x00\x00\x00\x01z"]), max_size=3))
     body = (
         bytes((draw(st.integers(0, 255)),))  # arity
         + draw(st.binary(min_size=16, max_size=16))  # uniq
@@ -177,9 +173,7 @@ def opaque_blobs() -> st.SearchStrategy[bytes]:
     one = st.one_of(pids(), ports(), refs(), funs())
     return st.one_of(
         one.map(lambda b: b"\x83" + b),
-        st.lists(one, min_size=1, max_size=4).map(
-            lambda bs: b"\x83" + bytes((104, len(bs))) + b"".join(bs)
-        ),
+        st.lists(one, min_size=1, max_size=4).map(lambda bs: b"\x83" + bytes((104, len(bs))) + b"".join(bs)),
     )
 
 

@@ -31,16 +31,17 @@ def call(module: str, function: str, *args: Any) -> tuple:
 class PortClient:
     """A ``poolport serve`` child with helpers to send terms and read replies."""
 
-    def __init__(self, *flags: str, packet: int = 4, config: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "poolport", "serve", "--packet", str(packet),
-               "--python-path", HANDLERS, *flags]
+    def __init__(
+        self, *flags: str, packet: int = 4, config: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        cmd = [sys.executable, "-m", "poolport", "serve", "--packet", str(packet), "--python-path", HANDLERS, *flags]
         if config:
             cmd += ["--config", config]
         self.packet = packet
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: logs can never block the server
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, **(env or {})}
+        )
         self.frames = FrameBuffer(packet, 1 << 31)
         self.ready: list[bytes] = []
 
@@ -74,7 +75,7 @@ class PortClient:
                 raise EOFError(f"poolport serve closed stdout; stderr:\n{self.stderr_text()}")
             self.frames.feed(data)
             self.ready.extend(f for f in self.frames.drain())  # type: ignore[misc]
-        return self.ready.pop(0)[self.packet:]
+        return self.ready.pop(0)[self.packet :]
 
     def recv(self, timeout: float = 30.0) -> Any:
         return etf.decode(self.recv_frame(timeout))

@@ -19,8 +19,9 @@ pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 
-needs_erlang = pytest.mark.skipif(shutil.which("escript") is None or shutil.which("erl") is None,
-                                  reason="Erlang/OTP (escript, erl) not installed")
+needs_erlang = pytest.mark.skipif(
+    shutil.which("escript") is None or shutil.which("erl") is None, reason="Erlang/OTP (escript, erl) not installed"
+)
 
 COLUMNS = ["workload", "metric", "poolport", "reference", "ratio", "bar", "result"]
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
@@ -47,8 +48,11 @@ def number(cell: str) -> float:
 
 
 def test_reference_codec_round_trips_what_the_workloads_send():
-    term = {Atom("k"): [1, 255, 256, -1, 2**31, -(2**70), 2.5, b"", b"abc", "text"],
-            Atom("t"): (Atom("ok"), [], [1, 2, 3], True, False, None), b"bin": {}}
+    term = {
+        Atom("k"): [1, 255, 256, -1, 2**31, -(2**70), 2.5, b"", b"abc", "text"],
+        Atom("t"): (Atom("ok"), [], [1, 2, 3], True, False, None),
+        b"bin": {},
+    }
     data = etf.encode(term)
     back = ref.decode(data)
     # str encodes as a binary in both codecs; everything else is the same term
@@ -66,8 +70,8 @@ def _frame(term) -> bytes:
 def _read_frames(data: bytes) -> list:
     out, pos = [], 0
     while pos < len(data):
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        out.append(etf.decode(data[pos + 4:pos + 4 + n]))
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        out.append(etf.decode(data[pos + 4 : pos + 4 + n]))
         pos += 4 + n
     return out
 
@@ -75,20 +79,24 @@ def _read_frames(data: bytes) -> list:
 def test_reference_server_over_pipes():
     """The reference answers pipelined requests in order, big frames included."""
     big = os.urandom(3_000_000)
-    reqs = [(Atom("call"), Atom("poolport.demo_handlers"), Atom("echo"), [(i, b"abc")])
-            for i in range(300)]
+    reqs = [(Atom("call"), Atom("poolport.demo_handlers"), Atom("echo"), [(i, b"abc")]) for i in range(300)]
     reqs.insert(100, (Atom("call"), Atom("poolport.demo_handlers"), Atom("echo"), [big]))
     reqs.append((Atom("call"), Atom("poolport.demo_handlers"), Atom("burn"), [1000]))
     reqs.append((Atom("call"), Atom("$poolport"), Atom("info"), []))
     reqs.append((Atom("call"), Atom("poolport.demo_handlers"), Atom("burn"), [Atom("x")]))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "poolport.bench_reference"],
-                          input=b"".join(_frame(r) for r in reqs), capture_output=True,
-                          timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolport.bench_reference"],
+        input=b"".join(_frame(r) for r in reqs),
+        capture_output=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     replies = _read_frames(proc.stdout)
     assert len(replies) == len(reqs)
     from poolport.demo_handlers import burn
+
     expected = [(Atom("reply"), (i, b"abc")) for i in range(300)]
     expected.insert(100, (Atom("reply"), big))
     expected.append((Atom("reply"), burn(1000)))
@@ -101,8 +109,14 @@ def test_reference_server_over_pipes():
 def test_bench_quick_prints_every_row(tmp_path):
     out = tmp_path / "bench.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "poolport.bench", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolport.bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert out.read_text(encoding="utf-8") == proc.stdout
     header = proc.stdout.splitlines()[0]
@@ -130,11 +144,15 @@ def test_bench_quick_prints_every_row(tmp_path):
             for lib in ("erlang_py", "erlpack"):
                 expected.append((f"codec {case} vs {lib}", f"{op}, {unit}"))
     scale = "scale-out burn(200000), 50 callers, {group, G}, 1 worker per node"
-    expected += [(scale, "1 node, calls/s (reference: 1 node)"),
-                 (scale, "2 nodes, calls/s (reference: 1 node)"),
-                 (scale, "3 nodes, calls/s (reference: 1 node)"),
-                 ('tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
-                  "µs per call, {group, G} (reference: the pool's pid)")]
+    expected += [
+        (scale, "1 node, calls/s (reference: 1 node)"),
+        (scale, "2 nodes, calls/s (reference: 1 node)"),
+        (scale, "3 nodes, calls/s (reference: 1 node)"),
+        (
+            'tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
+            "µs per call, {group, G} (reference: the pool's pid)",
+        ),
+    ]
     assert sorted(keys) == sorted(expected)
 
     by_key = dict(zip(keys, rows))
@@ -175,6 +193,7 @@ def test_bench_quick_prints_every_row(tmp_path):
 
 def test_bench_rejects_unknown_workload(capsys):
     from poolport import bench
+
     with pytest.raises(SystemExit):
         bench.main(["--only", "nope"])
     assert "unknown workload" in capsys.readouterr().err

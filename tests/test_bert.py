@@ -64,7 +64,9 @@ def test_is_info_rejects_calls_and_other_triples():
 
 def test_error_terms():
     assert bert.error(bert.USER, 0, "ValueError", "bad", ["l1", "l2"]) == (
-        A("error"), (A("user"), 0, b"ValueError", b"bad", [b"l1", b"l2"]))
+        A("error"),
+        (A("user"), 0, b"ValueError", b"bad", [b"l1", b"l2"]),
+    )
     assert bert.error(bert.SERVER, 1, "X", "y", bare=True) == (A("error"), (A("server"), b"X", b"y"))
 
 

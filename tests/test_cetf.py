@@ -124,8 +124,9 @@ def assert_same_outcome(py: tuple[Any, ...], c: tuple[Any, ...]) -> None:
         assert py == c
 
 
-def check_decode(data: bytes, none_atom: str | None = "undefined", max_depth: int = 512,
-                 max_elements: int = etf.DEFAULT_MAX_ELEMENTS) -> None:
+def check_decode(
+    data: bytes, none_atom: str | None = "undefined", max_depth: int = 512, max_elements: int = etf.DEFAULT_MAX_ELEMENTS
+) -> None:
     """decode() and the raw dec agree, on the term and on the element budget it leaves;
     Python runs first (see the module docstring)."""
     results = {}
@@ -134,8 +135,7 @@ def check_decode(data: bytes, none_atom: str | None = "undefined", max_depth: in
             dec = etf._decoder(none_atom)  # term_codec() needs a str none_atom for its enc
             budget = [max_elements]
             results[accelerated] = (
-                outcome(etf.decode, data, none_atom=none_atom, max_depth=max_depth,
-                        max_elements=max_elements),
+                outcome(etf.decode, data, none_atom=none_atom, max_depth=max_depth, max_elements=max_elements),
                 outcome(dec, data, 1, max_depth, budget),
                 ("budget", budget),
             )
@@ -291,24 +291,76 @@ def encodable_or_not(max_leaves: int = 20) -> st.SearchStrategy[Any]:
 
 _F15 = struct.pack(">d", 1.5)
 TOKENS = [  # pieces of ETF: glued together at random they make plausible, often odd, terms
-    b"a\x01", b"a\xff", b"b\xff\xff\xff\xfe", b"b\x7f\xff\xff\xff",
-    b"n\x00\x00", b"n\x00\x01", b"n\x01\x01\x07", b"n\x08\x01" + b"\xff" * 8,
-    b"n\x08\x00" + b"\xff" * 8, b"n\x08\x01" + bytes(7) + b"\x80", b"n\x09\x00" + bytes(8) + b"\x01",
-    b"o\x00\x00\x00\x01\x00\x05", b"o\xff\xff\xff\xff\x00",
-    b"F" + _F15, b"F\x80" + bytes(7), b"F\x7f\xf0" + bytes(6), b"F\x7f\xf8" + bytes(6),
+    b"a\x01",
+    b"a\xff",
+    b"b\xff\xff\xff\xfe",
+    b"b\x7f\xff\xff\xff",
+    b"n\x00\x00",
+    b"n\x00\x01",
+    b"n\x01\x01\x07",
+    b"n\x08\x01" + b"\xff" * 8,
+    b"n\x08\x00" + b"\xff" * 8,
+    b"n\x08\x01" + bytes(7) + b"\x80",
+    b"n\x09\x00" + bytes(8) + b"\x01",
+    b"o\x00\x00\x00\x01\x00\x05",
+    b"o\xff\xff\xff\xff\x00",
+    b"F" + _F15,
+    b"F\x80" + bytes(7),
+    b"F\x7f\xf0" + bytes(6),
+    b"F\x7f\xf8" + bytes(6),
     b"c1.50000000000000000000e+00" + bytes(5),
-    b"w\x00", b"w\x01a", b"w\x01b", b"w\x04true", b"w\x05false", b"w\x09undefined", b"w\x03nil",
-    b"w\x02\xc3\xa9", b"w\x02\xff\xfe", b"w\x03\xed\xa0\x80", b"w\x05ab",
-    b"s\x01a", b"s\x04true", b"s\x01\xe9", b"s\x02\xc3\xa9",
-    b"d\x00\x02\xc3\xa9", b"d\x00\x01a", b"d\x00\x04true", b"d\x01\x00" + b"a" * 256,
-    b"v\x00\x01a", b"v\x01\x90" + "é".encode() * 200, b"v\x01\x01" + b"a" * 257,
-    b"m\x00\x00\x00\x00", b"m\x00\x00\x00\x01x", b"m\x00\x00\x00\x05ab", b"m\xff\xff\xff\xff",
-    b"k\x00\x00", b"k\x00\x02ab", b"k\x00\x05a", b"M\x00\x00\x00\x01\x03\xff",
-    b"j", b"l\x00\x00\x00\x00", b"l\x00\x00\x00\x01", b"l\x00\x00\x00\x02", b"l\xff\xff\xff\xff",
-    b"h\x00", b"h\x01", b"h\x02", b"h\xff", b"i\x00\x00\x00\x01", b"i\xff\xff\xff\xff",
-    b"t\x00\x00\x00\x00", b"t\x00\x00\x00\x01", b"t\x00\x00\x00\x02", b"t\xff\xff\xff\xff",
-    b"Xw\x01n" + bytes(12), b"q" + b"w\x01m" + b"w\x01f" + b"a\x01", b"P\x00\x00\x00\x01",
-    b"R\x00", b"y", b"\x00", b"\xff",
+    b"w\x00",
+    b"w\x01a",
+    b"w\x01b",
+    b"w\x04true",
+    b"w\x05false",
+    b"w\x09undefined",
+    b"w\x03nil",
+    b"w\x02\xc3\xa9",
+    b"w\x02\xff\xfe",
+    b"w\x03\xed\xa0\x80",
+    b"w\x05ab",
+    b"s\x01a",
+    b"s\x04true",
+    b"s\x01\xe9",
+    b"s\x02\xc3\xa9",
+    b"d\x00\x02\xc3\xa9",
+    b"d\x00\x01a",
+    b"d\x00\x04true",
+    b"d\x01\x00" + b"a" * 256,
+    b"v\x00\x01a",
+    b"v\x01\x90" + "é".encode() * 200,
+    b"v\x01\x01" + b"a" * 257,
+    b"m\x00\x00\x00\x00",
+    b"m\x00\x00\x00\x01x",
+    b"m\x00\x00\x00\x05ab",
+    b"m\xff\xff\xff\xff",
+    b"k\x00\x00",
+    b"k\x00\x02ab",
+    b"k\x00\x05a",
+    b"M\x00\x00\x00\x01\x03\xff",
+    b"j",
+    b"l\x00\x00\x00\x00",
+    b"l\x00\x00\x00\x01",
+    b"l\x00\x00\x00\x02",
+    b"l\xff\xff\xff\xff",
+    b"h\x00",
+    b"h\x01",
+    b"h\x02",
+    b"h\xff",
+    b"i\x00\x00\x00\x01",
+    b"i\xff\xff\xff\xff",
+    b"t\x00\x00\x00\x00",
+    b"t\x00\x00\x00\x01",
+    b"t\x00\x00\x00\x02",
+    b"t\xff\xff\xff\xff",
+    b"Xw\x01n" + bytes(12),
+    b"q" + b"w\x01m" + b"w\x01f" + b"a\x01",
+    b"P\x00\x00\x00\x01",
+    b"R\x00",
+    b"y",
+    b"\x00",
+    b"\xff",
 ]
 
 
@@ -417,9 +469,20 @@ def test_random_bytes_decode_the_same(data: bytes) -> None:
         b"t\x7f\xff\xff\xff",
         b"i\xff\xff\xff\xffj",
         # every leaf whole, so that every cut of it is checked below
-        b"a\x05", b"b\x00\x00\x01\x00", b"F" + _F15, b"n\x03\x00abc", b"o\x00\x00\x00\x03\x01abc",
-        b"m\x00\x00\x00\x03abc", b"k\x00\x03abc", b"w\x03abc", b"s\x03abc", b"d\x00\x03abc",
-        b"v\x00\x03abc", b"h\x02a\x01a\x02", b"i\x00\x00\x00\x01a\x01", b"t\x00\x00\x00\x01a\x01a\x02",
+        b"a\x05",
+        b"b\x00\x00\x01\x00",
+        b"F" + _F15,
+        b"n\x03\x00abc",
+        b"o\x00\x00\x00\x03\x01abc",
+        b"m\x00\x00\x00\x03abc",
+        b"k\x00\x03abc",
+        b"w\x03abc",
+        b"s\x03abc",
+        b"d\x00\x03abc",
+        b"v\x00\x03abc",
+        b"h\x02a\x01a\x02",
+        b"i\x00\x00\x00\x01a\x01",
+        b"t\x00\x00\x00\x01a\x01a\x02",
     ],
 )
 @pytest.mark.parametrize("none_atom", ["undefined", None, "true"])
@@ -565,7 +628,10 @@ def test_no_leaks_over_many_calls() -> None:
     bad = [good[:-3], b"\x83h\x02w\x01aF\x7f\xf0" + bytes(6), b"\x83t\x00\x00\x00\x02w\x01aa\x01w\x01aa\x02"]
     long = b"L" * 5000  # spliced in, not copied twice
     result = (
-        A("reply"), (12345, b"abc"), {A("k"): [1.5, None, "é", 2**70, long, "é" * 3000]}, Pid(b"Xw\x01n" + bytes(12))
+        A("reply"),
+        (12345, b"abc"),
+        {A("k"): [1.5, None, "é", 2**70, long, "é" * 3000]},
+        Pid(b"Xw\x01n" + bytes(12)),
     )
     failing = [1, long, (b"x", float("nan"))]
     probe = [b"abc", A("reply"), result, long]
@@ -602,9 +668,7 @@ def test_no_leaks_over_many_calls() -> None:
 # ---- the whole codec suite on the other backend --------------------------------------------
 
 
-@pytest.mark.skipif(
-    _cetf is None, reason=f"{NOT_BUILT} (tests/test_etf.py runs on the pure-Python codec)"
-)
+@pytest.mark.skipif(_cetf is None, reason=f"{NOT_BUILT} (tests/test_etf.py runs on the pure-Python codec)")
 def test_codec_suite_passes_on_the_other_backend() -> None:
     """tests/test_etf.py runs in-process on the active backend; here on the other one."""
     env = dict(os.environ, POOLPORT_PURE_PYTHON="1" if etf.ACCELERATED else "0")

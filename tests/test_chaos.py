@@ -29,8 +29,7 @@ import pytest
 
 from poolport import etf
 from poolport.framing import frame
-from chaos_client import (HANG_S, OK, PROTOCOL, USER, Server, error_head, is_crashed,
-                          is_timeout, mismatch, short)
+from chaos_client import HANG_S, OK, PROTOCOL, USER, Server, error_head, is_crashed, is_timeout, mismatch, short
 from portclient import A, call
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -51,8 +50,9 @@ class Deadline:
 
     def left(self, done: int, total: int) -> float:
         left = self.end - time.monotonic()
-        assert left > 0, (f"the run did not finish within {self.seconds:.0f}s "
-                          f"({done} of {total} replies): a hang or a restart loop")
+        assert left > 0, (
+            f"the run did not finish within {self.seconds:.0f}s ({done} of {total} replies): a hang or a restart loop"
+        )
         return min(left, HANG_S)
 
 
@@ -74,6 +74,7 @@ def _error(kind_code: tuple, classes: set[bytes]) -> Callable[[Any], bool]:
     def check(reply: Any) -> bool:
         head = error_head(reply)
         return head is not None and head[:2] == kind_code and head[2] in classes
+
     return check
 
 
@@ -86,9 +87,22 @@ def _blob(rnd: random.Random, i: int, size: int) -> bytes:
 
 
 KINDS = {  # name: weight
-    "tiny": 700, "medium": 80, "big": 4, "sleep": 80, "getpid": 40, "info": 10, "cast": 20,
-    "die": 5, "bignum": 5, "keyboard_interrupt": 5, "str_raises": 5, "system_exit": 3,
-    "huge_info_timeout": 5, "timeout": 3, "garbage": 5, "unencodable": 3,
+    "tiny": 700,
+    "medium": 80,
+    "big": 4,
+    "sleep": 80,
+    "getpid": 40,
+    "info": 10,
+    "cast": 20,
+    "die": 5,
+    "bignum": 5,
+    "keyboard_interrupt": 5,
+    "str_raises": 5,
+    "system_exit": 3,
+    "huge_info_timeout": 5,
+    "timeout": 3,
+    "garbage": 5,
+    "unencodable": 3,
 }
 
 
@@ -102,38 +116,55 @@ def make_request(kind: str, i: int, rnd: random.Random) -> Req:
         x = _blob(rnd, i, size)
         return Req(kind, _f(call("pp_handlers", "echo", x)), _is((OK, x)), expected=(OK, x))
     if kind == "sleep":
-        return Req(kind, _f(call("pp_handlers", "sleep_ms", rnd.choice([1, 2, 5, 10, 20]), i)),
-                   _is((OK, i)))
+        return Req(kind, _f(call("pp_handlers", "sleep_ms", rnd.choice([1, 2, 5, 10, 20]), i)), _is((OK, i)))
     if kind == "getpid":
-        return Req(kind, _f(call("pp_chaos", "getpid")),
-                   lambda r: r[0] == OK and type(r[1]) is int, learn_pid=True)
+        return Req(kind, _f(call("pp_chaos", "getpid")), lambda r: r[0] == OK and type(r[1]) is int, learn_pid=True)
     if kind == "info":
-        return Req(kind, _f(call("$poolport", "info")),
-                   lambda r: r[0] == OK and type(r[1]) is dict and A("worker_pid") in r[1],
-                   learn_pid=True)
+        return Req(
+            kind,
+            _f(call("$poolport", "info")),
+            lambda r: r[0] == OK and type(r[1]) is dict and A("worker_pid") in r[1],
+            learn_pid=True,
+        )
     if kind == "cast":
         return Req(kind, _f((A("cast"), A("pp_handlers"), A("echo"), [i])), _is((A("noreply"),)))
     if kind == "die":
         return Req(kind, _f(call("pp_handlers", "die")), lambda r: False, innocent=False)
     if kind == "bignum":
-        return Req(kind, _f((A("call"), A("pp_handlers"), A("echo"), (1 << 60_000) + i)),
-                   _error((PROTOCOL, 2), {b"BadRequest", b"DecodeError"}), innocent=False)
+        return Req(
+            kind,
+            _f((A("call"), A("pp_handlers"), A("echo"), (1 << 60_000) + i)),
+            _error((PROTOCOL, 2), {b"BadRequest", b"DecodeError"}),
+            innocent=False,
+        )
     if kind in ("keyboard_interrupt", "str_raises", "system_exit"):
-        cls = {"keyboard_interrupt": b"KeyboardInterrupt", "str_raises": b"StrRaises",
-               "system_exit": b"SystemExit"}[kind]
+        cls = {"keyboard_interrupt": b"KeyboardInterrupt", "str_raises": b"StrRaises", "system_exit": b"SystemExit"}[
+            kind
+        ]
         return Req(kind, _f(call("pp_chaos", kind)), _error((USER, 0), {cls}), innocent=False)
     if kind == "huge_info_timeout":  # on a call that runs a while: that deadline is pending
-        return Req(kind, _f((A("info"), A("timeout"), [(A("ms"), 1 << 64)]),
-                            call("pp_handlers", "sleep_ms", 20, i)), _is((OK, i)), innocent=False)
+        return Req(
+            kind,
+            _f((A("info"), A("timeout"), [(A("ms"), 1 << 64)]), call("pp_handlers", "sleep_ms", 20, i)),
+            _is((OK, i)),
+            innocent=False,
+        )
     if kind == "timeout":
-        return Req(kind, _f((A("info"), A("timeout"), [(A("ms"), 100)]),
-                            call("pp_handlers", "sleep_ms", 3000, i)), is_timeout, innocent=False)
+        return Req(
+            kind,
+            _f((A("info"), A("timeout"), [(A("ms"), 100)]), call("pp_handlers", "sleep_ms", 3000, i)),
+            is_timeout,
+            innocent=False,
+        )
     if kind == "garbage":
-        return Req(kind, frame(b"\x83garbage" + i.to_bytes(4, "big")),
-                   _error((PROTOCOL, 2), {b"DecodeError", b"BadRequest"}), innocent=False)
+        return Req(
+            kind,
+            frame(b"\x83garbage" + i.to_bytes(4, "big")),
+            _error((PROTOCOL, 2), {b"DecodeError", b"BadRequest"}),
+            innocent=False,
+        )
     if kind == "unencodable":
-        return Req(kind, _f(call("pp_handlers", "unencodable")), _error((USER, 0), {b"EncodeError"}),
-                   innocent=False)
+        return Req(kind, _f(call("pp_handlers", "unencodable")), _error((USER, 0), {b"EncodeError"}), innocent=False)
     raise AssertionError(kind)
 
 
@@ -214,11 +245,12 @@ def learn(killer: Killer | None, req: Req, reply: Any) -> None:
         killer.learn(reply[1] if type(reply[1]) is int else reply[1][A("worker_pid")])
 
 
-def run_chaos(n: int, seed: int, kinds: dict[str, int] | None = None, kill: bool = True,
-              workers: int = 3) -> None:
+def run_chaos(n: int, seed: int, kinds: dict[str, int] | None = None, kill: bool = True, workers: int = 3) -> None:
     reqs = plan(n, seed, kinds)
-    print(f"POOLPORT_TEST_SEED={SEED}: seed {seed}: {Counter(r.kind for r in reqs)}; "
-          f"{sum(len(r.data) for r in reqs) / MiB:.0f} MB of requests")
+    print(
+        f"POOLPORT_TEST_SEED={SEED}: seed {seed}: {Counter(r.kind for r in reqs)}; "
+        f"{sum(len(r.data) for r in reqs) / MiB:.0f} MB of requests"
+    )
     stats: Counter = Counter()
     with Server("--workers", str(workers), *FLAGS) as s:
         s.send_async(batched(reqs))
@@ -237,14 +269,11 @@ def run_chaos(n: int, seed: int, kinds: dict[str, int] | None = None, kill: bool
         print(f"{len(killer.kills)} worker(s) SIGKILLed; replies: {dict(sorted(stats.items()))}")
         innocent = [r.kind for r in reqs if r.innocent]
         answered = sum(stats[f"{k}:ok"] for k in set(innocent))
-        assert answered >= 0.2 * len(innocent), \
-            f"only {answered} of {len(innocent)} plain calls answered normally"
+        assert answered >= 0.2 * len(innocent), f"only {answered} of {len(innocent)} plain calls answered normally"
         if not kill:
-            assert all(stats[f"{k}:crashed"] == 0 for k in KINDS if k != "die"), \
-                "calls crashed with no worker killed"
+            assert all(stats[f"{k}:crashed"] == 0 for k in KINDS if k != "die"), "calls crashed with no worker killed"
         # -- after the storm: the pool serves normally, then ends cleanly on stdin EOF
-        assert [s.request(call("pp_handlers", "twice", i)) for i in range(20)] == \
-            [(OK, 2 * i) for i in range(20)]
+        assert [s.request(call("pp_handlers", "twice", i)) for i in range(20)] == [(OK, 2 * i) for i in range(20)]
         assert s.finish() == 0
 
 
@@ -291,8 +320,9 @@ def test_eof_or_sigterm_in_the_middle_of_chaos_ends_the_server_cleanly(end):
         code = s.proc.wait(60)
         assert code == 0, f"exit status {code}; stderr tail:\n{s.stderr_text()[-2000:]}"
         after = "" if stopped_at is None else f" {time.monotonic() - stopped_at:.1f}s after reply {n // 4}"
-        print(f"{end}: {got} of {sent} replies, then EOF{after}; {len(killer.kills)} kills; "
-              f"{dict(sorted(stats.items()))}")
+        print(
+            f"{end}: {got} of {sent} replies, then EOF{after}; {len(killer.kills)} kills; {dict(sorted(stats.items()))}"
+        )
         if end == "stdin-eof":
             s.join_writer()
         elif s._writer is not None:  # the rest of the requests met a closed pipe: expected
@@ -302,15 +332,33 @@ def test_eof_or_sigterm_in_the_middle_of_chaos_ends_the_server_cleanly(end):
 
 # ---------------------------------------------------------------------- hypothesis, no killer
 
-SMALL_KINDS = ["tiny", "medium", "sleep", "getpid", "cast", "die", "bignum", "keyboard_interrupt",
-               "str_raises", "system_exit", "huge_info_timeout", "garbage", "unencodable"]
+SMALL_KINDS = [
+    "tiny",
+    "medium",
+    "sleep",
+    "getpid",
+    "cast",
+    "die",
+    "bignum",
+    "keyboard_interrupt",
+    "str_raises",
+    "system_exit",
+    "huge_info_timeout",
+    "garbage",
+    "unencodable",
+]
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck),
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each try costs a server
-@given(kinds=st.lists(st.sampled_from(SMALL_KINDS), min_size=1, max_size=40)
-       .filter(lambda ks: ks.count("die") <= 2),
-       seed=st.integers(0, 1 << 30))
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)  # no shrinking: each try costs a server
+@given(
+    kinds=st.lists(st.sampled_from(SMALL_KINDS), min_size=1, max_size=40).filter(lambda ks: ks.count("die") <= 2),
+    seed=st.integers(0, 1 << 30),
+)
 def test_any_mix_of_requests_gets_its_own_replies_in_order(kinds, seed):
     """Without random kills, the only crashes are the die calls: a plain call may be
     WorkerCrashed only when a die shares its batch (poison-pill rule), never otherwise."""
@@ -328,7 +376,6 @@ def run_mix(kinds: list[str], seed: int) -> None:
             if req.kind == "die":
                 assert is_crashed(reply), f"reply {index} (die): {short(reply)}"
             elif not req.ok(reply):
-                assert "die" in kinds and is_crashed(reply), \
-                    f"reply {index} ({req.kind}): {short(reply, 400)}"
+                assert "die" in kinds and is_crashed(reply), f"reply {index} ({req.kind}): {short(reply, 400)}"
         assert s.request(call("pp_handlers", "twice", 21), 60) == (OK, 42)
         assert s.finish(60) == 0

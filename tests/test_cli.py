@@ -29,8 +29,9 @@ MISUSES = [
 
 @pytest.mark.parametrize("argv", MISUSES)
 def test_cli_misuse_is_status_2_with_a_message(argv):
-    done = subprocess.run([sys.executable, "-m", "poolport", *argv], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-m", "poolport", *argv], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("poolport"), done.stderr
@@ -38,8 +39,13 @@ def test_cli_misuse_is_status_2_with_a_message(argv):
 
 def _check(tmp_path, yaml: str, *flags: str) -> subprocess.CompletedProcess:
     (tmp_path / "p.yaml").write_text(yaml)
-    return subprocess.run([sys.executable, "-m", "poolport", "check", "--config", str(tmp_path / "p.yaml"),
-                           *flags], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "poolport", "check", "--config", str(tmp_path / "p.yaml"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_check_says_it_checked_the_schema_only_unless_asked_to_import(tmp_path):
@@ -47,16 +53,29 @@ def test_check_says_it_checked_the_schema_only_unless_asked_to_import(tmp_path):
     assert done.returncode == 0 and "schema only" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize(("files", "yaml", "expected"), [
-    pytest.param({}, "modules: [hanlders]\npython_path: [h]\n", "cannot import allowlisted module 'hanlders'",
-                 id="typo"),
-    pytest.param({"handlers.py": "def f(:\n"}, "modules: [handlers]\npython_path: [h]\n", "SyntaxError",
-                 id="syntax-error"),
-    pytest.param({"handlers.py": "def f(): pass\n"}, "modules: [handlers]\npython_path: [missing]\n",
-                 "python_path entry", id="missing-python-path"),
-    pytest.param({"handlers.py": "raise SystemExit(3)\n"}, "modules: [handlers]\npython_path: [h]\n",
-                 "SystemExit", id="exits-at-import"),
-])
+@pytest.mark.parametrize(
+    ("files", "yaml", "expected"),
+    [
+        pytest.param(
+            {}, "modules: [hanlders]\npython_path: [h]\n", "cannot import allowlisted module 'hanlders'", id="typo"
+        ),
+        pytest.param(
+            {"handlers.py": "def f(:\n"}, "modules: [handlers]\npython_path: [h]\n", "SyntaxError", id="syntax-error"
+        ),
+        pytest.param(
+            {"handlers.py": "def f(): pass\n"},
+            "modules: [handlers]\npython_path: [missing]\n",
+            "python_path entry",
+            id="missing-python-path",
+        ),
+        pytest.param(
+            {"handlers.py": "raise SystemExit(3)\n"},
+            "modules: [handlers]\npython_path: [h]\n",
+            "SystemExit",
+            id="exits-at-import",
+        ),
+    ],
+)
 def test_check_import_finds_what_a_worker_would_not_import(tmp_path, files, yaml, expected):
     (tmp_path / "h").mkdir()
     for name, text in files.items():
@@ -71,9 +90,15 @@ def test_check_reports_its_problems_after_the_config_on_one_stream(tmp_path):
     the problem must come after the config dump even when stdout is block-buffered."""
     (tmp_path / "p.yaml").write_text("modules: [no_such_module_here]\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    done = subprocess.run([sys.executable, "-m", "poolport", "check", "--config", str(tmp_path / "p.yaml"),
-                           "--import"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "poolport", "check", "--config", str(tmp_path / "p.yaml"), "--import"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
     assert done.returncode == 1
     assert "No module named 'no_such_module_here'" in done.stdout.strip().splitlines()[-1], done.stdout
 
@@ -81,7 +106,8 @@ def test_check_reports_its_problems_after_the_config_on_one_stream(tmp_path):
 def test_check_init_runs_worker_init_and_reports_its_failure(tmp_path):
     (tmp_path / "h").mkdir()
     (tmp_path / "h" / "handlers.py").write_text(
-        "def setup(x):\n    if x == 'bad':\n        raise RuntimeError('model file missing')\n    return x\n")
+        "def setup(x):\n    if x == 'bad':\n        raise RuntimeError('model file missing')\n    return x\n"
+    )
     base = "modules: [handlers]\npython_path: [h]\nworker_init: 'handlers:setup'\n"
     good = _check(tmp_path, base + "worker_init_args: [ok]\n", "--init")
     assert good.returncode == 0 and "imported handlers; worker_init 'handlers:setup' ran" in good.stderr, good.stderr

@@ -44,26 +44,33 @@ def test_every_setting_is_documented_in_the_readme_and_the_example_config():
         pytest.param(b"wrokers: 2", "unknown key 'wrokers' (did you mean 'workers'?)", id="unknown-key"),
         pytest.param(b"zzz: 1", "unknown key 'zzz' (known keys: workers, packet,", id="unknown-far"),
         pytest.param(b"workers: 0", "workers: expected an integer >= 1 or 'auto', got 0", id="workers-zero"),
-        pytest.param(b"workers: two", "workers: expected an integer >= 1 or 'auto', got 'two'",
-                     id="workers-word"),
+        pytest.param(b"workers: two", "workers: expected an integer >= 1 or 'auto', got 'two'", id="workers-word"),
         pytest.param(b"packet: 3", "packet: expected 1, 2 or 4, got 3", id="packet"),
         pytest.param(b"protocol: json", "protocol: expected 'bare' or 'bert', got 'json'", id="protocol"),
-        pytest.param(b"modules: [ok, os.system()]",
-                     "modules[1]: expected a module name like 'pkg.mod', got 'os.system()'", id="module-name"),
+        pytest.param(
+            b"modules: [ok, os.system()]",
+            "modules[1]: expected a module name like 'pkg.mod', got 'os.system()'",
+            id="module-name",
+        ),
         pytest.param(b"modules: os", "modules: expected a list ([...]), each item a module name", id="modules"),
         pytest.param(b"timeout_ms: -1", "timeout_ms: expected an integer >= 0, got -1", id="negative-timeout"),
-        pytest.param(b"max_in_flight: lots", "max_in_flight: expected an integer >= 1, got 'lots'",
-                     id="max-in-flight"),
+        pytest.param(b"max_in_flight: lots", "max_in_flight: expected an integer >= 1, got 'lots'", id="max-in-flight"),
         pytest.param(b"reply_tags: maybe", "reply_tags: expected true or false, got 'maybe'", id="bool"),
         pytest.param(b"worker_init: foo", "worker_init: expected 'module:function'", id="init-spec"),
-        pytest.param(b"functions: {m.f: {timeout: 1}}",
-                     "functions: 'm.f': unknown key 'timeout' (did you mean 'timeout_ms'?)", id="function-key"),
-        pytest.param(b"functions: {m.f: {timeout_ms: x}}",
-                     "functions: 'm.f': timeout_ms: expected an integer >= 0 or null, got 'x'",
-                     id="function-timeout"),
+        pytest.param(
+            b"functions: {m.f: {timeout: 1}}",
+            "functions: 'm.f': unknown key 'timeout' (did you mean 'timeout_ms'?)",
+            id="function-key",
+        ),
+        pytest.param(
+            b"functions: {m.f: {timeout_ms: x}}",
+            "functions: 'm.f': timeout_ms: expected an integer >= 0 or null, got 'x'",
+            id="function-timeout",
+        ),
         pytest.param(b"protocol: bare", "protocol: 'bare' needs bare_module", id="bare-without-module"),
-        pytest.param(b"atom_encoding: utf-8", "atom_encoding: expected 'latin1' or 'utf8', got 'utf-8'",
-                     id="atom-encoding"),
+        pytest.param(
+            b"atom_encoding: utf-8", "atom_encoding: expected 'latin1' or 'utf8', got 'utf-8'", id="atom-encoding"
+        ),
         pytest.param(b"- a list", "expected a mapping", id="not-a-mapping"),
         pytest.param(b"workers: [", "not valid YAML", id="bad-yaml"),
     ],
@@ -103,8 +110,10 @@ def test_bare_module_is_allowlisted_implicitly():
 
 
 def test_the_smallest_timeout_set_applies():
-    config = load_config(b"timeout_ms: 100\nfunctions: {m: {timeout_ms: 50}, m.slow: {timeout_ms: 9000}, "
-                         b"m.quick: {timeout_ms: 20}, n: {timeout_ms: 0}}")
+    config = load_config(
+        b"timeout_ms: 100\nfunctions: {m: {timeout_ms: 50}, m.slow: {timeout_ms: 9000}, "
+        b"m.quick: {timeout_ms: 20}, n: {timeout_ms: 0}}"
+    )
     assert config.timeout_for("m", "slow") == 50  # the module's is smaller than the function's
     assert config.timeout_for("m", "quick") == 20
     assert config.timeout_for("m", "fast") == 50
@@ -116,8 +125,7 @@ def test_the_smallest_timeout_set_applies():
 def test_cli_flags_override_the_file(tmp_path, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("workers: 4\npacket: 2\nmodules: [a]\n")
-    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b",
-                 "--atom-encoding", "utf8"]) == 0
+    assert main(["check", "--config", str(cfg), "--workers", "3", "--module", "b", "--atom-encoding", "utf8"]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert '"workers": 3' in out and '"packet": 2' in out and '"atom_encoding": "utf8"' in out
@@ -139,8 +147,12 @@ def test_serve_exits_at_start_with_a_message(tmp_path, content, flags, message):
     cfg = tmp_path / "p.yaml"
     if content is not None:
         cfg.write_text(content)
-    proc = subprocess.run([sys.executable, "-m", "poolport", "serve", "--config", str(cfg), *flags],
-                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolport", "serve", "--config", str(cfg), *flags],
+        capture_output=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 2
     assert proc.stdout == b""  # stdout is the port: never text
     assert message in proc.stderr.decode()

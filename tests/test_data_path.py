@@ -19,8 +19,7 @@ import pytest
 from poolport import etf
 from poolport.framing import frame
 from poolport.terms import ImproperList
-from chaos_client import (ERROR, OK, PROTOCOL, SERVER, USER, Server, encode_frames,
-                          error_head, is_crashed, short)
+from chaos_client import ERROR, OK, PROTOCOL, SERVER, USER, Server, encode_frames, error_head, is_crashed, short
 from portclient import A, PortClient, call
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -109,16 +108,24 @@ def _bignum_args() -> bytes:
 def _huge_info_timeout() -> bytes:
     """A timeout of 2^64 ms (clamped, not a crash) on a call that runs a while: the dispatcher
     waits on it with that deadline pending."""
-    return encode_frames([(A("info"), A("timeout"), [(A("ms"), 1 << 64)]),
-                          call("pp_handlers", "sleep_ms", 300, b"slept")])
+    return encode_frames(
+        [(A("info"), A("timeout"), [(A("ms"), 1 << 64)]), call("pp_handlers", "sleep_ms", 300, b"slept")]
+    )
 
 
 def _inflates_to_a_huge_list() -> bytes:
     """``{call, pp_handlers, echo, [[[], [], ... 60 million times]]}`` compressed to ~60 KB: the
     decoded list needs ~4 GB, far over the worker's 600 MB address-space limit."""
     n = 60_000_000
-    body = (b"h\x04w\x04callw\x0bpp_handlersw\x04echo" + b"l\x00\x00\x00\x01"
-            + b"l" + n.to_bytes(4, "big") + b"j" * n + b"j" + b"j")
+    body = (
+        b"h\x04w\x04callw\x0bpp_handlersw\x04echo"
+        + b"l\x00\x00\x00\x01"
+        + b"l"
+        + n.to_bytes(4, "big")
+        + b"j" * n
+        + b"j"
+        + b"j"
+    )
     return frame(b"\x83P" + len(body).to_bytes(4, "big") + zlib.compress(body, 9))
 
 
@@ -128,43 +135,71 @@ def _one(term) -> bytes:
 
 def _expect(kind_code, classes):
     """A check: an error reply of this (Type, Code) whose Class is one of ``classes``."""
+
     def check(reply):
         head = error_head(reply)
         return head is not None and head[:2] == kind_code and head[2] in classes
+
     return check
 
 
 MEMORY_LIMIT = ("--max-worker-memory-mb", "600")
 POISONS = [
     # (raw request bytes, flags, reply check, how many workers may be replaced)
-    pytest.param(_bignum_args, (), _expect((PROTOCOL, 2), {b"BadRequest", b"DecodeError"}), 0,
-                 id="args-are-a-60000-bit-bignum"),
+    pytest.param(
+        _bignum_args, (), _expect((PROTOCOL, 2), {b"BadRequest", b"DecodeError"}), 0, id="args-are-a-60000-bit-bignum"
+    ),
     pytest.param(_huge_info_timeout, (), lambda r: r == (OK, b"slept"), 0, id="info-timeout-2^64-ms"),
-    pytest.param(lambda: _one(call("pp_chaos", "keyboard_interrupt")), (),
-                 _expect((USER, 0), {b"KeyboardInterrupt"}), 0, id="handler-raises-KeyboardInterrupt"),
-    pytest.param(lambda: _one(call("pp_chaos", "system_exit", 3)), (),
-                 _expect((USER, 0), {b"SystemExit"}), 0, id="handler-raises-SystemExit"),
-    pytest.param(lambda: _one(call("pp_chaos", "str_raises")), (),
-                 _expect((USER, 0), {b"StrRaises"}), 0, id="exception-whose-str-raises"),
-    pytest.param(lambda: _one(call("pp_getattr", "missing")), (),
-                 _expect((SERVER, 2), {b"NoSuchFunction"}), 0, id="module-getattr-raises-KeyError"),
-    pytest.param(_inflates_to_a_huge_list, MEMORY_LIMIT,
-                 _expect((PROTOCOL, 2), {b"MemoryError", b"DecodeError"}), 2,
-                 id="MemoryError-while-decoding"),
-    pytest.param(lambda: _one(call("pp_chaos", "shared_items", 2_000_000, 1000)), MEMORY_LIMIT,
-                 _expect((USER, 0), {b"MemoryError", b"EncodeError"}), 2,
-                 id="MemoryError-while-encoding"),
-    pytest.param(lambda: _one(call("pp_chaos", "exit_now")), (), is_crashed, 2,
-                 id="handler-os._exit-every-time"),
+    pytest.param(
+        lambda: _one(call("pp_chaos", "keyboard_interrupt")),
+        (),
+        _expect((USER, 0), {b"KeyboardInterrupt"}),
+        0,
+        id="handler-raises-KeyboardInterrupt",
+    ),
+    pytest.param(
+        lambda: _one(call("pp_chaos", "system_exit", 3)),
+        (),
+        _expect((USER, 0), {b"SystemExit"}),
+        0,
+        id="handler-raises-SystemExit",
+    ),
+    pytest.param(
+        lambda: _one(call("pp_chaos", "str_raises")),
+        (),
+        _expect((USER, 0), {b"StrRaises"}),
+        0,
+        id="exception-whose-str-raises",
+    ),
+    pytest.param(
+        lambda: _one(call("pp_getattr", "missing")),
+        (),
+        _expect((SERVER, 2), {b"NoSuchFunction"}),
+        0,
+        id="module-getattr-raises-KeyError",
+    ),
+    pytest.param(
+        _inflates_to_a_huge_list,
+        MEMORY_LIMIT,
+        _expect((PROTOCOL, 2), {b"MemoryError", b"DecodeError"}),
+        2,
+        id="MemoryError-while-decoding",
+    ),
+    pytest.param(
+        lambda: _one(call("pp_chaos", "shared_items", 2_000_000, 1000)),
+        MEMORY_LIMIT,
+        _expect((USER, 0), {b"MemoryError", b"EncodeError"}),
+        2,
+        id="MemoryError-while-encoding",
+    ),
+    pytest.param(lambda: _one(call("pp_chaos", "exit_now")), (), is_crashed, 2, id="handler-os._exit-every-time"),
 ]
 
 
 @pytest.mark.parametrize(("poison", "flags", "check", "replaced"), POISONS)
-def test_poison_request_gets_one_error_and_the_pool_carries_on(tmp_path, poison, flags, check,
-                                                               replaced):
+def test_poison_request_gets_one_error_and_the_pool_carries_on(tmp_path, poison, flags, check, replaced):
     (tmp_path / "pp_getattr.py").write_text(GETATTR_MODULE)
-    with Server("--workers", "2", *BASE, "-m", "pp_getattr", "--python-path", str(tmp_path),
-                *flags) as s:
+    with Server("--workers", "2", *BASE, "-m", "pp_getattr", "--python-path", str(tmp_path), *flags) as s:
         # -- both workers up and serving before the baseline of processes is taken
         s.send_async([encode_frames([call("pp_handlers", "sleep_ms", 300, i) for i in range(4)])])
         assert [s.recv() for _ in range(4)] == [(OK, i) for i in range(4)]
@@ -190,8 +225,9 @@ def test_poison_request_gets_one_error_and_the_pool_carries_on(tmp_path, poison,
                 detail = reply[1][3]
                 assert type(detail) is bytes and detail.decode("utf-8"), "the error says nothing"
             replies = [s.recv() for _ in after]
-            assert replies == [(OK, 2 * i) for i in range(20)], \
+            assert replies == [(OK, 2 * i) for i in range(20)], (
                 f"calls after the poison: {[short(r, 120) for r in replies]}"
+            )
             s.join_writer()
             # the pool still serves everything, and did not loop restarting workers
             s.send_async([encode_frames([call("pp_handlers", "sleep_ms", 50, i) for i in range(40)])])
@@ -201,8 +237,9 @@ def test_poison_request_gets_one_error_and_the_pool_carries_on(tmp_path, poison,
             stop.set()
             sampler.join(5)
         seen.update(new_processes(s, before))
-        assert len(seen) <= replaced, \
+        assert len(seen) <= replaced, (
             f"{len(seen)} new worker process(es) (at most {replaced} expected): {sorted(seen)}"
+        )
         assert s.finish() == 0
 
 
@@ -274,10 +311,11 @@ def test_a_worker_killed_while_sending_a_big_reply_never_tears_the_stream():
                 else:
                     assert reply[0] == OK and type(reply[1]) is bytes, f"{where}: {short(reply)}"
                     body = reply[1]
-                    assert len(body) == BIG_RESULT and body.count(0) == BIG_RESULT, \
-                        (f"{where}: a {len(body)}-byte result that is not {BIG_RESULT} zero bytes: "
-                         f"the stream is torn (a partial frame swallowed what came after it); "
-                         f"first non-zero byte at {len(body) - len(body.lstrip(bytes(1)))}")
+                    assert len(body) == BIG_RESULT and body.count(0) == BIG_RESULT, (
+                        f"{where}: a {len(body)}-byte result that is not {BIG_RESULT} zero bytes: "
+                        f"the stream is torn (a partial frame swallowed what came after it); "
+                        f"first non-zero byte at {len(body) - len(body.lstrip(bytes(1)))}"
+                    )
                     outcome["survived"] += 1
             elif reply != (OK, expected):
                 # -- a kill landing after its call was done hits whichever call runs next
@@ -285,8 +323,7 @@ def test_a_worker_killed_while_sending_a_big_reply_never_tears_the_stream():
                 outcome["late-kill victims"] += 1
         print("kill_self_after outcomes:", outcome)
         s.join_writer()
-        assert [s.request(call("pp_handlers", "twice", i)) for i in range(10)] == \
-            [(OK, 2 * i) for i in range(10)]
+        assert [s.request(call("pp_handlers", "twice", i)) for i in range(10)] == [(OK, 2 * i) for i in range(10)]
         assert s.finish() == 0
 
 
@@ -317,6 +354,7 @@ def _slow_then_echoes(count: int, size: int):
         yield frame(etf.encode(call("pp_handlers", "sleep_ms", 2000, b"slow")))
         for i in range(count):
             yield frame(etf.encode(call("pp_handlers", "echo", blob(i, size))))
+
     return batched(frames())
 
 
@@ -326,12 +364,15 @@ def _slow_then_echoes(count: int, size: int):
 INFO_FLOODS = [
     # (frames, size of each info payload, extra flags, dispatcher VmHWM bound in MB)
     pytest.param(100_000, 100, (), 200, id="100k-small-info-frames"),
-    pytest.param(3_000, 100_000, ("--max-in-flight-bytes", str(32 * MiB)), 32 + 64 + 150,
-                 id="300MB-of-100KB-info-frames"),
-    pytest.param(40, 8 * MiB, ("--max-in-flight-bytes", str(2 * MiB)), 2 + 64 + 150,
-                 id="info-frames-bigger-than-the-budget"),
-    pytest.param(1, 3_000_000, ("--max-in-flight-bytes", str(2 * MiB)), 2 + 64 + 150,
-                 id="one-info-frame-bigger-than-the-budget"),
+    pytest.param(
+        3_000, 100_000, ("--max-in-flight-bytes", str(32 * MiB)), 32 + 64 + 150, id="300MB-of-100KB-info-frames"
+    ),
+    pytest.param(
+        40, 8 * MiB, ("--max-in-flight-bytes", str(2 * MiB)), 2 + 64 + 150, id="info-frames-bigger-than-the-budget"
+    ),
+    pytest.param(
+        1, 3_000_000, ("--max-in-flight-bytes", str(2 * MiB)), 2 + 64 + 150, id="one-info-frame-bigger-than-the-budget"
+    ),
 ]
 
 
@@ -342,8 +383,7 @@ def test_info_frames_count_and_never_grow_memory_without_bound(frames, size, fla
 
         def flood():
             for k in range(frames):
-                yield frame(etf.encode((A("info"), A("cache"), [(A("validation"), filler),
-                                                                 (A("n"), k)])))
+                yield frame(etf.encode((A("info"), A("cache"), [(A("validation"), filler), (A("n"), k)])))
             yield frame(etf.encode(call("pp_handlers", "echo", b"after the flood")))
 
         s.send_async(batched(flood(), 4 * MiB))
@@ -369,10 +409,13 @@ def _deep_iolist(depth: int, inner: int, seed: int) -> ImproperList:
     return term
 
 
-@pytest.mark.parametrize(("inner", "timeout_ms"), [
-    pytest.param(50_000, 1000, id="3KB-compressed-1s-timeout"),
-    pytest.param(1_000_000, 10_000, id="minutes-if-quadratic-10s-timeout"),
-])
+@pytest.mark.parametrize(
+    ("inner", "timeout_ms"),
+    [
+        pytest.param(50_000, 1000, id="3KB-compressed-1s-timeout"),
+        pytest.param(1_000_000, 10_000, id="minutes-if-quadratic-10s-timeout"),
+    ],
+)
 def test_a_deep_improper_iolist_decodes_within_the_timeout(inner, timeout_ms):
     """A few KB of compressed request nesting 190 improper lists around ``inner`` integers:
     decoding must be linear, so the call is answered with its own term inside its timeout,
@@ -401,9 +444,16 @@ def test_decoding_counts_towards_the_call_timeout(compressed):
     request = etf.encode((A("call"), A("pp_handlers"), A("echo"), args), compressed=6 if compressed else 0)
     assert len(request) < 64 * MiB
     with Server("--workers", "1", *BASE, "--max-term-elements", "20000000") as s:
-        s.send_async(batched([frame(etf.encode((A("info"), A("timeout"), [(A("ms"), 50)]))),
-                              frame(request), frame(etf.encode(call("pp_handlers", "twice", 6)))],
-                             4 * MiB))
+        s.send_async(
+            batched(
+                [
+                    frame(etf.encode((A("info"), A("timeout"), [(A("ms"), 50)]))),
+                    frame(request),
+                    frame(etf.encode(call("pp_handlers", "twice", 6))),
+                ],
+                4 * MiB,
+            )
+        )
         reply = s.recv()
         assert error_head(reply) == (SERVER, 3, b"Timeout"), short(reply)
         assert s.recv() == (OK, 12)

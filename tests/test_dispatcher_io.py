@@ -21,9 +21,23 @@ pytestmark = [pytest.mark.e2e]
 def serve(tmp_path, *flags: str, grace_ms: int = 500) -> subprocess.Popen:
     config = tmp_path / "poolport.yaml"
     config.write_text(f"shutdown_grace_ms: {grace_ms}\nlog_level: WARNING\n")
-    return subprocess.Popen([sys.executable, "-m", "poolport", "serve", "--config", str(config),
-                             "--python-path", HANDLERS, "-m", "pp_handlers", *flags],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "poolport",
+            "serve",
+            "--config",
+            str(config),
+            "--python-path",
+            HANDLERS,
+            "-m",
+            "pp_handlers",
+            *flags,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
 
 
 def exits_within(proc: subprocess.Popen, seconds: float) -> int | None:
@@ -86,9 +100,12 @@ def test_a_killed_dispatcher_leaves_nothing_behind_after_the_next_start(tmp_path
     """kill -9 of the dispatcher cannot clean up; the next `poolport serve` removes its
     directory (and only the directories of dispatchers that are gone)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    first = subprocess.Popen([sys.executable, "-m", "poolport", "serve", "--workers", "1",
-                              "--python-path", HANDLERS, "-m", "pp_handlers"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "poolport", "serve", "--workers", "1", "--python-path", HANDLERS, "-m", "pp_handlers"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     first.stdin.write(frame(etf.encode(call("pp_handlers", "twice", 1))))
     first.stdin.flush()
     assert first.stdout.read(4)  # serving: its directory exists
@@ -99,9 +116,12 @@ def test_a_killed_dispatcher_leaves_nothing_behind_after_the_next_start(tmp_path
     first.kill()
     first.wait()
     exits_within(first, 5)
-    second = subprocess.Popen([sys.executable, "-m", "poolport", "serve", "--workers", "1",
-                               "--python-path", HANDLERS, "-m", "pp_handlers"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    second = subprocess.Popen(
+        [sys.executable, "-m", "poolport", "serve", "--workers", "1", "--python-path", HANDLERS, "-m", "pp_handlers"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     second.stdin.write(frame(etf.encode(call("pp_handlers", "twice", 1))))
     second.stdin.flush()
     assert second.stdout.read(4)

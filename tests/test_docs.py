@@ -48,8 +48,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "erlang" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MODES = {"erl", "erl-module", "erlang-config", "sh", "python", "yaml", "poolport-config",
-         "elixir", "elixir-syntax", "server"}
+MODES = {
+    "erl",
+    "erl-module",
+    "erlang-config",
+    "sh",
+    "python",
+    "yaml",
+    "poolport-config",
+    "elixir",
+    "elixir-syntax",
+    "server",
+}
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<lang>[\w+-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:(?P<spec>.*?)-->\s*$")
 TIMEOUT = 300
@@ -96,7 +106,7 @@ def blocks_of(doc: Path) -> list[Block]:
         end = i + 1
         while end < len(lines) and lines[end].strip() != fence:
             end += 1
-        body = [ln[indent:] if ln[:indent].strip() == "" else ln for ln in lines[i + 1:end]]
+        body = [ln[indent:] if ln[:indent].strip() == "" else ln for ln in lines[i + 1 : end]]
         block = Block(doc, i + 1, m["lang"], "\n".join(body) + "\n")
         j = i - 1
         while j >= 0 and (marker := MARKER.match(lines[j])):
@@ -119,8 +129,9 @@ def test_docs_have_code_blocks() -> None:
 
 def test_parser_reads_markers_and_indented_blocks(tmp_path: Path) -> None:
     doc = tmp_path / "x.md"
-    doc.write_text("1. Step:\n\n   <!-- doc-test: sh cwd=a except='b c' -->\n   ```sh\n   echo hi\n   ```\n"
-                   "```text\nx\n```\n")
+    doc.write_text(
+        "1. Step:\n\n   <!-- doc-test: sh cwd=a except='b c' -->\n   ```sh\n   echo hi\n   ```\n```text\nx\n```\n"
+    )
     sh, text = blocks_of(doc)
     assert (sh.mode, sh.attrs, sh.text, sh.line) == ("sh", {"cwd": ["a"], "except": ["b c"]}, "echo hi\n", 4)
     assert (text.lang, text.mode) == ("text", None)
@@ -129,9 +140,11 @@ def test_parser_reads_markers_and_indented_blocks(tmp_path: Path) -> None:
 def test_excerpt_and_except_are_checked(tmp_path: Path) -> None:
     """An excerpt must match its file; an ``except``ed command must be one CI runs anyway."""
     doc = tmp_path / "x.md"
-    doc.write_text("<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Changelog\n```\n"
-                   "<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Change log\n```\n"
-                   "<!-- doc-test: sh except=rm -->\n```sh\nrm\n```\n")
+    doc.write_text(
+        "<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Changelog\n```\n"
+        "<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Change log\n```\n"
+        "<!-- doc-test: sh except=rm -->\n```sh\nrm\n```\n"
+    )
     good, bad, sh = blocks_of(doc)
     check_excerpt(good)
     with pytest.raises(AssertionError, match="not an excerpt"):
@@ -142,10 +155,11 @@ def test_excerpt_and_except_are_checked(tmp_path: Path) -> None:
 
 def test_every_block_is_text_or_marked() -> None:
     """A snippet nobody runs rots: mark it with how it runs, or make it ```text."""
-    bad = [f"{b.id} ```{b.lang}" for b in CODE_BLOCKS
-           if b.mode not in MODES and "excerpt" not in b.attrs]
-    assert not bad, ("fenced blocks neither ```text nor marked <!-- doc-test: MODE --> "
-                     "(the modes are listed at the top of tests/test_docs.py): " + ", ".join(bad))
+    bad = [f"{b.id} ```{b.lang}" for b in CODE_BLOCKS if b.mode not in MODES and "excerpt" not in b.attrs]
+    assert not bad, (
+        "fenced blocks neither ```text nor marked <!-- doc-test: MODE --> "
+        "(the modes are listed at the top of tests/test_docs.py): " + ", ".join(bad)
+    )
 
 
 def _env() -> dict[str, str]:
@@ -154,15 +168,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], block: Block, *, env: dict[str, str] | None = None,
-         tmp_path: Path | None = None) -> None:
+def _run(argv: list[str], block: Block, *, env: dict[str, str] | None = None, tmp_path: Path | None = None) -> None:
     """Run in the block's ``cwd`` with an empty stdin; a failure shows the snippet's place and output."""
     cwd = tmp_path if block.attr("cwd") == "TMP" and tmp_path else ROOT / (block.attr("cwd") or ".")
-    proc = subprocess.run(argv, cwd=cwd, env=env or _env(), input="", text=True,
-                          capture_output=True, timeout=TIMEOUT)
+    proc = subprocess.run(argv, cwd=cwd, env=env or _env(), input="", text=True, capture_output=True, timeout=TIMEOUT)
     assert proc.returncode == 0, (
         f"{block.id} (cwd {cwd}) exited {proc.returncode}\n--- snippet\n{block.text}"
-        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +195,10 @@ def _app_libs() -> str:
 def run_erl(block: Block, tmp_path: Path, doc_shell: Path) -> None:
     snippet = tmp_path / "snippet.erl"
     snippet.write_text(block.text)
-    _run([str(ROOT / "scripts" / "erl"), "-noshell", "-pa", str(doc_shell),
-          "-run", "doc_shell", "main", str(snippet)], block)
+    _run(
+        [str(ROOT / "scripts" / "erl"), "-noshell", "-pa", str(doc_shell), "-run", "doc_shell", "main", str(snippet)],
+        block,
+    )
 
 
 def run_erl_module(block: Block, tmp_path: Path) -> None:
@@ -225,8 +240,13 @@ def run_python(block: Block, tmp_path: Path) -> None:
 def serving(block: Block) -> Iterator[None]:
     """Run a ``server`` block in the background until it accepts connections; stop it after."""
     port = int(block.attr("port") or 0)
-    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", block.text], cwd=ROOT / (block.attr("cwd") or "."),
-                            env=_env(), stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", block.text],
+        cwd=ROOT / (block.attr("cwd") or "."),
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -286,13 +306,22 @@ def check_excerpt(block: Block) -> None:
     assert source.is_file(), f"{block.id}: excerpt of missing {source}"
     want = [ln.rstrip() for ln in block.text.strip("\n").splitlines()]
     have = [ln.rstrip() for ln in source.read_text().splitlines()]
-    assert any(have[i:i + len(want)] == want for i in range(len(have))), (
-        f"{block.id} is not an excerpt of {source.relative_to(ROOT)}:\n{block.text}")
+    assert any(have[i : i + len(want)] == want for i in range(len(have))), (
+        f"{block.id} is not an excerpt of {source.relative_to(ROOT)}:\n{block.text}"
+    )
 
 
-RUNNERS = {"erl-module": run_erl_module, "erlang-config": run_erlang_config, "sh": run_sh,
-           "python": run_python, "yaml": run_yaml, "poolport-config": run_poolport_config,
-           "elixir": run_elixir, "elixir-syntax": run_elixir_syntax, "server": run_server}
+RUNNERS = {
+    "erl-module": run_erl_module,
+    "erlang-config": run_erlang_config,
+    "sh": run_sh,
+    "python": run_python,
+    "yaml": run_yaml,
+    "poolport-config": run_poolport_config,
+    "elixir": run_elixir,
+    "elixir-syntax": run_elixir_syntax,
+    "server": run_server,
+}
 
 
 def _missing(need: str) -> str | None:
@@ -302,17 +331,27 @@ def _missing(need: str) -> str | None:
     if need == "docker":
         # Even with an engine these start (or talk to) a long-lived deployment; the
         # container smoke test builds it, scales it, queries it and resizes it instead.
-        return ("needs a Docker deployment: tests/container/smoke.sh exercises it "
-                "(build, up --scale, poolport-node info, a workers change) where Docker runs")
+        return (
+            "needs a Docker deployment: tests/container/smoke.sh exercises it "
+            "(build, up --scale, poolport-node info, a workers change) where Docker runs"
+        )
     if need in ("socat", "openssl"):  # tools .ci/run installs
         return None if shutil.which(need) else f"{need} is not installed (CI installs it)"
     return f"unknown need {need!r}"
 
 
-@pytest.mark.parametrize("block", [
-    pytest.param(b, id=f"{b.id}-{b.mode or 'excerpt'}",
-                 marks=[pytest.mark.docker] if "docker" in b.attrs.get("needs", []) else [])
-    for b in CODE_BLOCKS if b.mode in MODES or "excerpt" in b.attrs])
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(
+            b,
+            id=f"{b.id}-{b.mode or 'excerpt'}",
+            marks=[pytest.mark.docker] if "docker" in b.attrs.get("needs", []) else [],
+        )
+        for b in CODE_BLOCKS
+        if b.mode in MODES or "excerpt" in b.attrs
+    ],
+)
 def test_snippet(block: Block, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     for need in block.attrs.get("needs", []):
         if reason := _missing(need):
@@ -341,8 +380,9 @@ def test_links_stay_inside_the_repository(doc: Path) -> None:
 
 def test_every_serve_flag_is_documented() -> None:
     """Each option of ``poolport serve --help`` is named in the README."""
-    help_text = subprocess.run([sys.executable, "-m", "poolport", "serve", "--help"],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "poolport", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", help_text)) - {"--help"}
     assert len(flags) > 10
     readme = (ROOT / "README.md").read_text()
@@ -363,5 +403,6 @@ def test_layout_names_every_module_and_top_level_entry() -> None:
     top = {name for name in top if not name.startswith(".")} - {"README.md"}
     scripts = {p.name for p in (ROOT / "scripts").iterdir()}
     missing = sorted((modules | others | scripts) - words) + sorted(
-        n for n in top if n.rstrip("/") not in words and f"{n}/" not in layout)
+        n for n in top if n.rstrip("/") not in words and f"{n}/" not in layout
+    )
     assert not missing, f"README.md Layout does not name: {missing}"

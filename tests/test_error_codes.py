@@ -32,8 +32,9 @@ def test_the_erlang_client_uses_the_table():
         if cls not in bert.ERRORS:  # an exception's name: only a handler's error (docs' examples)
             assert (typ, code) == ("user", bert.USER_ERROR), f"{where}: {cls} is not in poolport.bert.ERRORS"
             continue
-        assert bert.ERRORS[cls] == (typ, code), \
+        assert bert.ERRORS[cls] == (typ, code), (
             f"{where}: {{{typ}, {code}, {cls}}} but the table says {bert.ERRORS[cls]}"
+        )
 
 
 def test_the_erlang_client_maps_server_timeouts_by_their_code():

@@ -32,9 +32,7 @@ NODE = b"d\x00\x0dnonode@nohost"  # ATOM_EXT 'nonode@nohost'
 # ---- bytes written by a real Erlang/OTP 25 term_to_binary/1,2 -------------------------
 
 ERLANG_PID = b"\x83X" + NODE + b"\x00\x00\x00\x09" + bytes(8)
-ERLANG_REF = (
-    b"\x83Z\x00\x03" + NODE + b"\x00\x00\x00\x00\x00\x00\x3c\x03\x0f\xf8\x00\x01\xb1\x16\xc0\x5e"
-)
+ERLANG_REF = b"\x83Z\x00\x03" + NODE + b"\x00\x00\x00\x00\x00\x00\x3c\x03\x0f\xf8\x00\x01\xb1\x16\xc0\x5e"
 ERLANG_PORT = b"\x83Y" + NODE + bytes(8)
 ERLANG_EXPORT = b"\x83qd\x00\x05listsd\x00\x03mapa\x02"  # fun lists:map/2
 ERLANG_FUN = (  # fun(X) -> X + N end, one free variable N = 13
@@ -121,9 +119,7 @@ def test_opaque_terms_from_erlang_round_trip_byte_identical(data: bytes, cls: ty
     assert type(term) is cls
     assert term.data == data[1:]
     assert encode(term) == data
-    assert (
-        encode((term, [term])) == b"\x83h\x02" + data[1:] + b"l\x00\x00\x00\x01" + data[1:] + b"j"
-    )
+    assert encode((term, [term])) == b"\x83h\x02" + data[1:] + b"l\x00\x00\x00\x01" + data[1:] + b"j"
 
 
 # ---- exact bytes of what we write ------------------------------------------------------
@@ -358,9 +354,7 @@ def test_mapkey_equality_is_erlang_exact_equality() -> None:
         pytest.param(_map(b"w\x01a", b"a\x01", b"w\x01a", b"a\x02"), id="atoms"),
         pytest.param(_map(b"a\x01", b"a\x01", b"a\x01", b"a\x02"), id="ints"),
         pytest.param(_map(b"j", b"a\x01", b"j", b"a\x02"), id="lists"),
-        pytest.param(
-            _map(b"w\x01a", b"a\x01", b"w\x01a", b"a\x02", b"j", b"j"), id="atoms_then_list"
-        ),
+        pytest.param(_map(b"w\x01a", b"a\x01", b"w\x01a", b"a\x02", b"j", b"j"), id="atoms_then_list"),
     ],
 )
 def test_map_with_duplicate_keys_is_refused(data: bytes) -> None:
@@ -407,25 +401,17 @@ BAD_INPUT = [
     pytest.param(OLD_FUN[:-1], "truncated", id="fun_ext_truncated"),
     pytest.param(OLD_FUN[:5] + b"\x09" + OLD_FUN[6:], "free variables", id="fun_ext_numfree"),
     pytest.param(b"\x83u\x00\x00\x00\x00a\x01", "expected a pid", id="fun_ext_no_pid"),
-    pytest.param(
-        b"\x83P\x00\x00\x00\x05" + zlib.compress(b"a\x01"), "declares 5", id="zlib_size_lie"
-    ),
+    pytest.param(b"\x83P\x00\x00\x00\x05" + zlib.compress(b"a\x01"), "declares 5", id="zlib_size_lie"),
     pytest.param(b"\x83P\x00\x00\x00\x02" + b"garbage", "corrupt", id="zlib_garbage"),
-    pytest.param(
-        b"\x83P\x00\x00\x00\x02" + zlib.compress(b"a\x01")[:-3], "truncated", id="zlib_truncated"
-    ),
-    pytest.param(
-        b"\x83P\x00\x00\x00\x02" + zlib.compress(b"a\x01") + b"x", "trailing", id="zlib_trailing"
-    ),
+    pytest.param(b"\x83P\x00\x00\x00\x02" + zlib.compress(b"a\x01")[:-3], "truncated", id="zlib_truncated"),
+    pytest.param(b"\x83P\x00\x00\x00\x02" + zlib.compress(b"a\x01") + b"x", "trailing", id="zlib_trailing"),
     pytest.param(
         b"\x83P\x00\x00\x00\x03" + zlib.compress(b"a\x01\x00"),
         "trailing bytes",
         id="zlib_term_trailing",
     ),
     pytest.param(b"\x83P\x00\x00", "header", id="zlib_header_truncated"),
-    pytest.param(
-        b"\x83P\xff\xff\xff\xff" + zlib.compress(b"a\x01"), "max_inflated", id="zlib_declares_4gib"
-    ),
+    pytest.param(b"\x83P\xff\xff\xff\xff" + zlib.compress(b"a\x01"), "max_inflated", id="zlib_declares_4gib"),
 ]
 
 
@@ -472,14 +458,17 @@ def test_deep_nesting_is_capped_by_max_depth(tag: bytes) -> None:
         decode(ok, max_depth=99)
 
 
-@pytest.mark.parametrize(("term", "elements"), [
-    pytest.param([[], [], []], 3, id="list-of-empty-lists"),
-    pytest.param((1, (2, 3)), 4, id="tuples"),
-    pytest.param({Atom("a"): [1, 2], 3: 4}, 6, id="map-keys-and-values"),
-    pytest.param(ImproperList([1, 2], b"t"), 2, id="improper-list"),
-    pytest.param(b"x" * 1000, 0, id="binary-is-one-leaf"),
-    pytest.param(Atom("a"), 0, id="atom"),
-])
+@pytest.mark.parametrize(
+    ("term", "elements"),
+    [
+        pytest.param([[], [], []], 3, id="list-of-empty-lists"),
+        pytest.param((1, (2, 3)), 4, id="tuples"),
+        pytest.param({Atom("a"): [1, 2], 3: 4}, 6, id="map-keys-and-values"),
+        pytest.param(ImproperList([1, 2], b"t"), 2, id="improper-list"),
+        pytest.param(b"x" * 1000, 0, id="binary-is-one-leaf"),
+        pytest.param(Atom("a"), 0, id="atom"),
+    ],
+)
 def test_max_elements_counts_every_container_item(term: Any, elements: int) -> None:
     data = encode(term)
     assert decode(data, max_elements=elements) == term
@@ -519,9 +508,7 @@ def _cyclic() -> list[Any]:
 @pytest.mark.parametrize(
     ("term", "message"),
     [
-        pytest.param(
-            Foo(), "cannot encode object of type 'Foo' as an Erlang term", id="unknown_type"
-        ),
+        pytest.param(Foo(), "cannot encode object of type 'Foo' as an Erlang term", id="unknown_type"),
         pytest.param([1, {2: object()}], "type 'object'", id="nested_unknown"),
         pytest.param(complex(1, 2), "type 'complex'", id="complex"),
         pytest.param(float("nan"), "finite", id="nan"),

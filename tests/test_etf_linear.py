@@ -248,8 +248,15 @@ def test_c_decoder_hands_python_each_byte_at_most_once(levels: int) -> None:
 def new_fun(free: list[bytes], uniq: int = 0) -> bytes:
     """A NEW_FUN_EXT (no version byte) with these encoded free variables."""
     body = (
-        b"\x00" + uniq.to_bytes(16, "big") + struct.pack(">II", 0, len(free))
-        + b"w\x01m" + b"a\x00" + b"a\x00" + b"Xw\x01n" + bytes(12) + b"".join(free)
+        b"\x00"
+        + uniq.to_bytes(16, "big")
+        + struct.pack(">II", 0, len(free))
+        + b"w\x01m"
+        + b"a\x00"
+        + b"a\x00"
+        + b"Xw\x01n"
+        + bytes(12)
+        + b"".join(free)
     )
     return b"p" + struct.pack(">I", 4 + len(body)) + body
 

@@ -295,12 +295,15 @@ def test_erlang_agrees_with_the_codec(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     terms = [_random_term(rng, 3) for _ in range(1000)]
     sent, echoed = tmp_path / "python.bin", tmp_path / "echoed.bin"
-    _write_blobs(sent, [encode(t, compressed=6 if i % 5 == 0 else 0, atom_encoding="utf8" if i % 2 else "latin1")
-                        for i, t in enumerate(terms)])
+    _write_blobs(
+        sent,
+        [
+            encode(t, compressed=6 if i % 5 == 0 else 0, atom_encoding="utf8" if i % 2 else "latin1")
+            for i, t in enumerate(terms)
+        ],
+    )
     _escript(script, "echo", sent, echoed)
     back = [decode(b) for b in _read_blobs(echoed)]
     assert len(back) == len(terms)
     wrong = [i for i, (t, b) in enumerate(zip(terms, back)) if t != b]
-    assert not wrong, (
-        f"{len(wrong)} terms changed on the way through Erlang, first: {terms[wrong[0]]!r}"
-    )
+    assert not wrong, f"{len(wrong)} terms changed on the way through Erlang, first: {terms[wrong[0]]!r}"

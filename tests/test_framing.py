@@ -70,8 +70,15 @@ def _attach_if_starts_with_i(data: bytes, start: int, end: int) -> bool:
 
 @pytest.mark.parametrize("step", [None, 1, 5])
 def test_attached_frames_travel_with_the_next_frame(step):
-    frames = [frame(b"ia", 2), frame(b"call1", 2), frame(b"call2", 2), frame(b"ib", 2),
-              frame(b"ic", 2), frame(b"call3", 2), frame(b"id", 2)]
+    frames = [
+        frame(b"ia", 2),
+        frame(b"call1", 2),
+        frame(b"call2", 2),
+        frame(b"ib", 2),
+        frame(b"ic", 2),
+        frame(b"call3", 2),
+        frame(b"id", 2),
+    ]
     buf = FrameBuffer(2, attach=_attach_if_starts_with_i)
     items = feed_all(buf, b"".join(frames), step)
     assert items == [frames[0] + frames[1], frames[2], frames[3] + frames[4] + frames[5]]

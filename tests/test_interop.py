@@ -138,8 +138,17 @@ def atom_encoding(request: pytest.FixtureRequest) -> str:
 
 
 def serve(atom_encoding: str, *flags: str) -> PortClient:
-    return PortClient("--workers", "1", "-m", "pp_interop", "--atom-encoding", atom_encoding,
-                      "--max-frame-bytes", str(MAX_FRAME), *flags)
+    return PortClient(
+        "--workers",
+        "1",
+        "-m",
+        "pp_interop",
+        "--atom-encoding",
+        atom_encoding,
+        "--max-frame-bytes",
+        str(MAX_FRAME),
+        *flags,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +215,9 @@ def test_server_errors(bert_server: PortClient, atom_encoding: str) -> None:
 
 
 def test_user_errors(bert_server: PortClient, atom_encoding: str) -> None:
-    detail = read_error(bert_server.request_frame(call("fail", "no good, café".encode())),
-                        atom_encoding, "user", 0, b"ValueError")
+    detail = read_error(
+        bert_server.request_frame(call("fail", "no good, café".encode())), atom_encoding, "user", 0, b"ValueError"
+    )
     assert detail == "no good, café".encode()
     read_error(bert_server.request_frame(call("unencodable")), atom_encoding, "user", 0, b"EncodeError")
 

@@ -49,8 +49,7 @@ class LedgerMachine(RuleBasedStateMachine):
         seq = self.ledger.next_seq
         assert self.ledger.answer_now(b"o%d;" % seq) == seq
 
-    @rule(slot=st.integers(0, SLOTS - 1), size=st.integers(1, 8), max_bytes=st.integers(1, 64),
-          strict=st.booleans())
+    @rule(slot=st.integers(0, SLOTS - 1), size=st.integers(1, 8), max_bytes=st.integers(1, 64), strict=st.booleans())
     def take_run(self, slot: int, size: int, max_bytes: int, strict: bool) -> None:
         if len(self.ledger.runs[slot]) >= 2:
             return
@@ -128,8 +127,9 @@ class LedgerMachine(RuleBasedStateMachine):
         assert ledger.in_flight == 0 and ledger.held_bytes == 0
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=400, stateful_step_count=60, deadline=None,
-                                           suppress_health_check=list(HealthCheck))
+LedgerMachine.TestCase.settings = settings(
+    max_examples=400, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
 test_ledger_model = LedgerMachine.TestCase
 
 
@@ -179,8 +179,6 @@ def test_a_bystander_is_rerun_at_most_three_times():
         ledger.lost(0, run.base + 1, blame)  # the call after it was running: it is a bystander
     assert handed == MAX_STRIKES
     assert b"".join(ledger.release()) == b"e0:again;"
-
-
 
 
 def test_a_second_reply_for_a_request_is_refused_loudly():

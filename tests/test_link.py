@@ -20,15 +20,18 @@ def _read_all(reader: MessageReader, sock: socket.socket, want: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("size", [0, 10, 70_000, BIG_MESSAGE - 1, BIG_MESSAGE, 5 * BIG_MESSAGE + 3],
-                         ids=["empty", "small", "over-one-read", "just-small", "big", "bigger"])
+@pytest.mark.parametrize(
+    "size",
+    [0, 10, 70_000, BIG_MESSAGE - 1, BIG_MESSAGE, 5 * BIG_MESSAGE + 3],
+    ids=["empty", "small", "over-one-read", "just-small", "big", "bigger"],
+)
 def test_messages_of_every_size_arrive_whole_and_in_order(size):
     a, b = socket.socketpair()
     with a, b:
         payloads = [bytes([i % 251]) * size for i in range(3)]
         sender = threading.Thread(
-            target=lambda: [send_message(a, i + 1, [p[: size // 2], p[size // 2 :]])
-                            for i, p in enumerate(payloads)])
+            target=lambda: [send_message(a, i + 1, [p[: size // 2], p[size // 2 :]]) for i, p in enumerate(payloads)]
+        )
         sender.start()
         got = _read_all(MessageReader(), b, 3)
         sender.join()

@@ -30,8 +30,13 @@ def test_head_is_returned_untouched_when_it_has_enough():
 
 
 def test_consecutive_entries_merge_into_one_run():
-    q = deque([Pending(segment(b"a", b"b"), 10, pos=1), Pending(segment(b"c", skip=b"xyz"), 11),
-               Pending(segment(b"d", b"e"), 12)])
+    q = deque(
+        [
+            Pending(segment(b"a", b"b"), 10, pos=1),
+            Pending(segment(b"c", skip=b"xyz"), 11),
+            Pending(segment(b"d", b"e"), 12),
+        ]
+    )
     head = take_head(q, 100)
     assert head.seq == 10 and head.pos == 0
     assert items(head) == [frame(x) for x in (b"b", b"c", b"d", b"e")]
@@ -53,8 +58,7 @@ def test_a_gap_in_sequence_numbers_is_never_merged():
     assert items(head) == [frame(b"a")] and len(q) == 2
 
 
-@given(st.lists(st.lists(st.binary(max_size=20), min_size=1, max_size=5), min_size=1, max_size=8),
-       st.integers(1, 30))
+@given(st.lists(st.lists(st.binary(max_size=20), min_size=1, max_size=5), min_size=1, max_size=8), st.integers(1, 30))
 def test_merged_items_equal_the_originals_in_order(reads, size):
     buf, q, seq, expected = FrameBuffer(4), deque(), 0, []
     for payloads in reads:

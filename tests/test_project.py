@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _poolport(*args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "poolport", *args], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run([sys.executable, "-m", "poolport", *args], capture_output=True, text=True, check=True).stdout
 
 
 def test_version_is_written_once_and_everything_agrees() -> None:

@@ -62,12 +62,16 @@ def test_closing_fd_1_in_a_handler_cannot_touch_the_reply_stream(server):
 
 
 def _mutations():
-    valid = [etf.encode(call("pp_handlers", "echo", [1, 2.5, b"bin", A("atom"), {A("k"): (1, [])}])),
-             etf.encode((A("info"), A("timeout"), [(A("ms"), 100)])),
-             etf.encode(call("pp_handlers", "twice", 7))]
-    return st.tuples(st.sampled_from(valid),
-                     st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
-                     st.integers(0, 200))
+    valid = [
+        etf.encode(call("pp_handlers", "echo", [1, 2.5, b"bin", A("atom"), {A("k"): (1, [])}])),
+        etf.encode((A("info"), A("timeout"), [(A("ms"), 100)])),
+        etf.encode(call("pp_handlers", "twice", 7)),
+    ]
+    return st.tuples(
+        st.sampled_from(valid),
+        st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+        st.integers(0, 200),
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -114,14 +118,15 @@ def _rss_kb(pid: int) -> int:
 
 def test_back_pressure_keeps_dispatcher_memory_flat_under_overload():
     """300 MB of requests against max_in_flight=200: the dispatcher must not buffer them."""
-    with PortClient("--workers", "1", "-m", "pp_handlers", "--max-in-flight", "200",
-                    "--log-level", "WARNING") as c:
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--max-in-flight", "200", "--log-level", "WARNING") as c:
         c.request(call("pp_handlers", "twice", 1))
         baseline = _rss_kb(c.proc.pid)
         request = frame(etf.encode(call("pp_handlers", "sleep_ms", 0, b"x" * 30_000)))
         total = 10_000  # ~300 MB
-        writer = threading.Thread(target=lambda: c.send_raw(request * 1000) or [
-            c.send_raw(request * 1000) for _ in range(total // 1000 - 1)], daemon=True)
+        writer = threading.Thread(
+            target=lambda: c.send_raw(request * 1000) or [c.send_raw(request * 1000) for _ in range(total // 1000 - 1)],
+            daemon=True,
+        )
         writer.start()
         peak = baseline
         for i in range(total):
@@ -139,7 +144,7 @@ def test_killing_the_erlang_vm_with_sigkill_leaves_no_poolport_process(tmp_path)
         'P = open_port({spawn_executable, "' + sys.executable + '"}, '
         '[{args, ["-m", "poolport", "serve", "--workers", "2", "--module", "pp_handlers", '
         '"--python-path", "' + HANDLERS + '"]}, {packet, 4}, binary, exit_status]), '
-        '{os_pid, OsPid} = erlang:port_info(P, os_pid), '
+        "{os_pid, OsPid} = erlang:port_info(P, os_pid), "
         "Pids = [begin port_command(P, term_to_binary({call, pp_handlers, sleep_ms, [200, x]})), "
         "port_command(P, term_to_binary({call, pp_handlers, getpid, []})), "
         "receive {P, {data, _}} -> ok end, receive {P, {data, D}} -> {reply, W} = binary_to_term(D), W end "
@@ -149,8 +154,7 @@ def test_killing_the_erlang_vm_with_sigkill_leaves_no_poolport_process(tmp_path)
         "timer:sleep(infinity)."
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    erl = subprocess.Popen(["erl", "-noshell", "-eval", script], stdout=subprocess.PIPE, text=True,
-                           env=env)
+    erl = subprocess.Popen(["erl", "-noshell", "-eval", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
         deadline = time.monotonic() + 60

@@ -95,8 +95,7 @@ def test_two_workers_really_run_two_calls_at_once(server):
     assert [r[0] for r in results] == [0, 1, 2, 3]
     assert len({r[1] for r in results}) == 2, "both worker processes served calls"
     spans = sorted((r[2], r[3]) for r in results)
-    assert any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), \
-        "some calls overlapped in time"
+    assert any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), "some calls overlapped in time"
 
 
 @pytest.mark.parametrize(
@@ -144,8 +143,9 @@ def test_element_amplification_is_refused_before_it_is_built():
     """A 60 KB compressed frame that inflates to 60 million `[]` once made a worker peak at
     4.3 GB. Under a 1 GiB worker memory limit it must be a DecodeError naming the limit (not
     a MemoryError), plain or compressed, and the pool serves on; at the limit it decodes."""
-    with PortClient("--workers", "1", "-m", "pp_handlers", "--max-worker-memory-mb", "1024",
-                    "--max-term-elements", "1000") as c:
+    with PortClient(
+        "--workers", "1", "-m", "pp_handlers", "--max-worker-memory-mb", "1024", "--max-term-elements", "1000"
+    ) as c:
         body = _echo_of(_empty_lists(60_000_000))
         bomb = b"\x83P" + len(body).to_bytes(4, "big") + zlib.compress(body, 9)
         assert len(bomb) < 100_000
@@ -174,8 +174,7 @@ def test_unencodable_result_is_a_clear_error(server):
 
 def test_info_timeout_stops_the_call_and_the_pool_carries_on(server):
     timeout = (A("info"), A("timeout"), [(A("ms"), 200)])
-    server.send(timeout, call("pp_handlers", "sleep_ms", 30_000, b"late"),
-                call("pp_handlers", "twice", 5))
+    server.send(timeout, call("pp_handlers", "sleep_ms", 30_000, b"late"), call("pp_handlers", "twice", 5))
     kind, (typ, code, cls, *_rest) = server.recv(timeout=20)
     assert (kind, typ, code, cls) == (ERROR, A("server"), 3, b"Timeout")
     assert server.recv() == (OK, 10)
@@ -193,9 +192,11 @@ def test_config_timeout_applies_per_function(tmp_path):
 
 def test_worker_crash_blames_one_call_and_reruns_the_others(server):
     pids = {server.request(call("pp_handlers", "getpid"))[1] for _ in range(20)}
-    server.send(*[call("pp_handlers", "sleep_ms", 50, i) for i in range(6)],
-                call("pp_handlers", "die"),
-                *[call("pp_handlers", "sleep_ms", 50, i) for i in range(6, 12)])
+    server.send(
+        *[call("pp_handlers", "sleep_ms", 50, i) for i in range(6)],
+        call("pp_handlers", "die"),
+        *[call("pp_handlers", "sleep_ms", 50, i) for i in range(6, 12)],
+    )
     replies = [server.recv(timeout=60) for _ in range(13)]
     assert replies[:6] == [(OK, i) for i in range(6)]
     kind, (typ, code, cls, *_rest) = replies[6]
@@ -299,8 +300,10 @@ def test_bare_mode_speaks_the_seed_protocol():
         assert c.request((A("twice"), 21)) == 42
         assert c.request((A("sum"), 1, 2)) == 3
         assert c.request((A("hello"), list(b"World"))) == b"Hello, World"
-        assert c.request((A("nope"), 1)) == (ERROR, (A("server"), b"NoSuchFunction",
-                                                     b"seed_handlers.nope is not a public function"))
+        assert c.request((A("nope"), 1)) == (
+            ERROR,
+            (A("server"), b"NoSuchFunction", b"seed_handlers.nope is not a public function"),
+        )
 
 
 def test_the_smallest_timeout_set_applies_even_when_the_caller_sends_a_longer_one():

@@ -125,8 +125,10 @@ LEAVES = [None, True, 1, 1.5, b"b", "s", A("a")]
 
 def typed_fn(annotation: Any, *, name: str = "x") -> Any:
     """A handler ``def f(<name>: annotation): return <name>``, wrapped."""
+
     def f(*args: Any) -> Any:
         return args[0]
+
     param = inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
     f.__signature__ = inspect.Signature([param])  # type: ignore[attr-defined]
     f.__annotations__ = {name: annotation}
@@ -142,8 +144,7 @@ def typed_fn(annotation: Any, *, name: str = "x") -> Any:
         # str: a UTF-8 binary, a charlist or an atom
         pytest.param(str, b"World", "World", id="str-binary"),
         pytest.param(str, list(b"World"), "World", id="str-charlist"),
-        pytest.param(str, [74, 111, 115, 233, 0x4E16], "Jos\u00e9\u4e16",
-                     id="str-unicode-charlist"),
+        pytest.param(str, [74, 111, 115, 233, 0x4E16], "Jos\u00e9\u4e16", id="str-unicode-charlist"),
         pytest.param(str, "José".encode(), "José", id="str-utf8-binary"),
         pytest.param(str, Atom("World"), "World", id="str-atom"),
         pytest.param(str, [], "", id="str-empty-charlist"),
@@ -166,8 +167,9 @@ def typed_fn(annotation: Any, *, name: str = "x") -> Any:
         pytest.param(tuple[int, str], (1, b"a"), (1, "a"), id="tuple"),
         pytest.param(tuple[int, str], [1, b"a"], (1, "a"), id="tuple-from-list"),
         pytest.param(tuple[str, ...], (b"a", b"b"), ("a", "b"), id="var-tuple"),
-        pytest.param(dict[str, int], {Atom("a"): 1, b"b": 2, "c": 3}, {"a": 1, "b": 2, "c": 3},
-                     id="dict-atom-and-binary-keys"),
+        pytest.param(
+            dict[str, int], {Atom("a"): 1, b"b": 2, "c": 3}, {"a": 1, "b": 2, "c": 3}, id="dict-atom-and-binary-keys"
+        ),
         pytest.param(dict[str, list[str]], {b"k": [b"v"]}, {"k": ["v"]}, id="dict-nested-values"),
         pytest.param(dict[int, str], {1: b"one"}, {1: "one"}, id="dict-int-keys"),
         pytest.param(dict, {Atom("a"): b"x"}, {Atom("a"): b"x"}, id="bare-dict-untouched"),
@@ -180,24 +182,32 @@ def typed_fn(annotation: Any, *, name: str = "x") -> Any:
         pytest.param(Union[list[int], str], [104, 105], [104, 105], id="union-list-kept-as-list"),
         pytest.param(Union[bytes, str], b"x", b"x", id="union-binary-kept-as-bytes"),
         # Structs, dataclasses, TypedDict, NamedTuple from maps / tuples
-        pytest.param(Person, {Atom("name"): b"Ann", Atom("age"): 30}, Person("Ann", 30),
-                     id="struct-atom-keys"),
-        pytest.param(Person, {b"name": [66], b"age": 7, b"tags": [b"x", Atom("y")]},
-                     Person("B", 7, ["x", "y"]), id="struct-binary-keys"),
-        pytest.param(Person, {Atom("name"): b"A", Atom("age"): 1, Atom("extra"): 1}, Person("A", 1),
-                     id="struct-extra-key-ignored"),
+        pytest.param(Person, {Atom("name"): b"Ann", Atom("age"): 30}, Person("Ann", 30), id="struct-atom-keys"),
+        pytest.param(
+            Person,
+            {b"name": [66], b"age": 7, b"tags": [b"x", Atom("y")]},
+            Person("B", 7, ["x", "y"]),
+            id="struct-binary-keys",
+        ),
+        pytest.param(
+            Person,
+            {Atom("name"): b"A", Atom("age"): 1, Atom("extra"): 1},
+            Person("A", 1),
+            id="struct-extra-key-ignored",
+        ),
         pytest.param(Renamed, {Atom("firstName"): b"Al"}, Renamed("Al"), id="struct-renamed"),
         pytest.param(Row, (1, b"x"), Row(1, "x"), id="struct-array-like"),
-        pytest.param(Union[Circle, Square], {Atom("type"): Atom("Square"), Atom("side"): 2},
-                     Square(2.0), id="tagged-union-atom-tag"),
-        pytest.param(Union[Circle, Square], {b"type": b"Circle", b"r": 1}, Circle(1.0),
-                     id="tagged-union-binary-tag"),
+        pytest.param(
+            Union[Circle, Square],
+            {Atom("type"): Atom("Square"), Atom("side"): 2},
+            Square(2.0),
+            id="tagged-union-atom-tag",
+        ),
+        pytest.param(Union[Circle, Square], {b"type": b"Circle", b"r": 1}, Circle(1.0), id="tagged-union-binary-tag"),
         pytest.param(Point, {Atom("x"): 1, Atom("y"): 2.5}, Point(1.0, 2.5), id="dataclass"),
-        pytest.param(Movie, {b"title": b"Up", b"year": 2009}, {"title": "Up", "year": 2009},
-                     id="typeddict"),
+        pytest.param(Movie, {b"title": b"Up", b"year": 2009}, {"title": "Up", "year": 2009}, id="typeddict"),
         pytest.param(Pair, (1, b"r"), Pair(1, "r"), id="namedtuple"),
-        pytest.param(list[Point], [{Atom("x"): 0, Atom("y"): 0}], [Point(0.0, 0.0)],
-                     id="list-of-dataclass"),
+        pytest.param(list[Point], [{Atom("x"): 0, Atom("y"): 0}], [Point(0.0, 0.0)], id="list-of-dataclass"),
         pytest.param(Optional[Person], None, None, id="optional-struct"),
         # enums and literals: atom (member name, as is or lowercased), binary, or the value
         pytest.param(Color, Atom("red"), Color.RED, id="enum-lowercase-name"),
@@ -213,11 +223,13 @@ def typed_fn(annotation: Any, *, name: str = "x") -> Any:
         pytest.param(Literal[1, 2], 2, 2, id="literal-int"),
         # constraints and text-parsed types
         pytest.param(Annotated[int, msgspec.Meta(ge=1)], 5, 5, id="constrained-int"),
-        pytest.param(Annotated[str, msgspec.Meta(max_length=3)], b"abc", "abc",
-                     id="constrained-str"),
-        pytest.param(datetime, b"2024-01-02T03:04:05Z",
-                     datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
-                     id="datetime-from-binary"),
+        pytest.param(Annotated[str, msgspec.Meta(max_length=3)], b"abc", "abc", id="constrained-str"),
+        pytest.param(
+            datetime,
+            b"2024-01-02T03:04:05Z",
+            datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+            id="datetime-from-binary",
+        ),
         pytest.param(uuid.UUID, UUID.encode(), uuid.UUID(UUID), id="uuid-from-binary"),
         pytest.param(Decimal, b"1.25", Decimal("1.25"), id="decimal-from-binary"),
         # explicit Erlang types
@@ -258,78 +270,69 @@ def test_str_parameter_gets_a_plain_str_not_an_atom():
         pytest.param(int, True, "Expected int, got boolean - at x", id="int-bool"),
         pytest.param(int, None, "Expected int, got undefined - at x", id="int-undefined"),
         pytest.param(int, Pid(b"p"), "Expected int, got pid - at x", id="int-pid"),
-        pytest.param(int, ImproperList([1], 2), "Expected int, got improper list - at x",
-                     id="int-improper"),
-        pytest.param(int, BitString(b"\x80", 1), "Expected int, got bitstring - at x",
-                     id="int-bitstring"),
+        pytest.param(int, ImproperList([1], 2), "Expected int, got improper list - at x", id="int-improper"),
+        pytest.param(int, BitString(b"\x80", 1), "Expected int, got bitstring - at x", id="int-bitstring"),
         pytest.param(str, 42, "Expected str, got integer - at x", id="str-integer"),
-        pytest.param(str, b"\xff\xfe", "Expected str, got binary that is not valid UTF-8 - at x",
-                     id="str-bad-utf8"),
-        pytest.param(str, [1, b"x"], "Expected str, got list that is not a charlist - at x",
-                     id="str-not-charlist"),
-        pytest.param(str, [0x110000], "Expected str, got list that is not a charlist - at x",
-                     id="str-out-of-range"),
+        pytest.param(str, b"\xff\xfe", "Expected str, got binary that is not valid UTF-8 - at x", id="str-bad-utf8"),
+        pytest.param(str, [1, b"x"], "Expected str, got list that is not a charlist - at x", id="str-not-charlist"),
+        pytest.param(str, [0x110000], "Expected str, got list that is not a charlist - at x", id="str-out-of-range"),
         pytest.param(str, {}, "Expected str, got map - at x", id="str-map"),
-        pytest.param(bytes, Atom("a"), "Expected bytes, got atom - at x",
-                     id="bytes-atom-no-base64"),
-        pytest.param(bytes, list(b"ab"), "Expected bytes, got charlist - at x",
-                     id="bytes-charlist"),
+        pytest.param(bytes, Atom("a"), "Expected bytes, got atom - at x", id="bytes-atom-no-base64"),
+        pytest.param(bytes, list(b"ab"), "Expected bytes, got charlist - at x", id="bytes-charlist"),
         pytest.param(bool, 1, "Expected bool, got integer - at x", id="bool-integer"),
         pytest.param(float, b"1.5", "Expected float, got binary - at x", id="float-binary"),
         pytest.param(list[int], b"ab", "Expected list[int], got binary - at x", id="list-binary"),
-        pytest.param(list[int], [1, Atom("two")], "Expected int, got atom - at x[1]",
-                     id="list-item"),
-        pytest.param(list[list[int]], [[1], [2, b"3"]], "Expected int, got binary - at x[1][1]",
-                     id="nested-item"),
-        pytest.param(tuple[int, str], (1, 2), "Expected str, got integer - at x[1]",
-                     id="tuple-item"),
-        pytest.param(tuple[int, str], (1,), "Expected tuple of length 2, got 1 - at x",
-                     id="tuple-length"),
-        pytest.param(tuple[int, str], 7, "Expected tuple[int, str], got integer - at x",
-                     id="tuple-integer"),
-        pytest.param(dict[str, int], {b"a": b"1"}, "Expected int, got binary - at x[...]",
-                     id="dict-value"),
-        pytest.param(dict[str, int], {1: 1}, "Expected str, got integer - at key in x",
-                     id="dict-key"),
-        pytest.param(dict[str, int], [1], "Expected dict[str, int], got list - at x",
-                     id="dict-list"),
+        pytest.param(list[int], [1, Atom("two")], "Expected int, got atom - at x[1]", id="list-item"),
+        pytest.param(list[list[int]], [[1], [2, b"3"]], "Expected int, got binary - at x[1][1]", id="nested-item"),
+        pytest.param(tuple[int, str], (1, 2), "Expected str, got integer - at x[1]", id="tuple-item"),
+        pytest.param(tuple[int, str], (1,), "Expected tuple of length 2, got 1 - at x", id="tuple-length"),
+        pytest.param(tuple[int, str], 7, "Expected tuple[int, str], got integer - at x", id="tuple-integer"),
+        pytest.param(dict[str, int], {b"a": b"1"}, "Expected int, got binary - at x[...]", id="dict-value"),
+        pytest.param(dict[str, int], {1: 1}, "Expected str, got integer - at key in x", id="dict-key"),
+        pytest.param(dict[str, int], [1], "Expected dict[str, int], got list - at x", id="dict-list"),
         pytest.param(Optional[int], b"1", "Expected int | None, got binary - at x", id="optional"),
         pytest.param(Union[int, str], 1.5, "Expected int | str, got float - at x", id="union"),
-        pytest.param(Person, {Atom("name"): b"A", Atom("age"): b"old"},
-                     "Expected int, got binary - at x.age",
-                     id="struct-field"),
-        pytest.param(Person, {Atom("name"): b"A"}, "Map missing required field age - at x",
-                     id="struct-missing"),
+        pytest.param(
+            Person, {Atom("name"): b"A", Atom("age"): b"old"}, "Expected int, got binary - at x.age", id="struct-field"
+        ),
+        pytest.param(Person, {Atom("name"): b"A"}, "Map missing required field age - at x", id="struct-missing"),
         pytest.param(Person, 5, "Expected Person, got integer - at x", id="struct-integer"),
-        pytest.param(Person, {Atom("name"): b"A", Atom("age"): 1, Atom("tags"): [b"a", 5]},
-                     "Expected str, got integer - at x.tags[1]", id="struct-nested"),
-        pytest.param(Strict, {Atom("a"): 1, Atom("b"): 2}, "Map contains unknown field b - at x",
-                     id="struct-unknown"),
+        pytest.param(
+            Person,
+            {Atom("name"): b"A", Atom("age"): 1, Atom("tags"): [b"a", 5]},
+            "Expected str, got integer - at x.tags[1]",
+            id="struct-nested",
+        ),
+        pytest.param(Strict, {Atom("a"): 1, Atom("b"): 2}, "Map contains unknown field b - at x", id="struct-unknown"),
         pytest.param(Row, (1, 2), "Expected str, got integer - at x[1]", id="array-like"),
-        pytest.param(Point, {Atom("x"): 1}, "Map missing required field y - at x",
-                     id="dataclass-missing"),
-        pytest.param(Point, {Atom("x"): b"1", Atom("y"): 1}, "Expected float, got binary - at x.x",
-                     id="dataclass-field"),
-        pytest.param(list[Point], [{Atom("x"): 1, Atom("y"): Atom("no")}],
-                     "Expected float, got atom - at x[0].y",
-                     id="list-of-dataclass"),
-        pytest.param(Union[Circle, Square], {Atom("type"): Atom("Tri")},
-                     "Invalid value 'Tri' - at x.type",
-                     id="tagged-union"),
-        pytest.param(Color, Atom("blue"), "Invalid value 'blue', expected one of red, green - at x",
-                     id="enum-name"),
+        pytest.param(Point, {Atom("x"): 1}, "Map missing required field y - at x", id="dataclass-missing"),
+        pytest.param(
+            Point, {Atom("x"): b"1", Atom("y"): 1}, "Expected float, got binary - at x.x", id="dataclass-field"
+        ),
+        pytest.param(
+            list[Point],
+            [{Atom("x"): 1, Atom("y"): Atom("no")}],
+            "Expected float, got atom - at x[0].y",
+            id="list-of-dataclass",
+        ),
+        pytest.param(
+            Union[Circle, Square], {Atom("type"): Atom("Tri")}, "Invalid value 'Tri' - at x.type", id="tagged-union"
+        ),
+        pytest.param(Color, Atom("blue"), "Invalid value 'blue', expected one of red, green - at x", id="enum-name"),
         pytest.param(Color, 7, "Invalid value 7 - at x", id="enum-value"),
-        pytest.param(Optional[Color], Atom("blue"),
-                     "Invalid value 'blue', expected one of red, green - at x",
-                     id="optional-enum"),
-        pytest.param(Literal["on", "off"], b"maybe",
-                     "Invalid value 'maybe', expected one of off, on - at x",
-                     id="literal"),
-        pytest.param(Annotated[int, msgspec.Meta(ge=1)], 0, "Expected int >= 1 - at x",
-                     id="constraint"),
-        pytest.param(Annotated[str, msgspec.Meta(max_length=2)], b"abc",
-                     "Expected str of length <= 2 - at x",
-                     id="constraint-str"),
+        pytest.param(
+            Optional[Color], Atom("blue"), "Invalid value 'blue', expected one of red, green - at x", id="optional-enum"
+        ),
+        pytest.param(
+            Literal["on", "off"], b"maybe", "Invalid value 'maybe', expected one of off, on - at x", id="literal"
+        ),
+        pytest.param(Annotated[int, msgspec.Meta(ge=1)], 0, "Expected int >= 1 - at x", id="constraint"),
+        pytest.param(
+            Annotated[str, msgspec.Meta(max_length=2)],
+            b"abc",
+            "Expected str of length <= 2 - at x",
+            id="constraint-str",
+        ),
         pytest.param(datetime, b"nope", "Invalid RFC3339 encoded datetime - at x", id="datetime"),
         pytest.param(Atom, b"ok", "Expected Atom, got binary - at x", id="atom-binary"),
         pytest.param(Pid, b"pid", "Expected Pid, got binary - at x", id="pid-binary"),
@@ -346,6 +349,7 @@ def test_conversion_error_names_the_argument_and_the_expectation(annotation, val
 def test_none_atom_is_named_as_configured():
     def f(n: int) -> int:
         return n
+
     with pytest.raises(ArgumentError, match=r"^Expected int, got nil - at n$"):
         typed.wrap(f, none_atom="nil")(None)
 
@@ -380,6 +384,7 @@ def test_positional_defaults_and_varargs():
 def test_wrong_number_of_arguments(args, message):
     def two(a: int, b: int) -> int:
         return a + b
+
     with pytest.raises(ArgumentError) as info:
         typed.wrap(two)(*args)
     assert str(info.value) == message
@@ -388,6 +393,7 @@ def test_wrong_number_of_arguments(args, message):
 def test_optional_argument_count_range():
     def opt(a: int, b: int = 0) -> int:
         return a + b
+
     message = r"^Expected 1 to 2 arguments \(a, b\), got 3 - at opt$"
     with pytest.raises(ArgumentError, match=message):
         typed.wrap(opt)(1, 2, 3)
@@ -470,25 +476,27 @@ class Box:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        pytest.param(Person("Ann", 3, ["x"]), {A("name"): "Ann", A("age"): 3, A("tags"): ["x"]},
-                     id="struct"),
+        pytest.param(Person("Ann", 3, ["x"]), {A("name"): "Ann", A("age"): 3, A("tags"): ["x"]}, id="struct"),
         pytest.param(Renamed("Al"), {A("firstName"): "Al"}, id="struct-encode-name"),
         pytest.param(Row(1, "x"), (1, "x"), id="struct-array-like-tuple"),
         pytest.param(Circle(1.0), {A("type"): A("Circle"), A("r"): 1.0}, id="struct-tagged"),
         pytest.param(Point(1.0, 2.0), {A("x"): 1.0, A("y"): 2.0}, id="dataclass"),
-        pytest.param(Box(Point(0.0, 1.0), Color.GREEN, [Person("a", 1), {Color.RED: {Color.RED}}]),
-                     {A("point"): {A("x"): 0.0, A("y"): 1.0}, A("color"): A("green"),
-                      A("items"): [{A("name"): "a", A("age"): 1, A("tags"): []},
-                                   {A("red"): [A("red")]}]},
-                     id="nested"),
+        pytest.param(
+            Box(Point(0.0, 1.0), Color.GREEN, [Person("a", 1), {Color.RED: {Color.RED}}]),
+            {
+                A("point"): {A("x"): 0.0, A("y"): 1.0},
+                A("color"): A("green"),
+                A("items"): [{A("name"): "a", A("age"): 1, A("tags"): []}, {A("red"): [A("red")]}],
+            },
+            id="nested",
+        ),
         pytest.param(Color.RED, A("red"), id="enum-lowercased-name"),
         pytest.param(Mode.FAST, Mode.FAST, id="str-enum-stays-a-str"),
         pytest.param(Level.HIGH, Level.HIGH, id="int-enum-stays-an-int"),
         pytest.param((Color.RED, [Color.GREEN]), (A("red"), [A("green")]), id="tuple-list"),
         pytest.param(Pair(1, "a"), (1, "a"), id="namedtuple"),
         pytest.param(frozenset({Color.RED}), [A("red")], id="frozenset"),
-        pytest.param(ImproperList([Color.RED], Color.GREEN), ImproperList([A("red")], A("green")),
-                     id="improper"),
+        pytest.param(ImproperList([Color.RED], Color.GREEN), ImproperList([A("red")], A("green")), id="improper"),
         pytest.param(MapKey([Color.RED]), MapKey([A("red")]), id="mapkey"),
         pytest.param(Pid(b"X"), Pid(b"X"), id="pid"),
         pytest.param(BitString(b"\x80", 1), BitString(b"\x80", 1), id="bitstring"),
@@ -506,8 +514,7 @@ def test_to_term(value, expected):
     [
         pytest.param(object(), "object", id="object"),
         pytest.param([1, {A("k"): datetime(2024, 1, 1)}], "datetime", id="nested-datetime"),
-        pytest.param(Person("a", 1, [object()]), "object",
-                     id="inside-struct"),  # type: ignore[list-item]
+        pytest.param(Person("a", 1, [object()]), "object", id="inside-struct"),  # type: ignore[list-item]
     ],
 )
 def test_to_term_names_the_unsupported_type(value, type_name):
@@ -518,6 +525,7 @@ def test_to_term_names_the_unsupported_type(value, type_name):
 def test_enum_results_round_trip_to_atoms_and_back():
     def paint(c: Color) -> Color:
         return c
+
     term = typed.to_term(typed.wrap(paint)(A("green")))
     assert term == A("green") and typed.wrap(paint)(term) is Color.GREEN
 
@@ -528,12 +536,14 @@ def test_enum_results_round_trip_to_atoms_and_back():
 def test_decorator_records_settings_and_returns_the_same_function():
     def f(x):
         return x
+
     assert poolport.handler(timeout_ms=500, name="eff")(f) is f
     assert settings_of(f) == HandlerSettings(500, "eff") and exposed_name(f) == "eff"
 
     @poolport.handler
     def g(x):
         return x
+
     assert settings_of(g) == HandlerSettings(None, None) and exposed_name(g) is None
     assert settings_of(len) is None and settings_of(42) is None
 
@@ -693,10 +703,11 @@ def ask(worker: Worker, *request: Any) -> Any:
 
 def test_worker_converts_arguments_and_results(make_worker):
     worker, _ = make_worker()
-    assert ask(worker, A("call"), A("pp_typed"), A("greet"), [list(b"World")]) == \
-        (OK, b"Hello, World")
-    assert ask(worker, A("call"), A("pp_typed"), A("birthday"), [{b"name": b"A", b"age": 1}]) == \
-        (OK, {A("name"): b"A", A("age"): 2, A("tags"): []})
+    assert ask(worker, A("call"), A("pp_typed"), A("greet"), [list(b"World")]) == (OK, b"Hello, World")
+    assert ask(worker, A("call"), A("pp_typed"), A("birthday"), [{b"name": b"A", b"age": 1}]) == (
+        OK,
+        {A("name"): b"A", A("age"): 2, A("tags"): []},
+    )
     assert ask(worker, A("call"), A("pp_typed"), A("next_color"), [A("green")]) == (OK, A("blue"))
     assert ask(worker, A("call"), A("pp_handlers"), A("echo"), [b"raw"]) == (OK, b"raw")  # untyped
 
@@ -704,8 +715,16 @@ def test_worker_converts_arguments_and_results(make_worker):
 def test_worker_argument_error_is_a_user_error_without_handler_traceback(make_worker):
     worker, _ = make_worker()
     reply = ask(worker, A("call"), A("pp_typed"), A("add"), [1, b"2"])
-    assert reply == (ERROR, (A("user"), 0, b"ArgumentError", b"Expected int, got binary - at b",
-                             [b"ArgumentError: Expected int, got binary - at b"]))
+    assert reply == (
+        ERROR,
+        (
+            A("user"),
+            0,
+            b"ArgumentError",
+            b"Expected int, got binary - at b",
+            [b"ArgumentError: Expected int, got binary - at b"],
+        ),
+    )
     assert ask(worker, A("cast"), A("pp_typed"), A("add"), [1, b"2"]) == (A("noreply"),)
 
 
@@ -734,8 +753,11 @@ def test_bare_mode_uses_typed_handlers_too(monkeypatch):
     worker = Worker(config)
     assert etf.decode(worker.handle(etf.encode((A("greet"), list(b"Bare"))))) == b"Hello, Bare"
     person = {A("name"): b"A", A("age"): 1}
-    assert etf.decode(worker.handle(etf.encode((A("birthday"), person)))) == \
-        {A("name"): b"A", A("age"): 2, A("tags"): []}
+    assert etf.decode(worker.handle(etf.encode((A("birthday"), person)))) == {
+        A("name"): b"A",
+        A("age"): 2,
+        A("tags"): [],
+    }
 
 
 @pytest.mark.parametrize(
@@ -743,12 +765,9 @@ def test_bare_mode_uses_typed_handlers_too(monkeypatch):
     [
         pytest.param({}, "slow", 300, id="decorator"),
         pytest.param({"timeout_ms": 9000}, "slow", 300, id="decorator-beats-global"),
-        pytest.param({"functions": {"pp_typed.slow": {"timeout_ms": 5000}}}, "slow", 5000,
-                     id="config-function-wins"),
-        pytest.param({"functions": {"pp_typed": {"timeout_ms": 4000}}}, "slow", 300,
-                     id="decorator-below-module-wins"),
-        pytest.param({"functions": {"pp_typed": {"timeout_ms": 200}}}, "slow", 200,
-                     id="module-below-decorator-wins"),
+        pytest.param({"functions": {"pp_typed.slow": {"timeout_ms": 5000}}}, "slow", 5000, id="config-function-wins"),
+        pytest.param({"functions": {"pp_typed": {"timeout_ms": 4000}}}, "slow", 300, id="decorator-below-module-wins"),
+        pytest.param({"functions": {"pp_typed": {"timeout_ms": 200}}}, "slow", 200, id="module-below-decorator-wins"),
         pytest.param({"timeout_ms": 9000}, "greet", 9000, id="undecorated-global"),
         pytest.param({}, "greet", 0, id="undecorated-none"),
     ],
@@ -771,14 +790,18 @@ def test_info_timeout_beats_the_decorator(make_worker):
 
 def test_serve_typed_calls_end_to_end():
     with PortClient("--workers", "2", "-m", "pp_typed") as c:
-        c.send(call("pp_typed", "greet", b"World"), call("pp_typed", "greet", list(b"World")),
-               call("pp_typed", "greet", A("World")), call("pp_typed", "greet", 42),
-               call("pp_typed", "describe", {b"name": b"Bob", b"age": 7}),
-               call("pp_typed", "mirror", {A("x"): 1, A("y"): 2}), call("pp_typed", "no_state"))
+        c.send(
+            call("pp_typed", "greet", b"World"),
+            call("pp_typed", "greet", list(b"World")),
+            call("pp_typed", "greet", A("World")),
+            call("pp_typed", "greet", 42),
+            call("pp_typed", "describe", {b"name": b"Bob", b"age": 7}),
+            call("pp_typed", "mirror", {A("x"): 1, A("y"): 2}),
+            call("pp_typed", "no_state"),
+        )
         assert [c.recv() for _ in range(3)] == [(OK, b"Hello, World")] * 3
         message = b"Expected str, got integer - at name"
-        assert c.recv() == (ERROR, (A("user"), 0, b"ArgumentError", message,
-                                    [b"ArgumentError: " + message]))
+        assert c.recv() == (ERROR, (A("user"), 0, b"ArgumentError", message, [b"ArgumentError: " + message]))
         assert c.recv() == (OK, b"Bob (7): no tags")
         assert c.recv() == (OK, {A("x"): -1.0, A("y"): -2.0})
         kind, (typ, _code, cls, detail, _trace) = c.recv()
@@ -788,8 +811,7 @@ def test_serve_typed_calls_end_to_end():
 def test_worker_init_runs_once_per_worker_and_state_persists(tmp_path):
     log_path = tmp_path / "inits"
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"workers: 2\nworker_init: 'pp_typed:init'\n"
-                   f"worker_init_args: [{str(log_path)!r}, model-v1]\n")
+    cfg.write_text(f"workers: 2\nworker_init: 'pp_typed:init'\nworker_init_args: [{str(log_path)!r}, model-v1]\n")
     n = 400
     with PortClient("-m", "pp_typed", config=str(cfg)) as c:
         replies: list[Any] = []
@@ -846,10 +868,8 @@ def test_example_config_serves_the_example_module():
     with PortClient("--workers", "2", config=TYPED_CONFIG) as c:
         assert c.request(call("typed_handlers", "greet", list(b"World"))) == (OK, b"Hello, World")
         order = {b"item": b"tea", b"quantity": 3, b"unit_price": 2.5}
-        assert c.request(call("typed_handlers", "quote", order)) == \
-            (OK, {A("item"): b"tea", A("total"): 7.5})
-        assert c.request(call("typed_handlers", "classify", b"awful, just awful")) == \
-            (OK, A("negative"))
+        assert c.request(call("typed_handlers", "quote", order)) == (OK, {A("item"): b"tea", A("total"): 7.5})
+        assert c.request(call("typed_handlers", "classify", b"awful, just awful")) == (OK, A("negative"))
         assert c.request(call("typed_handlers", "classify", b"fine")) == (OK, A("neutral"))
         assert c.request(call("typed_handlers", "words", b"a b c d", 2)) == (OK, [b"a", b"b"])
         pids = {c.request(call("typed_handlers", "model_pid"))[1] for _ in range(20)}
@@ -863,8 +883,7 @@ TYPED_CLIENT = str(ROOT / "tests" / "erl" / "typed_client.escript")
 
 
 def argument_error(message: str) -> str:
-    return (f'{{error,{{user,0,<<"ArgumentError">>,<<"{message}">>,'
-            f'[<<"ArgumentError: {message}">>]}}}}')
+    return f'{{error,{{user,0,<<"ArgumentError">>,<<"{message}">>,[<<"ArgumentError: {message}">>]}}}}'
 
 
 EXPECTED_FROM_ERLANG = {
@@ -903,8 +922,7 @@ EXPECTED_FROM_ERLANG = {
     "birthday": '{reply,#{age => 31,name => <<"Ann">>,tags => []}}',
     "mirror": "{reply,#{x => -1.0,y => 2.5}}",
     "next_color": "{reply,red}",
-    "next_color_bad":
-        argument_error("Invalid value 'purple', expected one of red, green, blue - at c"),
+    "next_color_bad": argument_error("Invalid value 'purple', expected one of red, green, blue - at c"),
     "charlist_out": '{reply,"hi"}',
     "atom_out": "{reply,made_in_python}",
     "bits_out": "{reply,<<255,1:1>>}",
@@ -913,9 +931,8 @@ EXPECTED_FROM_ERLANG = {
     "improper": "{reply,{[1,2],tail}}",
     "raw_untyped": '{reply,[<<"bytes">>,<<"as is">>]}',
     "alias": '{reply,<<"Hi, Erlang">>}',
-    "alias_hides_python_name":
-        '{error,{server,2,<<"NoSuchFunction">>,'
-        '<<"pp_typed.greet_impl is not a public function">>,[]}}',
+    "alias_hides_python_name": '{error,{server,2,<<"NoSuchFunction">>,'
+    '<<"pp_typed.greet_impl is not a public function">>,[]}}',
     "example_greet": '{reply,<<"Hello, World">>}',
     "example_quote": '{reply,#{item => <<"tea">>,total => 7.5}}',
     "example_classify": "{reply,positive}",
@@ -929,9 +946,24 @@ def erlang_replies() -> dict[str, str]:
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath}
     proc = subprocess.run(
-        [ESCRIPT, TYPED_CLIENT, sys.executable, "--", "--workers", "2", "--config", TYPED_CONFIG,
-         "--module", "pp_typed", "--python-path", HANDLERS],
-        env=env, capture_output=True, timeout=180)
+        [
+            ESCRIPT,
+            TYPED_CLIENT,
+            sys.executable,
+            "--",
+            "--workers",
+            "2",
+            "--config",
+            TYPED_CONFIG,
+            "--module",
+            "pp_typed",
+            "--python-path",
+            HANDLERS,
+        ],
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
     out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 0 and out.endswith("done\n"), out + err
     return dict(line.split(" => ", 1) for line in out.splitlines()[:-1])

@@ -76,10 +76,13 @@ def test_a_run_of_mixed_frames_gets_one_reply_per_call_in_order():
     assert replies[3][0] == Atom("error") and replies[5] == (Atom("noreply"),)
 
 
-@pytest.mark.parametrize(("atom_encoding", "reply_head"), [
-    ("latin1", b"\x83h\x02d\x00\x05reply"),  # what OTP 25 writes: every BERT client reads it
-    ("utf8", b"\x83h\x02w\x05reply"),
-])
+@pytest.mark.parametrize(
+    ("atom_encoding", "reply_head"),
+    [
+        ("latin1", b"\x83h\x02d\x00\x05reply"),  # what OTP 25 writes: every BERT client reads it
+        ("utf8", b"\x83h\x02w\x05reply"),
+    ],
+)
 def test_every_reply_writes_atoms_the_configured_way(atom_encoding, reply_head):
     w = Worker(Config(modules=["pp_handlers"], atom_encoding=atom_encoding), {"workers": 1})
     for name, payload in REQUESTS.items():

@@ -34,8 +34,10 @@ SAMPLES = {
     "tuple": (Atom("ok"), 1, b"x"),
     "empty_tuple": (),
     "map": {Atom("a"): 1, b"k": [1, 2], 3: None},
-    "nested": {Atom("users"): [{Atom("name"): "Ann", Atom("tags"): (Atom("admin"), True)}],
-               Atom("count"): (1, [None, False, -(2**40)])},
+    "nested": {
+        Atom("users"): [{Atom("name"): "Ann", Atom("tags"): (Atom("admin"), True)}],
+        Atom("count"): (1, [None, False, -(2**40)]),
+    },
     "nested_without_maps": [(Atom("error"), [Atom("é"), (b"x", [1.0, [[]]])]), None],
 }
 
