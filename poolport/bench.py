@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import gc
+import importlib
 import os
 import platform
 import random
@@ -354,11 +356,11 @@ def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report
     if big:
         phases += bigs
     runs: dict[str, list[dict[str, Phase]]] = {"reference": [], "poolport": []}
-    for r in range(plan.rounds):
+    for round_ in range(plan.rounds):
         for side, cmd in (("reference", reference_cmd()), ("poolport", poolport_cmd(workers))):
             log(
                 f"{'tiny' if tiny else ''}{'+' if tiny and big else ''}{'big' if big else ''} "
-                f"round {r + 1}/{plan.rounds}: {side}"
+                f"round {round_ + 1}/{plan.rounds}: {side}"
             )
             res = drive(phases, cmd)
             runs[side].append(res)
@@ -368,7 +370,7 @@ def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report
                     extra = f", p50 {ph.p50_us} µs, p99 {ph.p99_us} µs"
                 log(f"    {spec}: {ph.calls / ph.seconds:,.0f} calls/s{extra}")
 
-    def best(side: str, spec: str, get: Callable[[Phase], float | None], low: bool = False):
+    def best(side: str, spec: str, get: Callable[[Phase], float | None], low: bool = False) -> float | None:
         return _best([get(res[spec]) for res in runs[side]], low)
 
     def rate(ph: Phase) -> float:
@@ -572,13 +574,13 @@ def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], A
 
     libs: dict[str, Any] = {"poolport": (etf.encode, etf.decode)}
     try:
-        import erlang  # erlang_py
+        erlang = importlib.import_module("erlang")  # erlang_py
 
         libs["erlang_py"] = (erlang.term_to_binary, erlang.binary_to_term)
     except (ImportError, AttributeError):  # AttributeError: the repo's erlang/ dir, not erlang_py
         libs["erlang_py"] = "not installed"
     try:
-        import erlpack
+        erlpack = importlib.import_module("erlpack")
 
         libs["erlpack"] = (erlpack.pack, erlpack.unpack)
     except (ImportError, AttributeError):
@@ -608,8 +610,8 @@ def run_codec(plan: Plan, report: Report) -> None:
                 broken[name] = f"error: {type(exc).__name__}"
                 log(f"codec {case}: {name} cannot round-trip it: {exc!r}")
                 continue
-            timers[(name, "encode")] = _time_best(lambda e=enc, x=native: e(x), plan.codec_min_time)
-            timers[(name, "decode")] = _time_best(lambda d=dec: d(data), plan.codec_min_time)
+            timers[(name, "encode")] = _time_best(functools.partial(enc, native), plan.codec_min_time)
+            timers[(name, "decode")] = _time_best(functools.partial(dec, data), plan.codec_min_time)
         log(
             f"codec {case} ({len(data):,} bytes): {plan.codec_repeats} interleaved repeats "
             f"of {', '.join(sorted({k[0] for k in timers}))}"
@@ -635,8 +637,7 @@ def run_codec(plan: Plan, report: Report) -> None:
             pp = figure("poolport", op)
             for other, with_bar in (("erlang_py", True), ("erlpack", False)):
                 ref = figure(other, op)
-                num = isinstance(pp, float) and isinstance(ref, float)
-                r = pp / ref if num else None
+                r = pp / ref if isinstance(pp, float) and isinstance(ref, float) else None
                 bar, ok = "—", None
                 if with_bar:
                     bar, ok = "ratio ≥ 1.00", (None if r is None else r >= 1.0)

@@ -21,7 +21,9 @@ import msgspec
 def explain(raw: dict[str, Any], schema: type[msgspec.Struct], path: str = "") -> str | None:
     """The first problem in ``raw`` against ``schema`` in words, or None if none is found."""
     hints = typing.get_type_hints(schema, include_extras=True)
-    infos = {f.name: f.type for f in msgspec.inspect.type_info(schema).fields}
+    info = msgspec.inspect.type_info(schema)
+    assert isinstance(info, msgspec.inspect.StructType)
+    infos = {f.name: f.type for f in info.fields}
     for key, value in raw.items():
         where = f"{path}{key}"
         if key not in hints:

@@ -444,7 +444,7 @@ class Dispatcher:
                 break
             if busy and not pipeline:
                 continue
-            run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy)
+            run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy > 0)
             if run is not None:
                 self._send_run(self.slots[index], run)
 
@@ -789,7 +789,7 @@ def sweep_stale_dirs(root: str | None = None) -> list[str]:
     A pid reused by another process keeps its directory until a later sweep: harmless.
     """
     root = root or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(root)
     except OSError:

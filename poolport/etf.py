@@ -102,10 +102,11 @@ from poolport.terms import (
     use_canonical,
 )
 
+_cetf: Any
 try:  # the optional C accelerator (setup.py builds it when a compiler is there)
-    from poolport import _cetf
+    from poolport import _cetf  # type: ignore[attr-defined,no-redef]  # built in place, no stub
 except ImportError:  # pragma: no cover - depends on the build
-    _cetf = None  # type: ignore[assignment]
+    _cetf = None
 
 __all__ = ["ACCELERATED", "ATOM_ENCODINGS", "AtomEncoding", "canonical", "decode", "encode"]
 
@@ -707,7 +708,8 @@ def _decoder(none_atom: str | None) -> Dec:
 
 def _c_decoder(fallback: Dec, none_atom: str | None) -> Dec:
     """The C decoder that hands what it does not take to ``fallback`` (the Python ``dec``)."""
-    return _cetf.Decoder(fallback, _special_atoms(none_atom), Atom, ImproperList, _map_with_wrapped_keys).decode
+    decoder: Dec = _cetf.Decoder(fallback, _special_atoms(none_atom), Atom, ImproperList, _map_with_wrapped_keys).decode
+    return decoder
 
 
 def _inflate(data: bytes, max_inflated: int) -> bytes:

@@ -37,7 +37,7 @@ class Opaque:
         self.data = bytes(data)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.data == self.data  # type: ignore[attr-defined]
+        return type(other) is type(self) and other.data == self.data
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.data))

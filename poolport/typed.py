@@ -364,12 +364,12 @@ def _union(infos: tuple[Any, ...]) -> Normaliser | None:
     members = [(info, _native(info), _compile(info)) for info in infos]
     if not any(n for _, _, n in members):
         return None
-    tagged = [i for i in infos if isinstance(i, mi.StructType) and i.tag_field is not None]
     by_tag: dict[tuple[str, Any], Normaliser] = {}
-    for info in tagged:
-        n = _compile(info)
-        if n is not None:
-            by_tag[(info.tag_field, info.tag)] = n
+    for info in infos:
+        if isinstance(info, mi.StructType) and info.tag_field is not None:
+            tagged = _compile(info)
+            if tagged is not None:
+                by_tag[(info.tag_field, info.tag)] = tagged
     converters = [
         n
         for info, _, n in members
@@ -379,13 +379,13 @@ def _union(infos: tuple[Any, ...]) -> Normaliser | None:
     def norm(v: Any) -> Any:
         if by_tag and type(v) is dict:  # a tagged union of Structs: the tag picks the member
             keyed = {_key(k): x for k, x in v.items()}
-            for (field, tag), n in by_tag.items():
+            for (field, tag), member in by_tag.items():
                 if field in keyed and _text(keyed[field]) == tag:
-                    return n(v)
+                    return member(v)
         for _info, native, n in members:
             if native(v):
                 return v if n is None else n(v)
-        invalid = None
+        invalid: Any = None
         for n in converters:  # a binary, charlist or atom for `str | ...`, `Color | None`, ...
             out = n(v)
             if isinstance(out, _Invalid):
@@ -519,7 +519,7 @@ class Plan:
     def __init__(self, fn: Callable[..., Any], none_atom: str = "undefined") -> None:
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)
-        self.name: str = exposed_name(fn) or getattr(fn, "__name__", "handler")  # as Erlang says
+        self.name: str = exposed_name(fn) or str(getattr(fn, "__name__", "handler"))  # as Erlang says
         self.names: list[str] = []  # positional parameters, in order
         self.params: list[tuple[int, _Param]] = []  # the annotated ones, by index
         self.varargs: _Param | None = None  # an annotated *args

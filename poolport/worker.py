@@ -178,7 +178,7 @@ class Worker:
                 arity = data[start + 2]
                 if arity == 4 and data[start] == 131:
                     head = _head_end(data, start + 3, end)
-                    entry = head and (self._fast.get(data[start:head]) or self._learn(data, start, head))
+                    entry = (self._fast.get(data[start:head]) or self._learn(data, start, head)) if head else None
                     if entry:
                         self._last = (data[start:head], entry)
                 elif arity == 3 and bert.is_info(data, start, end):
@@ -288,15 +288,16 @@ class Worker:
             )
             return self._encode_reply(info)
         module = self.config.bare_module if self.bare else request.module
+        assert module is not None  # the config refuses protocol: bare without a bare_module
         fn = self.handlers.resolve(module, request.function)
-        if type(fn) is tuple:
+        if isinstance(fn, tuple):
             return self._error(bert.SERVER, *fn)
         self.progress.set_timeout(smallest_timeout(timeout, self._timeout_for(module, request.function)))
         return self._invoke(
             fn,
             request.kind == "cast",
             module,
-            request.function,  # type: ignore[arg-type]
+            request.function,
             request.args,
         )
 
