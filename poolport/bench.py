@@ -30,6 +30,18 @@ Workloads (``--only`` names):
   caller in lock-step through ``{group, G}`` against the pool's pid (the
   per-call cost of group routing). No bar: the scale-out is bounded by this
   host's cores.
+* ``client``: the poolport OTP application as users call it
+  (``bench_client.escript``): ``poolport:call/4`` from 1 caller in lock-step
+  (p50/p99) and from 50 and 500 processes, against a raw ``{packet, 4}`` port
+  to a ``poolport serve`` started with the same arguments, pipelined (512 in
+  flight) and in lock-step, in the same VM and run; bars: 50 and 500 callers
+  ≥ 0.5 × the raw pipelined port, lock-step p50 ≤ 1.3 × the raw port's. Then
+  a soak of 10 × as many calls from 50 processes, with the pool process's
+  memory before and after (it must not grow per call).
+
+``cpu`` also sends a cold burst: 16 ``burn(200000)`` at once to a pool that
+has never run ``burn`` (1 worker, then N), no warm-up; bar: N-worker ≥ 0.9 ×
+N × 1-worker.
 
 Progress goes to stderr; the markdown report to stdout (and ``--out FILE``).
 Exit status 0 when every measurement ran (a bar that fails says FAIL in the
@@ -60,11 +72,13 @@ from .etf import codec_name
 from .config import Config
 
 DRIVER = Path(__file__).with_name("bench_driver.escript")
-WORKLOADS = ("cpu", "tiny", "big", "codec", "cluster")
+WORKLOADS = ("cpu", "tiny", "big", "codec", "cluster", "client")
 CLUSTER_DRIVER = Path(__file__).with_name("bench_cluster.escript")
+CLIENT_DRIVER = Path(__file__).with_name("bench_client.escript")
 CLUSTER_NODES = 3
 BURN_STEPS = 200_000
 CALLERS = 50
+BURST_CALLS = 16  # the cold burst: this many burn calls sent at once to a fresh pool
 WINDOW = 512
 BIG_SIZES = (1_000_000, 10_000_000)
 
@@ -82,6 +96,8 @@ class Plan:
     cluster_calls: int  # burn calls per pool node in the group
     cluster_tiny: int  # tiny lock-step calls, pid and group each
     cluster_rounds: int
+    client_calls: int  # tiny calls per client phase (lock-step phases: a tenth)
+    client_rounds: int
 
 
 FULL = Plan(
@@ -96,6 +112,8 @@ FULL = Plan(
     cluster_calls=60,
     cluster_tiny=3_000,
     cluster_rounds=3,
+    client_calls=100_000,
+    client_rounds=3,
 )
 QUICK = Plan(
     rounds=1,
@@ -109,6 +127,8 @@ QUICK = Plan(
     cluster_calls=8,
     cluster_tiny=200,
     cluster_rounds=1,
+    client_calls=10_000,
+    client_rounds=1,
 )
 
 
@@ -342,6 +362,117 @@ def run_cpu(plan: Plan, workers: int, report: Report) -> None:
             "≥ 0.90",
             scaling >= 0.9,
             fmt="{:.2f}",
+        )
+    )
+    burst = f"burst:burn:{BURN_STEPS}:{BURST_CALLS}"
+    b1: list[float] = []
+    bn: list[float] = []
+    for r in range(plan.cpu_rounds):
+        log(
+            f"cold burst round {r + 1}/{plan.cpu_rounds}: {BURST_CALLS} x burn({BURN_STEPS}) "
+            f"at once, 1 then {workers} workers"
+        )
+        p = drive([burst], poolport_cmd(1))[burst]
+        b1.append(p.calls / p.seconds)
+        p = drive([burst], poolport_cmd(workers))[burst]
+        bn.append(p.calls / p.seconds)
+    one, many = max(b1), max(bn)
+    w = f"cold burst: {BURST_CALLS} x burn({BURN_STEPS}) sent at once to a fresh pool"
+    report.add(Row(w, f"{workers} workers, calls/s (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt))
+    scaling = many / (workers * one)
+    report.add(
+        Row(
+            w,
+            f"scaling: {workers}-worker ÷ ({workers} × 1-worker)",
+            scaling,
+            None,
+            None,
+            "≥ 0.90",
+            scaling >= 0.9,
+            fmt="{:.2f}",
+        )
+    )
+
+
+def run_client(plan: Plan, workers: int, report: Report) -> None:
+    serve = ["--workers", str(workers), "--module", "poolport.demo_handlers", "--log-level", "WARNING"]
+    with tempfile.TemporaryDirectory(prefix="poolport-bench-") as tmp:
+        ebin = compile_otp_app(Path(tmp))
+        log(
+            f"client: raw port and poolport:call, {plan.client_calls} tiny calls per phase, "
+            f"{plan.client_rounds} round(s), then a soak of {10 * plan.client_calls}"
+        )
+        status, stdout, stderr, ran = run_escript(
+            [
+                str(CLIENT_DRIVER),
+                str(ebin),
+                str(plan.client_calls),
+                str(plan.client_rounds),
+                "--",
+                sys.executable,
+                *serve,
+            ],
+            1800,
+            cwd=tmp,
+        )
+        log(f"    (client driver {ran:.1f} s)")
+    res: dict[str, Phase] = {}
+    memory: tuple[int, int, int] | None = None
+    for line in stdout.splitlines():
+        f = line.split()
+        if f[:1] == ["result"] and len(f) == 10:
+            p50, p99 = (None if v == "-" else float(v) for v in (f[7], f[9]))
+            res[f[1]] = Phase(int(f[3]), int(f[5]) / 1e6, p50_us=p50, p99_us=p99)
+        elif f[:2] == ["memory", "pool"] and len(f) == 8:
+            memory = (int(f[3]), int(f[5]), int(f[7]))
+    expected = {"raw:pipe", "raw:lock", "pool:lock", "pool:50", "pool:500"}
+    if status != 0 or set(res) != expected or memory is None:
+        why = "timed out" if status is None else f"exit {status}"
+        raise RuntimeError(f"client driver failed ({why}):\n{stdout[-2000:]}{stderr[-3000:]}")
+
+    def rate(k: str) -> float:
+        return res[k].calls / res[k].seconds
+
+    w = 'tiny echo({I, <<"abc">>}) through poolport:call/4'
+    raw = rate("raw:pipe")
+    for procs in (50, 500):
+        r = rate(f"pool:{procs}") / raw
+        report.add(
+            Row(
+                w,
+                f"{procs} callers, calls/s (reference: raw port, 512 pipelined)",
+                rate(f"pool:{procs}"),
+                raw,
+                r,
+                "ratio ≥ 0.50",
+                r >= 0.5,
+            )
+        )
+    report.add(
+        Row(
+            w,
+            "1 caller lock-step, calls/s (reference: raw port lock-step)",
+            rate("pool:lock"),
+            rate("raw:lock"),
+            _ratio(rate("pool:lock"), rate("raw:lock")),
+        )
+    )
+    for q in ("p50", "p99"):
+        pp, ref = (getattr(res[k], f"{q}_us") for k in ("pool:lock", "raw:lock"))
+        lat = _ratio(pp, ref)
+        bar, ok = ("ratio ≤ 1.30", lat is not None and lat <= 1.3) if q == "p50" else ("—", None)
+        report.add(Row(w, f"1 caller lock-step, latency {q} µs (reference: raw port)", pp, ref, lat, bar, ok))
+    before, after, calls = memory
+    report.add(
+        Row(
+            w,
+            f"pool process memory after {calls:,} more calls from 50 callers, bytes (reference: before)",
+            after,
+            before,
+            _ratio(after, before),
+            "ratio ≤ 1.50",
+            after <= 1.5 * before,
+            fmt="{:,.0f}",
         )
     )
 
@@ -727,6 +858,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         steps.append(("codec", lambda: run_codec(plan, report)))
     if "cluster" in only:
         steps.append(("cluster", lambda: run_cluster(plan, report)))
+    if "client" in only:
+        steps.append(("client", lambda: run_client(plan, workers, report)))
     for name, step in steps:
         try:
             step()
@@ -755,6 +888,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         f"the speed-up (at most the {os.cpu_count() or 1} cores of this host); tiny: "
         f"best of {plan.cluster_rounds} interleaved runs (the first of each pair alternates), "
         "reference = the same calls to the pool's pid.",
+        "client rows (`poolport/bench_client.escript`): one VM, a raw port and a pool, each with "
+        "its own `poolport serve` started with the same arguments; best of "
+        f"{plan.client_rounds} round(s); the raw port is the ceiling a client on this server can reach.",
         f"Load average at the end: {_load()} (1, 5, 15 min; above {cores} means other work shared the cores).",
         f"Bars: {passed} passed, {len(failed)} failed" + (": " + "; ".join(failed) if failed else "") + ".",
     ]

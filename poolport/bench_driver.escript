@@ -30,8 +30,11 @@
 %%                               writes their requests and keeps a FIFO of
 %%                               callers to hand each reply to (replies come
 %%                               back in request order)
-%% Each phase first runs an unmeasured warm-up slice of itself (a tenth of its
-%% calls, at most 2000 and at least 1), then the measured calls.
+%%   burst:burn:Steps:Calls      Calls CPU-bound burn(Steps) sent at once to a
+%%                               pool that has never run burn: no warm-up, so
+%%                               how the first burst spreads is measured
+%% Each phase but burst first runs an unmeasured warm-up slice of itself (a
+%% tenth of its calls, at most 2000 and at least 1), then the measured calls.
 %%
 %% Before the phases the driver asks {call, '$poolport', info, []} for the
 %% worker count W and calls poolport.demo_handlers:whoami(20) until W distinct
@@ -85,8 +88,10 @@ warm_up(_Port, _) ->
 phase(Port, Spec) ->
     Parts = string:split(Spec, ":", all),
     {Fun, Calls} = phase_fun(Port, Parts),
-    Warm = max(1, min(2000, Calls div 10)),
-    _ = Fun(Warm),
+    _ = case Parts of
+            ["burst" | _] -> [];
+            _ -> Fun(max(1, min(2000, Calls div 10)))
+        end,
     T0 = erlang:monotonic_time(microsecond),
     Lat = Fun(Calls),
     T1 = erlang:monotonic_time(microsecond),
@@ -107,6 +112,9 @@ phase_fun(Port, ["big", B, C]) ->
 phase_fun(Port, ["pipe", "burn", S, W, C]) ->
     {Make, Check} = burn(int(S)),
     {fun(N) -> pipelined(Port, Make, Check, int(W), N) end, int(C)};
+phase_fun(Port, ["burst", "burn", S, C]) ->
+    {Make, Check} = burn(int(S)),
+    {fun(N) -> pipelined(Port, Make, Check, N, N) end, int(C)};
 phase_fun(Port, ["callers", "burn", S, P, C]) ->
     {Make, Check} = burn(int(S)),
     {fun(N) -> callers(Port, Make, Check, int(P), N) end, int(C)};

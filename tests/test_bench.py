@@ -128,10 +128,14 @@ def test_bench_quick_prints_every_row(tmp_path):
     workers = os.cpu_count() or 1
     cpu = "CPU burn(200000), 50 callers"
     tiny = 'tiny echo({I, <<"abc">>})'
+    burst = "cold burst: 16 x burn(200000) sent at once to a fresh pool"
+    client = 'tiny echo({I, <<"abc">>}) through poolport:call/4'
     expected = [
         (cpu, "1 worker, calls/s"),
         (cpu, f"{workers} workers, calls/s"),
         (cpu, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)"),
+        (burst, f"{workers} workers, calls/s (reference: 1 worker)"),
+        (burst, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)"),
         (tiny, "pipelined, 512 in flight, calls/s"),
         (tiny, "1 caller lock-step, calls/s"),
         (tiny, "1 caller lock-step, latency p50 µs"),
@@ -152,6 +156,12 @@ def test_bench_quick_prints_every_row(tmp_path):
             'tiny echo({I, <<"abc">>}) to a pool node, 1 caller lock-step',
             "µs per call, {group, G} (reference: the pool's pid)",
         ),
+        (client, "50 callers, calls/s (reference: raw port, 512 pipelined)"),
+        (client, "500 callers, calls/s (reference: raw port, 512 pipelined)"),
+        (client, "1 caller lock-step, calls/s (reference: raw port lock-step)"),
+        (client, "1 caller lock-step, latency p50 µs (reference: raw port)"),
+        (client, "1 caller lock-step, latency p99 µs (reference: raw port)"),
+        (client, "pool process memory after 100,000 more calls from 50 callers, bytes (reference: before)"),
     ]
     assert sorted(keys) == sorted(expected)
 
@@ -173,6 +183,9 @@ def test_bench_quick_prints_every_row(tmp_path):
     # the bars of issue 7 are all in the table
     bars = {k: by_key[k][5] for k in by_key}
     assert bars[(cpu, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)")] == "≥ 0.90"
+    assert bars[(burst, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)")] == "≥ 0.90"
+    assert bars[(client, "50 callers, calls/s (reference: raw port, 512 pipelined)")] == "ratio ≥ 0.50"
+    assert bars[(client, "1 caller lock-step, latency p50 µs (reference: raw port)")] == "ratio ≤ 1.30"
     assert bars[(tiny, "pipelined, 512 in flight, calls/s")] == "ratio ≥ 1.00"
     assert bars[(tiny, "1 caller lock-step, latency p50 µs")] == "ratio ≤ 3.00"
     big10 = ("binary echo 10 MB, lock-step", "MB/s (payload, once per round trip)")

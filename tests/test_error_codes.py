@@ -38,7 +38,7 @@ def test_the_erlang_client_uses_the_table():
 
 
 def test_the_erlang_client_maps_server_timeouts_by_their_code():
-    server = (ROOT / "erlang" / "src" / "poolport_server.erl").read_text()
+    server = (ROOT / "erlang" / "src" / "poolport_wire.erl").read_text()
     codes = {int(c) for c in re.findall(r"call_result\(\{error, \{server, (\d+), _Class", server)}
     assert codes == {bert.ERRORS["Timeout"][1]}
 

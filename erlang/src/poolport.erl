@@ -147,7 +147,7 @@
 %% is started if it is not running.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(Opts) ->
-    case poolport_server:prepare(Opts) of
+    case poolport_opts:prepare(Opts) of
         {ok, #{group := undefined} = Cfg} ->
             poolport_server:start_link(Cfg);
         {ok, Cfg} ->
@@ -167,7 +167,7 @@ start_link(Opts) ->
 start(Opts) ->
     case application:ensure_all_started(poolport) of
         {ok, _} ->
-            case poolport_server:prepare(Opts) of
+            case poolport_opts:prepare(Opts) of
                 {ok, Cfg} -> poolport_sup:start_pool(Cfg);
                 {error, _} = Error -> Error
             end;
@@ -181,12 +181,12 @@ start(Opts) ->
 %% `error({badarg, Reason})' if the options are invalid.
 -spec child_spec(opts()) -> supervisor:child_spec().
 child_spec(Opts) ->
-    case poolport_server:check_opts(Opts) of
+    case poolport_opts:check_opts(Opts) of
         {ok, Cfg} ->
             #{id => maps:get(name, Opts, poolport),
               start => {poolport, start_link, [Opts]},
               restart => permanent,
-              shutdown => poolport_server:shutdown_timeout(Cfg),
+              shutdown => poolport_os:shutdown_timeout(Cfg),
               type => worker,
               modules => [poolport, poolport_server]};
         {error, Reason} ->
@@ -248,7 +248,7 @@ call(Pool, Module, Function, Args, Timeout, Opts)
        is_map(Opts) ->
     case retries(Opts) of
         {ok, Retry} ->
-            Request = poolport_server:encode_call(Module, Function, Args),
+            Request = poolport_wire:encode_call(Module, Function, Args),
             case Pool of
                 {group, Group} when is_atom(Group) ->
                     ensure_started(),
@@ -279,10 +279,10 @@ call(Pool, Module, Function, Args, Timeout, Opts) ->
 cast({group, Group}, Module, Function, Args)
   when is_atom(Group), is_atom(Module), is_atom(Function), is_list(Args) ->
     ensure_started(),
-    poolport_group:cast(Group, poolport_server:encode_cast(Module, Function, Args));
+    poolport_group:cast(Group, poolport_wire:encode_cast(Module, Function, Args));
 cast(Pool, Module, Function, Args)
   when is_atom(Module), is_atom(Function), is_list(Args) ->
-    poolport_server:cast(Pool, poolport_server:encode_cast(Module, Function, Args));
+    poolport_server:cast(Pool, poolport_wire:encode_cast(Module, Function, Args));
 cast(Pool, Module, Function, Args) ->
     erlang:error(badarg, [Pool, Module, Function, Args]).
 

@@ -50,13 +50,13 @@ stop(_State) ->
 start_pools([]) ->
     ok;
 start_pools([{Name, Opts} | Rest]) when is_atom(Name), (is_map(Opts) orelse is_list(Opts)) ->
-    Started = case poolport_server:check_opts(Opts) of
+    Started = case poolport_opts:check_opts(Opts) of
                   {ok, _} ->
                       OptsMap = case is_map(Opts) of
                                     true -> Opts;
                                     false -> maps:from_list(Opts)
                                 end,
-                      case poolport_server:prepare(OptsMap#{name => Name}) of
+                      case poolport_opts:prepare(OptsMap#{name => Name}) of
                           {ok, Cfg} -> poolport_sup:start_pool(Cfg);
                           {error, _} = Error -> Error
                       end;

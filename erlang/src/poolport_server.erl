@@ -6,7 +6,7 @@
 %%     └──gen_server:reply───┘◀──────── replies in order ────┘
 %% '''
 %%
-%% Callers encode their request themselves ({@link encode_call/3}); the
+%% Callers encode their request themselves ({@link poolport_wire:encode_call/3}); the
 %% server writes it to the port at once and appends an entry to a FIFO
 %% queue. Python answers every call and cast frame exactly once, in request
 %% order, so each reply frame belongs to the entry at the head of the
@@ -44,7 +44,9 @@
 %% included) within `restart_period' seconds stop the server with reason
 %% `{restart_intensity, Details}'.
 %%
-%% Use the {@link poolport} module; this one is its implementation.
+%% Use the {@link poolport} module; this one is its implementation, with
+%% {@link poolport_opts} (options), {@link poolport_wire} (frames) and
+%% {@link poolport_os} (the Python OS process).
 -module(poolport_server).
 -behaviour(gen_server).
 
@@ -54,12 +56,7 @@
 -export([member_call/3]).
 -export([cast/2]).
 -export([info/1]).
--export([prepare/1]).
--export([check_opts/1]).
--export([shutdown_timeout/1]).
 -export([clamp_timeout/1]).
--export([encode_call/3]).
--export([encode_cast/3]).
 
 %% gen_server.
 -export([init/1]).
@@ -85,57 +82,19 @@
 -define(BACKOFF_MIN, 100).
 %% Ceiling of the reopen delay.
 -define(BACKOFF_MAX, 5000).
-%% ms to wait after SIGTERM (then after SIGKILL) for the Python process.
--define(TERM_WAIT, 2000).
--define(KILL_WAIT, 1000).
-%% Poll interval while waiting for the Python process to exit.
--define(EXIT_POLL, 10).
-%% A failed start is diagnosed by `poolport check --init': at most this long,
-%% keeping the last ?TAIL_LINES lines (at most ?TAIL_BYTES bytes) of its output.
--define(DIAGNOSE_TIMEOUT, 30000).
--define(TAIL_LINES, 20).
--define(TAIL_BYTES, 4000).
-
--type cfg() :: #{
-    config := string() | {priv, atom(), string()} | undefined,
-    python := string(),
-    name := atom() | undefined,
-    packet := 1 | 2 | 4,
-    args := [string()],
-    env := [{string(), string() | false}],
-    cd := string() | undefined,
-    max_restarts := non_neg_integer(),
-    restart_period := pos_integer(),
-    start_timeout := pos_integer(),
-    stop_timeout := non_neg_integer(),
-    group := atom() | undefined,
-    events := module() | undefined
-}.
-%% Validated, normalised options (see {@link poolport:opts()}).
 
 -type entry() :: {call, reference()} | cast | sys_info.
--type seq() :: 0..16#FFFFFFFFFFFFFFFF.
-%% Number of a request on the current port, as in Python's reply tags.
--type misalignment() :: #{why := seq_mismatch | empty_queue | short_frame | bad_term,
-                          expected := seq() | none,
-                          got := seq() | none}.
-%% What was wrong with a reply frame: `expected' is the head entry's number
-%% (`none' if no request was pending), `got' the frame's (`none' if it was
-%% too short to carry one).
 -type waiter() :: {gen_server:from(), reference() | undefined}.
--type reply() :: {reply, term()} | noreply | {error, term()} | {bad_reply, term()}.
-
--export_type([cfg/0]).
 
 -record(state, {
-    cfg :: cfg(),
+    cfg :: poolport_opts:cfg(),
     port :: port() | undefined,
     os_pid :: non_neg_integer() | undefined,
     %% Requests written to the port and not answered yet, oldest first,
     %% each with its number.
-    queue = queue:new() :: queue:queue({seq(), entry()}),
+    queue = queue:new() :: queue:queue({poolport_wire:seq(), entry()}),
     %% Number of the next request written to the current port.
-    seq = 0 :: seq(),
+    seq = 0 :: poolport_wire:seq(),
     %% Callers still waiting: monitor ref => {From, timeout timer}.
     pending = #{} :: #{reference() => waiter()},
     workers :: non_neg_integer() | undefined,
@@ -158,8 +117,8 @@
 
 %% API.
 
-%% @doc Start a pool from options already checked by {@link prepare/1}.
--spec start_link(cfg()) -> {ok, pid()} | {error, term()}.
+%% @doc Start a pool from options already checked by {@link poolport_opts:prepare/1}.
+-spec start_link(poolport_opts:cfg()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := undefined} = Cfg) ->
     gen_server:start_link(?MODULE, Cfg, []);
 start_link(#{name := Name} = Cfg) ->
@@ -236,87 +195,10 @@ clamp_timeout(Timeout) when is_integer(Timeout), Timeout >= 0 ->
 clamp_timeout(Timeout) ->
     erlang:error(badarg, [Timeout]).
 
-%% @doc Check options and resolve the interpreter and the config path.
-%%
-%% Impure: looks up `python' in `PATH' and checks that the config file
-%% exists.
--spec prepare(poolport:opts() | [{atom(), term()}]) -> {ok, cfg()} | {error, term()}.
-prepare(Opts) ->
-    case check_opts(Opts) of
-        {ok, Cfg} -> resolve(Cfg);
-        {error, _} = Error -> Error
-    end.
-
-%% @doc Check options and fill in defaults, without touching the system.
-%%
-%% Accepts a map or a proplist (handy in `sys.config'). Unknown keys and
-%% bad values give `{error, {unknown_option, Key}}' and
-%% `{error, {bad_option, Key, Value}}'.
--spec check_opts(poolport:opts() | [{atom(), term()}]) -> {ok, cfg()} | {error, term()}.
-check_opts(Opts) when is_list(Opts) ->
-    try maps:from_list(Opts) of
-        Map -> check_opts(Map)
-    catch
-        error:badarg -> {error, {bad_options, Opts}}
-    end;
-check_opts(Opts) when is_map(Opts) ->
-    Defaults = #{
-        config => "config/poolport.yaml",
-        python => default_python(),
-        name => undefined,
-        packet => 4,
-        args => [],
-        env => [],
-        cd => undefined,
-        max_restarts => 5,
-        restart_period => 10,
-        start_timeout => 15000,
-        stop_timeout => 10000,
-        group => undefined,
-        events => undefined
-    },
-    case [K || K <- maps:keys(Opts), not maps:is_key(K, Defaults)] of
-        [Key | _] ->
-            {error, {unknown_option, Key}};
-        [] ->
-            check_each(maps:to_list(maps:merge(Defaults, Opts)), #{})
-    end;
-check_opts(Opts) ->
-    {error, {bad_options, Opts}}.
-
-%% @doc The interpreter of a pool whose options name none: the application
-%% environment's `python', else `$POOLPORT_PYTHON' (what `scripts/erl' and the
-%% tests set to the checkout's virtualenv), else `python3' from `PATH'.
--spec default_python() -> string().
-default_python() ->
-    case application:get_env(poolport, python) of
-        {ok, Python} -> Python;
-        undefined ->
-            case os:getenv("POOLPORT_PYTHON") of
-                Env when Env =:= false; Env =:= "" -> "python3";
-                Env -> Env
-            end
-    end.
-
-%% @doc The `shutdown' a supervisor should allow a pool with these options.
--spec shutdown_timeout(cfg()) -> pos_integer().
-shutdown_timeout(#{stop_timeout := StopTimeout}) ->
-    StopTimeout + ?TERM_WAIT + ?KILL_WAIT + 1000.
-
-%% @doc Encode `{call, Module, Function, Args}'.
--spec encode_call(atom(), atom(), list()) -> binary().
-encode_call(Module, Function, Args) ->
-    term_to_binary({call, Module, Function, Args}).
-
-%% @doc Encode `{cast, Module, Function, Args}'.
--spec encode_cast(atom(), atom(), list()) -> binary().
-encode_cast(Module, Function, Args) ->
-    term_to_binary({cast, Module, Function, Args}).
-
 %% gen_server.
 
 %% @private
--spec init(cfg()) -> {ok, state()} | {stop, term()}.
+-spec init(poolport_opts:cfg()) -> {ok, state()} | {stop, term()}.
 init(Cfg) ->
     process_flag(trap_exit, true),
     %% Every log event of this process names its pool (logger metadata).
@@ -324,7 +206,7 @@ init(Cfg) ->
                                                          #{name := undefined} -> self();
                                                          #{name := Name} -> Name
                                                      end}),
-    case open(Cfg) of
+    case poolport_os:open(Cfg) of
         {ok, Port, OsPid} ->
             case await_ready(attach(Port, OsPid, #state{cfg = Cfg})) of
                 {ok, _} = Ok ->
@@ -352,9 +234,9 @@ handle_call({call, Request, Timeout0}, {Pid, _} = From, State0) ->
     #state{cfg = #{packet := Packet}, port = Port} = State,
     Frames = case Timeout of
                  infinity -> [Request];
-                 _ -> [encode_timeout(Timeout), Request]
+                 _ -> [poolport_wire:encode_timeout(Timeout), Request]
              end,
-    case check_frame(Request, Packet) of
+    case poolport_wire:check_frame(Request, Packet) of
         {error, _} = Error ->
             {reply, Error, count_error(State)};
         ok ->
@@ -389,7 +271,7 @@ handle_cast({cast, Request}, State0) ->
     Result = case Port of
                  undefined -> {error, port_closed};
                  _ ->
-                     case check_frame(Request, Packet) of
+                     case poolport_wire:check_frame(Request, Packet) of
                          ok -> write(Port, [Request]);
                          Error -> Error
                      end
@@ -448,7 +330,7 @@ terminate(_Reason, State0) ->
     _ = fail_pending(State),
     case State#state.port of
         undefined -> ok;
-        Port -> close(Port, State#state.os_pid, maps:get(stop_timeout, State#state.cfg))
+        Port -> poolport_os:close(Port, State#state.os_pid, maps:get(stop_timeout, State#state.cfg))
     end.
 
 %% @private
@@ -460,172 +342,7 @@ code_change(_OldVsn, State, _Extra) ->
 
 %% Options.
 
--spec check_each([{atom(), term()}], map()) -> {ok, cfg()} | {error, term()}.
-check_each([], Acc) ->
-    {ok, Acc};
-check_each([{Key, Value} | Rest], Acc) ->
-    case check_opt(Key, Value) of
-        {ok, Normal} -> check_each(Rest, Acc#{Key => Normal});
-        error -> {error, {bad_option, Key, Value}}
-    end.
-
--spec check_opt(atom(), term()) -> {ok, term()} | error.
-check_opt(config, undefined) -> {ok, undefined};
-check_opt(config, {priv, App, Path}) when is_atom(App) ->
-    case nonempty(to_string(Path)) of
-        {ok, Rel} -> {ok, {priv, App, Rel}};
-        error -> error
-    end;
-check_opt(config, Path) -> to_string(Path);
-check_opt(python, Path) -> nonempty(to_string(Path));
-check_opt(name, Name) when is_atom(Name) -> {ok, Name};
-check_opt(packet, N) when N =:= 1; N =:= 2; N =:= 4 -> {ok, N};
-check_opt(args, Args) when is_list(Args) -> all(fun to_string/1, Args);
-check_opt(env, Env) when is_list(Env) -> all(fun env_var/1, Env);
-check_opt(cd, undefined) -> {ok, undefined};
-check_opt(cd, Dir) -> nonempty(to_string(Dir));
-check_opt(max_restarts, N) when is_integer(N), N >= 0 -> {ok, N};
-check_opt(restart_period, N) when is_integer(N), N > 0 -> {ok, N};
-check_opt(start_timeout, N) when is_integer(N), N > 0 -> {ok, N};
-check_opt(stop_timeout, N) when is_integer(N), N >= 0 -> {ok, N};
-check_opt(group, Group) when is_atom(Group) -> {ok, Group};
-check_opt(events, Module) when is_atom(Module) -> {ok, Module};
-check_opt(_, _) -> error.
-
--spec env_var(term()) -> {ok, {string(), string() | false}} | error.
-env_var({Name, false}) ->
-    case nonempty(to_string(Name)) of
-        {ok, N} -> {ok, {N, false}};
-        error -> error
-    end;
-env_var({Name, Value}) ->
-    case {nonempty(to_string(Name)), to_string(Value)} of
-        {{ok, N}, {ok, V}} -> {ok, {N, V}};
-        _ -> error
-    end;
-env_var(_) ->
-    error.
-
--spec to_string(term()) -> {ok, string()} | error.
-to_string(Bin) when is_binary(Bin) ->
-    case unicode:characters_to_list(Bin) of
-        List when is_list(List) -> {ok, List};
-        _ -> error
-    end;
-to_string(Atom) when is_atom(Atom), Atom =/= undefined ->
-    {ok, atom_to_list(Atom)};
-to_string(List) when is_list(List) ->
-    try unicode:characters_to_list(List) of
-        Chars when is_list(Chars) -> {ok, Chars};
-        _ -> error
-    catch
-        error:_ -> error
-    end;
-to_string(_) ->
-    error.
-
--spec nonempty({ok, string()} | error) -> {ok, string()} | error.
-nonempty({ok, [_ | _]} = Ok) -> Ok;
-nonempty(_) -> error.
-
--spec all(fun((term()) -> {ok, T} | error), list()) -> {ok, [T]} | error.
-all(Fun, List) ->
-    try
-        {ok, [case Fun(X) of {ok, Y} -> Y; error -> throw(error) end || X <- List]}
-    catch
-        throw:error -> error
-    end.
-
--spec resolve(cfg()) -> {ok, cfg()} | {error, term()}.
-resolve(#{python := Python, config := Config} = Cfg) ->
-    case find_python(Python) of
-        false ->
-            {error, {python_not_found, Python}};
-        Exe ->
-            case config_path(Config) of
-                undefined ->
-                    {ok, Cfg#{python := Exe}};
-                {error, _} = Error ->
-                    Error;
-                Abs ->
-                    case filelib:is_regular(Abs) of
-                        true -> {ok, Cfg#{python := Exe, config := Abs}};
-                        false -> {error, {config_not_found, Abs}}
-                    end
-            end
-    end.
-
-%% The absolute path of the config option: `{priv, App, Path}' is `Path' in
-%% the priv directory of the application `App' (so a release ships its YAML,
-%% and the handlers its `python_path' names, there).
--spec config_path(undefined | string() | {priv, atom(), string()}) ->
-          undefined | string() | {error, {config_not_found, {priv, atom(), string()}}}.
-config_path(undefined) ->
-    undefined;
-config_path({priv, App, Path} = Priv) ->
-    case code:priv_dir(App) of
-        {error, bad_name} -> {error, {config_not_found, Priv}};
-        Dir -> filename:join(Dir, Path)
-    end;
-config_path(Path) ->
-    filename:absname(Path).
-
--spec find_python(string()) -> string() | false.
-find_python(Python) ->
-    case lists:member($/, Python) of
-        true ->
-            Abs = filename:absname(Python),
-            case filelib:is_regular(Abs) of
-                true -> Abs;
-                false -> false
-            end;
-        false ->
-            os:find_executable(Python)
-    end.
-
 %% The port.
-
-%% Command line arguments after the interpreter. `--reply-tags' is always
-%% there: the server relies on tagged replies (see the module doc).
--spec port_args(cfg()) -> [string()].
-port_args(Cfg) ->
-    command_args("serve", [], Cfg).
-
-%% The same options for another `poolport' command (`check' takes every
-%% option `serve' takes).
--spec command_args(string(), [string()], cfg()) -> [string()].
-command_args(Command, Extra, #{config := Config, packet := Packet, args := Args} = Cfg) ->
-    ConfigArgs = case Config of
-                     undefined -> [];
-                     _ -> ["--config", Config]
-                 end,
-    NameArgs = case Cfg of
-                   #{name := Name} when is_atom(Name), Name =/= undefined -> ["--name", atom_to_list(Name)];
-                   _ -> []
-               end,
-    ["-m", "poolport", Command] ++ ConfigArgs
-        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ NameArgs ++ Extra ++ Args.
-
-%% open_port/2 settings. stderr is not redirected: Python logs go to the
-%% node's stderr, stdout carries frames only.
--spec port_settings(cfg()) -> list().
-port_settings(#{packet := Packet, env := Env, cd := Cd} = Cfg) ->
-    [{args, port_args(Cfg)}, {packet, Packet}, binary, exit_status, use_stdio, hide]
-        ++ [{env, Env} || Env =/= []]
-        ++ [{cd, Cd} || Cd =/= undefined].
-
--spec open(cfg()) -> {ok, port(), non_neg_integer() | undefined} | {error, term()}.
-open(#{python := Python} = Cfg) ->
-    try open_port({spawn_executable, Python}, port_settings(Cfg)) of
-        Port ->
-            OsPid = case erlang:port_info(Port, os_pid) of
-                        {os_pid, Pid} -> Pid;
-                        undefined -> undefined
-                    end,
-            {ok, Port, OsPid}
-    catch
-        error:Reason -> {error, Reason}
-    end.
 
 %% Wait for the answer to the first sys_info request, so that start_link
 %% returning {ok, Pid} means Python is up and answering.
@@ -640,11 +357,11 @@ await_ready(#state{port = Port, os_pid = OsPid, cfg = #{start_timeout := Timeout
                     ?LOG_ERROR("poolport ~p: Python's first reply is misaligned (~p: expected "
                                "seq ~p, got ~p)", [pool_id(State), maps:get(why, Why),
                                                    maps:get(expected, Why), maps:get(got, Why)]),
-                    close(Port, OsPid, 0),
+                    poolport_os:close(Port, OsPid, 0),
                     {stop, {misaligned, Why}}
             end;
         {Port, {exit_status, Status}} ->
-            Tail = diagnose(State#state.cfg),
+            Tail = poolport_os:diagnose(State#state.cfg),
             ?LOG_ERROR("poolport ~p: Python exited with status ~b during start; "
                        "`poolport check --init' with the same options says:~n~ts",
                        [pool_id(State), Status, Tail]),
@@ -652,63 +369,9 @@ await_ready(#state{port = Port, os_pid = OsPid, cfg = #{start_timeout := Timeout
         {'EXIT', Port, Reason} ->
             {stop, {port_exit, Reason}}
     after Timeout ->
-        close(Port, OsPid, 0),
+        poolport_os:close(Port, OsPid, 0),
         {stop, {start_timeout, Timeout}}
     end.
-
-%% Why Python could not start, in its own words. Its stderr went to the
-%% node's, not to us, so the same interpreter runs `poolport check --init'
-%% with the same options and environment, whose output (stderr included) names
-%% what failed: a config key, a module that does not import, the worker_init
-%% traceback, or "No module named poolport". Only on a failed start.
--spec diagnose(cfg()) -> binary().
-diagnose(#{python := Python, env := Env, cd := Cd} = Cfg) ->
-    Settings = [{args, command_args("check", ["--init"], Cfg)}, stream, binary, exit_status,
-                stderr_to_stdout, use_stdio, hide]
-        ++ [{env, Env} || Env =/= []]
-        ++ [{cd, Cd} || Cd =/= undefined],
-    try open_port({spawn_executable, Python}, Settings) of
-        Port ->
-            Deadline = erlang:monotonic_time(millisecond) + ?DIAGNOSE_TIMEOUT,
-            tail(collect(Port, <<>>, Deadline))
-    catch
-        error:Reason -> iolist_to_binary(io_lib:format("cannot run ~ts: ~p", [Python, Reason]))
-    end.
-
--spec collect(port(), binary(), integer()) -> binary().
-collect(Port, Acc, Deadline) ->
-    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
-    receive
-        {Port, {data, Data}} ->
-            Kept = <<Acc/binary, Data/binary>>,
-            Cut = max(0, byte_size(Kept) - 16 * ?TAIL_BYTES),
-            collect(Port, binary:part(Kept, Cut, byte_size(Kept) - Cut), Deadline);
-        {Port, {exit_status, _}} ->
-            receive {'EXIT', Port, _} -> ok after 1000 -> ok end,
-            Acc
-    after Left ->
-        _ = case erlang:port_info(Port, os_pid) of
-                {os_pid, OsPid} -> os:cmd("kill -KILL " ++ integer_to_list(OsPid) ++ " 2>/dev/null");
-                undefined -> ok
-            end,
-        catch port_close(Port),
-        receive {'EXIT', Port, _} -> ok after 1000 -> ok end,
-        <<Acc/binary, "\n(poolport check did not finish in time)">>
-    end.
-
-%% The last ?TAIL_LINES non-empty lines of Output, at most ?TAIL_BYTES bytes,
-%% never starting inside a UTF-8 character.
--spec tail(binary()) -> binary().
-tail(Output) ->
-    Lines = [L || L <- binary:split(Output, <<"\n">>, [global]), L =/= <<>>],
-    Last = lists:nthtail(max(0, length(Lines) - ?TAIL_LINES), Lines),
-    Joined = iolist_to_binary(lists:join(<<"\n">>, Last)),
-    Cut = max(0, byte_size(Joined) - ?TAIL_BYTES),
-    char_start(binary:part(Joined, Cut, byte_size(Joined) - Cut)).
-
--spec char_start(binary()) -> binary().
-char_start(<<2#10:2, _:6, Rest/binary>>) -> char_start(Rest);
-char_start(Bin) -> Bin.
 
 -spec write(port(), [binary()]) -> ok | error.
 write(Port, Frames) ->
@@ -716,20 +379,6 @@ write(Port, Frames) ->
         lists:foreach(fun(Frame) -> true = erlang:port_command(Port, Frame) end, Frames)
     catch
         error:badarg -> error
-    end.
-
--spec check_frame(binary(), 1 | 2 | 4) -> ok | {error, poolport:bert_error()}.
-check_frame(Frame, Packet) ->
-    Size = byte_size(Frame),
-    Max = (1 bsl (8 * Packet)) - 1,
-    case Size =< Max of
-        true ->
-            ok;
-        false ->
-            Detail = iolist_to_binary(io_lib:format(
-                "request of ~b bytes does not fit {packet, ~b} (at most ~b bytes)",
-                [Size, Packet, Max])),
-            {error, {protocol, 1, <<"FrameTooLarge">>, Detail, []}}
     end.
 
 %% A freshly opened port: numbering starts again at 0, and the first request
@@ -740,7 +389,7 @@ attach(Port, OsPid, State) ->
 
 -spec send_sys_info(state()) -> state().
 send_sys_info(#state{port = Port} = State) ->
-    case write(Port, [encode_call('$poolport', info, [])]) of
+    case write(Port, [poolport_wire:encode_call('$poolport', info, [])]) of
         ok -> enqueue(sys_info, State);
         error -> State
     end.
@@ -749,16 +398,12 @@ send_sys_info(#state{port = Port} = State) ->
 %% the next request number.
 -spec enqueue(entry(), state()) -> state().
 enqueue(Entry, #state{queue = Queue, seq = Seq} = State) ->
-    State#state{queue = queue:in({Seq, Entry}, Queue), seq = next_seq(Seq)}.
-
--spec next_seq(seq()) -> seq().
-next_seq(Seq) ->
-    (Seq + 1) band 16#FFFFFFFFFFFFFFFF.
+    State#state{queue = queue:in({Seq, Entry}, Queue), seq = poolport_wire:next_seq(Seq)}.
 
 -spec reopen(state()) -> {noreply, state()} | {stop, term(), state()}.
 reopen(#state{cfg = Cfg} = State0) ->
     State = State0#state{restarts = State0#state.restarts + 1},
-    case open(Cfg) of
+    case poolport_os:open(Cfg) of
         {ok, Port, OsPid} ->
             ?LOG_NOTICE("poolport ~p: Python restarted (os pid ~p, restart ~b)",
                         [pool_id(State), OsPid, State#state.restarts]),
@@ -785,7 +430,7 @@ port_down(Why, State) ->
 %% caller with `{error, misaligned}' (none of them may get a reply that is
 %% not its own), close the port, have the OS process killed without
 %% waiting for it here, and reopen like after a death of Python.
--spec misaligned(misalignment(), state()) -> {noreply, state()} | {stop, term(), state()}.
+-spec misaligned(poolport_wire:misalignment(), state()) -> {noreply, state()} | {stop, term(), state()}.
 misaligned(#{why := What, expected := Expected, got := Got} = Why,
            #state{port = Port, os_pid = OsPid} = State) ->
     ?LOG_ERROR("poolport ~p: reply stream misaligned (~p: expected seq ~p, got ~p) with "
@@ -793,7 +438,7 @@ misaligned(#{why := What, expected := Expected, got := Got} = Why,
                "killing Python (os pid ~p) and reopening the port",
                [pool_id(State), What, Expected, Got, queue:len(State#state.queue),
                 map_size(State#state.pending), OsPid]),
-    discard(Port, OsPid),
+    poolport_os:discard(Port, OsPid),
     restart({misaligned, Why}, misaligned, State#state{misaligned = State#state.misaligned + 1}).
 
 %% Fail the waiting callers with `{error, Error}', forget the port, then
@@ -836,198 +481,24 @@ recent(Deaths, Now, Period) ->
 backoff(N) ->
     min(?BACKOFF_MAX, ?BACKOFF_MIN bsl min(N - 1, 16)).
 
-%% Close the port, then wait until the OS process exited, escalating to
-%% SIGTERM and SIGKILL.
--spec close(port(), non_neg_integer() | undefined, non_neg_integer()) -> ok.
-close(Port, OsPid, Timeout) ->
-    close_port(Port),
-    reap(OsPid, Timeout).
-
-%% Close the port at once (no more data arrives from it) and leave the
-%% killing of the OS process, with no grace period, to a helper process:
-%% the server goes on at once.
--spec discard(port(), non_neg_integer() | undefined) -> ok.
-discard(Port, OsPid) ->
-    close_port(Port),
-    case OsPid of
-        undefined -> ok;
-        _ -> _ = proc_lib:spawn(fun() -> reap(OsPid, 0) end), ok
-    end.
-
--spec close_port(port()) -> ok.
-close_port(Port) ->
-    try
-        erlang:port_close(Port)
-    catch
-        error:badarg -> true
-    end,
-    ok.
-
-%% Wait up to Timeout ms for the OS process to exit (its stdin is closed),
-%% then send SIGTERM, then SIGKILL to it and its child processes.
--spec reap(non_neg_integer() | undefined, non_neg_integer()) -> ok.
-reap(OsPid, Timeout) ->
-    case OsPid of
-        undefined ->
-            ok;
-        _ ->
-            _ = wait_exit(OsPid, Timeout) orelse
-                begin
-                    case Timeout of
-                        0 -> ok;  % a kill on purpose (misaligned), not a surprise
-                        _ -> ?LOG_WARNING("poolport: Python os pid ~b still running ~b ms "
-                                          "after stdin closed; sending SIGTERM",
-                                          [OsPid, Timeout])
-                    end,
-                    _ = os:cmd("kill -TERM " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
-                    wait_exit(OsPid, ?TERM_WAIT)
-                end orelse
-                begin
-                    %% Python cannot clean up after SIGKILL: take its workers too.
-                    Children = children(OsPid),
-                    ?LOG_WARNING("poolport: Python os pid ~b ignored SIGTERM; sending SIGKILL "
-                                 "to it and its child processes ~w", [OsPid, Children]),
-                    _ = os:cmd(lists:flatten(["kill -KILL",
-                                              [[$\s | integer_to_list(P)] || P <- [OsPid | Children]],
-                                              " 2>/dev/null"])),
-                    wait_exit(OsPid, ?KILL_WAIT)
-                end,
-            ok
-    end.
-
-%% Direct child processes of an OS process (empty if pgrep is missing).
--spec children(non_neg_integer()) -> [non_neg_integer()].
-children(OsPid) ->
-    Out = os:cmd("pgrep -P " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
-    [list_to_integer(P) || P <- string:lexemes(Out, " \n"),
-                           lists:all(fun(C) -> C >= $0 andalso C =< $9 end, P)].
-
--spec wait_exit(non_neg_integer(), non_neg_integer()) -> boolean().
-wait_exit(OsPid, Timeout) ->
-    Deadline = erlang:monotonic_time(millisecond) + Timeout,
-    wait_exit_until(OsPid, Deadline).
-
--spec wait_exit_until(non_neg_integer(), integer()) -> boolean().
-wait_exit_until(OsPid, Deadline) ->
-    case os_alive(OsPid) of
-        false ->
-            true;
-        true ->
-            case erlang:monotonic_time(millisecond) >= Deadline of
-                true ->
-                    false;
-                false ->
-                    receive after ?EXIT_POLL -> ok end,
-                    wait_exit_until(OsPid, Deadline)
-            end
-    end.
-
-%% Whether an OS process is still running (zombies count as gone).
--spec os_alive(non_neg_integer()) -> boolean().
-os_alive(OsPid) ->
-    Pid = integer_to_list(OsPid),
-    case filelib:is_dir("/proc/self") of
-        true ->
-            case file:read_file("/proc/" ++ Pid ++ "/stat") of
-                {ok, Stat} -> not zombie(Stat);
-                {error, _} -> false
-            end;
-        false ->
-            os:cmd("kill -0 " ++ Pid ++ " 2>/dev/null && echo alive") =:= "alive\n"
-    end.
-
-%% /proc/PID/stat is "pid (comm) S ...": the state follows the last ')'.
--spec zombie(binary()) -> boolean().
-zombie(Stat) ->
-    case binary:matches(Stat, <<")">>) of
-        [] ->
-            false;
-        Matches ->
-            {Pos, 1} = lists:last(Matches),
-            case binary:part(Stat, Pos + 1, byte_size(Stat) - Pos - 1) of
-                <<" Z", _/binary>> -> true;
-                <<" X", _/binary>> -> true;
-                _ -> false
-            end
-    end.
-
 %% Replies.
-
-%% `{info, timeout, [{ms, Ms}]}'; Python reads 0 as "no limit", so a zero
-%% timeout is sent as 1 ms.
--spec encode_timeout(non_neg_integer()) -> binary().
-encode_timeout(Ms) ->
-    term_to_binary({info, timeout, [{ms, max(Ms, 1)}]}).
-
-%% The ETF part of a reply frame; `undecodable' if it is no term at all.
-%% A term of the wrong shape is still the answer to its request (the
-%% caller gets a protocol error for it).
--spec decode_reply(binary()) -> reply() | undecodable.
-decode_reply(Data) ->
-    try binary_to_term(Data) of
-        {reply, Result} -> {reply, Result};
-        {noreply} -> noreply;
-        {error, Error} -> {error, Error};
-        Other -> {bad_reply, Other}
-    catch
-        error:badarg -> undecodable
-    end.
-
-%% Match a tagged reply frame, `<<Seq:64/big-unsigned, Etf/binary>>',
-%% with the head of the queue: the head entry, the decoded reply and the
-%% rest of the queue, or what makes it a misalignment.
--spec match_reply(binary(), queue:queue({seq(), entry()})) ->
-          {ok, entry(), reply(), queue:queue({seq(), entry()})} | {misaligned, misalignment()}.
-match_reply(<<Got:64/big-unsigned, Etf/binary>>, Queue) ->
-    case queue:out(Queue) of
-        {empty, _} ->
-            {misaligned, #{why => empty_queue, expected => none, got => Got}};
-        {{value, {Got, Entry}}, Rest} ->
-            case decode_reply(Etf) of
-                undecodable -> {misaligned, #{why => bad_term, expected => Got, got => Got}};
-                Reply -> {ok, Entry, Reply, Rest}
-            end;
-        {{value, {Expected, _}}, _} ->
-            {misaligned, #{why => seq_mismatch, expected => Expected, got => Got}}
-    end;
-match_reply(_Short, Queue) ->
-    Expected = case queue:peek(Queue) of
-                   {value, {Seq, _}} -> Seq;
-                   empty -> none
-               end,
-    {misaligned, #{why => short_frame, expected => Expected, got => none}}.
-
-%% What a caller gets for a reply.
--spec call_result(reply()) -> {ok, term()} | {error, term()}.
-call_result({reply, Result}) ->
-    {ok, Result};
-call_result({error, {server, 3, _Class, _Detail, _Trace}}) ->
-    %% Python stopped the call at its timeout before we noticed ours.
-    {error, timeout};
-call_result({error, Error}) ->
-    {error, Error};
-call_result(noreply) ->
-    {error, {protocol, 0, <<"UnexpectedReply">>, <<"{noreply} for a call">>, []}};
-call_result({bad_reply, Term}) ->
-    Detail = iolist_to_binary(io_lib:format("~0P", [Term, 20])),
-    {error, {protocol, 0, <<"UnexpectedReply">>, Detail, []}}.
 
 %% A reply frame from the port: delivered to the head of the queue if it
 %% is the head's, else the misalignment (the state is left as it was).
--spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, misalignment()}.
+-spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
 handle_data(Data, State) ->
-    case match_reply(Data, State#state.queue) of
+    case poolport_wire:match_reply(Data, State#state.queue) of
         {ok, Entry, Reply, Queue} -> {ok, deliver(Entry, Reply, State#state{queue = Queue})};
         {misaligned, _} = Misaligned -> Misaligned
     end.
 
--spec deliver(entry(), reply(), state()) -> state().
+-spec deliver(entry(), poolport_wire:reply(), state()) -> state().
 deliver({call, MRef}, Reply, State) ->
     case maps:take(MRef, State#state.pending) of
         {{From, TRef}, Pending} ->
             cancel_timer(TRef),
             erlang:demonitor(MRef, [flush]),
-            Result = call_result(Reply),
+            Result = poolport_wire:call_result(Reply),
             gen_server:reply(From, Result),
             State1 = State#state{pending = Pending},
             case Result of
@@ -1128,189 +599,17 @@ info_map(#state{cfg = Cfg} = State) ->
 pool_id(#state{cfg = #{name := undefined}}) -> self();
 pool_id(#state{cfg = #{name := Name}}) -> Name.
 
+
 -ifdef(TEST).
 -include_lib("eunit/include/eunit.hrl").
 
 cfg(Opts) ->
-    {ok, Cfg} = check_opts(Opts),
+    {ok, Cfg} = poolport_opts:check_opts(Opts),
     Cfg.
-
-check_opts_defaults_test() ->
-    {ok, Cfg} = check_opts(#{}),
-    ?assertMatch(#{config := "config/poolport.yaml", packet := 4, args := [], env := [],
-                   cd := undefined, name := undefined, max_restarts := 5,
-                   restart_period := 10}, Cfg),
-    ?assert(is_list(maps:get(python, Cfg))).
-
-default_python_test_() ->
-    {setup,
-     fun() -> {os:getenv("POOLPORT_PYTHON"), application:get_env(poolport, python)} end,
-     fun({Env, App}) ->
-             _ = case Env of false -> os:unsetenv("POOLPORT_PYTHON"); _ -> os:putenv("POOLPORT_PYTHON", Env) end,
-             case App of undefined -> application:unset_env(poolport, python); {ok, P} -> application:set_env(poolport, python, P) end
-     end,
-     fun(_) ->
-             application:unset_env(poolport, python),
-             os:unsetenv("POOLPORT_PYTHON"),
-             Bare = default_python(),
-             os:putenv("POOLPORT_PYTHON", "/venv/bin/python"),
-             FromEnv = default_python(),
-             application:set_env(poolport, python, "/app/env/python"),
-             FromApp = default_python(),
-             [?_assertEqual("python3", Bare),
-              ?_assertEqual("/venv/bin/python", FromEnv),
-              ?_assertEqual("/app/env/python", FromApp)]
-     end}.
-
-check_opts_normalises_test() ->
-    {ok, Cfg} = check_opts([{config, <<"c.yaml">>}, {python, <<"/usr/bin/python3">>},
-                            {args, [<<"--log-level">>, "debug", verbose]},
-                            {env, [{<<"A">>, <<"1">>}, {"B", false}]}, {packet, 2},
-                            {name, p}]),
-    ?assertMatch(#{config := "c.yaml", python := "/usr/bin/python3",
-                   args := ["--log-level", "debug", "verbose"],
-                   env := [{"A", "1"}, {"B", false}], packet := 2, name := p}, Cfg).
-
-check_opts_errors_test_() ->
-    [?_assertEqual({error, {unknown_option, bogus}}, check_opts(#{bogus => 1})),
-     ?_assertEqual({error, {bad_option, packet, 3}}, check_opts(#{packet => 3})),
-     ?_assertEqual({error, {bad_option, args, "x"}}, check_opts(#{args => "x"})),
-     ?_assertEqual({error, {bad_option, args, [1.5]}}, check_opts(#{args => [1.5]})),
-     ?_assertEqual({error, {bad_option, env, [{"A", 1}]}}, check_opts(#{env => [{"A", 1}]})),
-     ?_assertEqual({error, {bad_option, python, ""}}, check_opts(#{python => ""})),
-     ?_assertEqual({error, {bad_option, name, "n"}}, check_opts(#{name => "n"})),
-     ?_assertEqual({error, {bad_option, max_restarts, -1}}, check_opts(#{max_restarts => -1})),
-     ?_assertEqual({error, {bad_option, restart_period, 0}}, check_opts(#{restart_period => 0})),
-     ?_assertEqual({error, {bad_options, 42}}, check_opts(42)),
-     ?_assertEqual({error, {bad_options, [x]}}, check_opts([x]))].
-
-resolve_test_() ->
-    [?_assertEqual({error, {python_not_found, "no-such-python-poolport"}},
-                   prepare(#{python => "no-such-python-poolport"})),
-     ?_assertMatch({error, {config_not_found, "/" ++ _}},
-                   prepare(#{python => "sh", config => "no/such/file.yaml"})),
-     ?_assertMatch({ok, #{python := "/" ++ _, config := undefined}},
-                   prepare(#{python => "sh", config => undefined})),
-     ?_assertEqual({ok, filename:join(code:priv_dir(poolport), "demo.yaml")},
-                   maps:find(config, element(2, prepare(#{python => "sh",
-                                                           config => {priv, poolport, <<"demo.yaml">>}})))),
-     ?_assertEqual({error, {config_not_found, {priv, no_such_app_poolport, "x.yaml"}}},
-                   prepare(#{python => "sh", config => {priv, no_such_app_poolport, "x.yaml"}})),
-     ?_assertEqual({error, {bad_option, config, {priv, "app", "x.yaml"}}},
-                   check_opts(#{config => {priv, "app", "x.yaml"}}))].
-
-port_args_test_() ->
-    [?_assertEqual(["-m", "poolport", "serve", "--config", "/c.yaml", "--packet", "4",
-                    "--reply-tags"],
-                   port_args(cfg(#{config => "/c.yaml"}))),
-     ?_assertEqual(["-m", "poolport", "serve", "--packet", "2", "--reply-tags",
-                    "--log-level", "debug"],
-                   port_args(cfg(#{config => undefined, packet => 2,
-                                   args => ["--log-level", "debug"]})))].
-
-check_args_test() ->
-    ?assertEqual(["-m", "poolport", "check", "--config", "/c.yaml", "--packet", "4",
-                  "--reply-tags", "--init", "--log-level", "debug"],
-                 command_args("check", ["--init"], cfg(#{config => "/c.yaml",
-                                                          args => ["--log-level", "debug"]}))),
-    %% A named pool's Python logs carry its name.
-    ?assertEqual(["-m", "poolport", "serve", "--packet", "4", "--reply-tags", "--name", "my_pool"],
-                 port_args(cfg(#{config => undefined, name => my_pool}))).
-
-tail_test_() ->
-    Many = iolist_to_binary([[integer_to_list(I), "\n"] || I <- lists:seq(1, 30)]),
-    Long = binary:copy(<<"\x{e9}"/utf8>>, 3000),  % 6000 bytes of 2-byte characters
-    [?_assertEqual(<<"a\nb">>, tail(<<"\n\na\n\nb\n">>)),
-     ?_assertEqual(iolist_to_binary(lists:join("\n", [integer_to_list(I) || I <- lists:seq(11, 30)])),
-                   tail(Many)),
-     ?_assertEqual(binary:copy(<<"\x{e9}"/utf8>>, 2000), tail(<<0, Long/binary>>)),  % whole characters
-     ?_assertEqual(<<>>, tail(<<>>))].
-
-port_settings_test() ->
-    Settings = port_settings(cfg(#{packet => 2, env => [{"X", "1"}], cd => "/tmp"})),
-    ?assert(lists:member({packet, 2}, Settings)),
-    ?assert(lists:member(binary, Settings)),
-    ?assert(lists:member(exit_status, Settings)),
-    ?assert(lists:member({env, [{"X", "1"}]}, Settings)),
-    ?assert(lists:member({cd, "/tmp"}, Settings)),
-    ?assertNot(lists:member(stderr_to_stdout, Settings)),
-    ?assertNot(lists:keymember(cd, 1, port_settings(cfg(#{})))).
-
-encode_test_() ->
-    [?_assertEqual({call, m, f, [1, <<"a">>]}, binary_to_term(encode_call(m, f, [1, <<"a">>]))),
-     ?_assertEqual({cast, m, f, []}, binary_to_term(encode_cast(m, f, []))),
-     ?_assertEqual({info, timeout, [{ms, 250}]}, binary_to_term(encode_timeout(250))),
-     ?_assertEqual({info, timeout, [{ms, 1}]}, binary_to_term(encode_timeout(0)))].
-
-decode_reply_test_() ->
-    E = {user, 0, <<"ValueError">>, <<"bad">>, [<<"tb">>]},
-    [?_assertEqual({reply, 42}, decode_reply(term_to_binary({reply, 42}))),
-     ?_assertEqual(noreply, decode_reply(term_to_binary({noreply}))),
-     ?_assertEqual({error, E}, decode_reply(term_to_binary({error, E}))),
-     ?_assertEqual({bad_reply, {what}}, decode_reply(term_to_binary({what}))),
-     ?_assertEqual(undecodable, decode_reply(<<1, 2, 3>>)),
-     ?_assertEqual(undecodable, decode_reply(<<>>))].
 
 %% A tagged reply frame: Seq, then the ETF of Term.
 tagged(Seq, Term) ->
     <<Seq:64/big-unsigned, (term_to_binary(Term))/binary>>.
-
-match_reply_test_() ->
-    Q = queue:from_list([{7, sys_info}, {8, cast}]),
-    {_, Rest} = queue:out(Q),
-    [{"the head's number: delivered",
-      ?_assertMatch({ok, sys_info, {reply, x}, Rest}, match_reply(tagged(7, {reply, x}), Q))},
-     {"a wrong shape is still the head's reply",
-      ?_assertMatch({ok, sys_info, {bad_reply, {what}}, _}, match_reply(tagged(7, {what}), Q))},
-     {"a later number (a reply was lost)",
-      ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7, got => 8}},
-                    match_reply(tagged(8, noreply), Q))},
-     {"an earlier number (a reply was sent twice)",
-      ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7, got => 6}},
-                    match_reply(tagged(6, {reply, x}), Q))},
-     {"the highest number",
-      ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7,
-                                   got => 16#FFFFFFFFFFFFFFFF}},
-                    match_reply(tagged(16#FFFFFFFFFFFFFFFF, {reply, x}), Q))},
-     {"no request pending",
-      ?_assertEqual({misaligned, #{why => empty_queue, expected => none, got => 0}},
-                    match_reply(tagged(0, {reply, x}), queue:new()))},
-     {"shorter than a tag",
-      ?_assertEqual({misaligned, #{why => short_frame, expected => 7, got => none}},
-                    match_reply(<<0, 0, 0, 0, 0, 0, 7>>, Q))},
-     {"empty frame, empty queue",
-      ?_assertEqual({misaligned, #{why => short_frame, expected => none, got => none}},
-                    match_reply(<<>>, queue:new()))},
-     {"an untagged reply (Python without --reply-tags)",
-      ?_assertMatch({misaligned, #{}}, match_reply(term_to_binary({reply, 42}), Q))},
-     {"the right number, then no term",
-      ?_assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
-                    match_reply(<<7:64, 1, 2, 3>>, Q))},
-     {"the right number, nothing after it",
-      ?_assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
-                    match_reply(<<7:64>>, Q))}].
-
-next_seq_test_() ->
-    [?_assertEqual(1, next_seq(0)),
-     ?_assertEqual(0, next_seq(16#FFFFFFFFFFFFFFFF))].
-
-call_result_test_() ->
-    E = {user, 0, <<"ValueError">>, <<"bad">>, []},
-    [?_assertEqual({ok, x}, call_result({reply, x})),
-     ?_assertEqual({error, E}, call_result({error, E})),
-     ?_assertEqual({error, timeout},
-                   call_result({error, {server, 3, <<"Timeout">>, <<>>, []}})),
-     ?_assertMatch({error, {protocol, 0, <<"UnexpectedReply">>, _, []}}, call_result(noreply)),
-     ?_assertMatch({error, {protocol, 0, <<"UnexpectedReply">>, _, []}},
-                   call_result({bad_reply, {what}}))].
-
-check_frame_test_() ->
-    [?_assertEqual(ok, check_frame(<<0:255/unit:8>>, 1)),
-     ?_assertMatch({error, {protocol, 1, <<"FrameTooLarge">>, _, []}},
-                   check_frame(<<0:256/unit:8>>, 1)),
-     ?_assertEqual(ok, check_frame(<<0:65535/unit:8>>, 2)),
-     ?_assertMatch({error, _}, check_frame(<<0:65536/unit:8>>, 2)),
-     ?_assertEqual(ok, check_frame(<<0:65536/unit:8>>, 4))].
 
 backoff_test_() ->
     [?_assertEqual(100, backoff(1)),
@@ -1321,19 +620,6 @@ backoff_test_() ->
 
 recent_test() ->
     ?assertEqual([1000, 900], recent([1000, 900, 100, 0], 1000, 500)).
-
-zombie_test_() ->
-    [?_assert(zombie(<<"12 (python3) Z 1 2 3">>)),
-     ?_assert(zombie(<<"12 (a) b) Z 1">>)),
-     ?_assertNot(zombie(<<"12 (python3) S 1 2 3">>)),
-     ?_assertNot(zombie(<<"garbage">>))].
-
-os_alive_test() ->
-    ?assert(os_alive(list_to_integer(os:getpid()))),
-    Port = open_port({spawn_executable, "/bin/sh"}, [{args, ["-c", "exit 0"]}, exit_status]),
-    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
-    receive {Port, {exit_status, 0}} -> ok end,
-    ?assert(wait_exit(OsPid, 5000)).
 
 %% FIFO matching with a fake state: replies go to the head entry, late
 %% replies of timed-out callers are dropped, casts and sys_info consume
@@ -1385,9 +671,9 @@ numbering_test() ->
     try
         {os_pid, OsPid} = erlang:port_info(Port, os_pid),
         S0 = attach(Port, OsPid, #state{cfg = cfg(#{}), seq = 41}),
-        Req = encode_call(m, f, []),
+        Req = poolport_wire:encode_call(m, f, []),
         {noreply, S1} = handle_call({call, Req, infinity}, {self(), make_ref()}, S0),
-        {noreply, S2} = handle_cast({cast, encode_cast(m, f, [])}, S1),
+        {noreply, S2} = handle_cast({cast, poolport_wire:encode_cast(m, f, [])}, S1),
         {noreply, S3} = handle_call({call, Req, 100}, {self(), make_ref()}, S2),
         ?assertMatch([{0, sys_info}, {1, {call, _}}, {2, cast}, {3, {call, _}}],
                      queue:to_list(S3#state.queue)),
@@ -1431,7 +717,7 @@ misaligned_test() ->
     ?assertEqual(undefined, erlang:port_info(Port)),
     ?assert(is_reference(S#state.reopen_timer)),
     %% SIGTERM is ignored: the helper goes on to SIGKILL.
-    ?assert(wait_exit(OsPid, 10000)),
+    ?assert(poolport_os:wait_exit(OsPid, 10000)),
     _ = erlang:cancel_timer(S#state.reopen_timer),
     receive reopen -> ok after 0 -> ok end,
     receive {'EXIT', Port, _} -> ok after 0 -> ok end,
@@ -1446,7 +732,7 @@ misaligned_intensity_test() ->
     ?assertMatch({stop, {restart_intensity, #{last_exit := {misaligned, #{why := short_frame}},
                                               max_restarts := 0}}, _},
                  handle_info({Port, {data, <<1, 2>>}}, State)),
-    ?assert(wait_exit(OsPid, 10000)).
+    ?assert(poolport_os:wait_exit(OsPid, 10000)).
 
 flush_timeouts() ->
     receive {call_timeout, _} -> flush_timeouts() after 0 -> ok end.
@@ -1465,3 +751,4 @@ fail_pending_test() ->
     receive {Tag2, R2} -> ?assertEqual({error, misaligned}, R2) after 0 -> ?assert(false) end.
 
 -endif.
+

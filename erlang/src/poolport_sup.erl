@@ -11,7 +11,7 @@
 %% The strategy is `one_for_one' with one child specification per pool
 %% (not `simple_one_for_one', whose children all share one `shutdown'):
 %% each pool's `shutdown' comes from its own `stop_timeout', computed by
-%% {@link poolport_server:shutdown_timeout/1} exactly as for
+%% {@link poolport_os:shutdown_timeout/1} exactly as for
 %% {@link poolport:child_spec/1}, so a pool with a long `stop_timeout' is
 %% never killed in the middle of its shutdown.
 -module(poolport_sup).
@@ -34,8 +34,8 @@ start_link() ->
     supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 
 %% @doc Start a pool from options already checked by
-%% {@link poolport_server:prepare/1}.
--spec start_pool(poolport_server:cfg()) -> {ok, pid()} | {error, term()}.
+%% {@link poolport_opts:prepare/1}.
+-spec start_pool(poolport_opts:cfg()) -> {ok, pid()} | {error, term()}.
 start_pool(Cfg) ->
     purge(),
     case supervisor:start_child(?MODULE, child_spec(Cfg)) of
@@ -53,14 +53,14 @@ start_pool(Cfg) ->
 %% @doc The child specification of a pool under `poolport_sup'.
 %%
 %% A unique id, `transient', and the `shutdown' of
-%% {@link poolport_server:shutdown_timeout/1} (the same as
+%% {@link poolport_os:shutdown_timeout/1} (the same as
 %% {@link poolport:child_spec/1} gives for the same options).
--spec child_spec(poolport_server:cfg()) -> supervisor:child_spec().
+-spec child_spec(poolport_opts:cfg()) -> supervisor:child_spec().
 child_spec(Cfg) ->
     #{id => {poolport_server, make_ref()},
       start => {poolport_server, start_link, [Cfg]},
       restart => transient,
-      shutdown => poolport_server:shutdown_timeout(Cfg),
+      shutdown => poolport_os:shutdown_timeout(Cfg),
       type => worker,
       modules => [poolport_server]}.
 

@@ -212,7 +212,7 @@ huge_timeout(Pool) ->
     end),
     wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) >= 1 end, ?DEADLOCK),
     %% Record the {info, timeout, ...} packets the pool encodes meanwhile.
-    erlang:trace_pattern({poolport_server, encode_timeout, 1},
+    erlang:trace_pattern({poolport_wire, encode_timeout, 1},
                          [{'_', [], [{return_trace}]}], [local]),
     1 = erlang:trace(Pool, true, [call, {tracer, self()}]),
     try
@@ -222,7 +222,7 @@ huge_timeout(Pool) ->
         ?assertEqual({ok, 9}, poolport:call(Pool, ?M, echo, [9], Max))
     after
         erlang:trace(Pool, false, [call]),
-        erlang:trace_pattern({poolport_server, encode_timeout, 1}, false, [local])
+        erlang:trace_pattern({poolport_wire, encode_timeout, 1}, false, [local])
     end,
     receive {bystander, Bystander, R} -> ?assertEqual({ok, 300}, R)
     after ?DEADLOCK -> error(deadlock)
@@ -238,9 +238,9 @@ huge_timeout(Pool) ->
 
 trace_returns(Pid) ->
     receive
-        {trace, Pid, return_from, {poolport_server, encode_timeout, 1}, Bin} ->
+        {trace, Pid, return_from, {poolport_wire, encode_timeout, 1}, Bin} ->
             [Bin | trace_returns(Pid)];
-        {trace, Pid, call, {poolport_server, encode_timeout, _}} ->
+        {trace, Pid, call, {poolport_wire, encode_timeout, _}} ->
             trace_returns(Pid)
     after 1000 ->
         []
@@ -435,11 +435,11 @@ start_supervised() ->
 %% longer stop_timeout was killed in the middle of its shutdown.
 sup_shutdown_test() ->
     Opts = #{stop_timeout => 120000},
-    {ok, Cfg} = poolport_server:check_opts(Opts),
+    {ok, Cfg} = poolport_opts:check_opts(Opts),
     #{shutdown := SupShutdown, restart := transient} = poolport_sup:child_spec(Cfg),
     #{shutdown := OwnShutdown} = poolport:child_spec(Opts),
     ?assertEqual(OwnShutdown, SupShutdown),
-    ?assertEqual(poolport_server:shutdown_timeout(Cfg), SupShutdown),
+    ?assertEqual(poolport_os:shutdown_timeout(Cfg), SupShutdown),
     ?assert(SupShutdown > 120000),
     %% Every pool gets its own id.
     #{id := Id1} = poolport_sup:child_spec(Cfg),
