@@ -48,6 +48,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         const=True,
         help="prefix every reply frame with its request's 64-bit sequence number",
     )
+    p.add_argument(
+        "--caller-timeout-ms",
+        type=int,
+        help="the caller's timeout of a call not preceded by an {info, timeout, ...} packet, 0 = none",
+    )
     p.add_argument("--max-frame-bytes", type=int)
     p.add_argument("--max-term-elements", type=int, help="list/tuple/map/string elements one request may decode to")
     p.add_argument("--max-worker-memory-mb", type=int, help="per-worker memory limit, 0 = none")
@@ -85,6 +90,7 @@ def read_config(args: argparse.Namespace) -> Config:
         "idle_spin_us": args.idle_spin_us,
         "max_in_flight_bytes": args.max_in_flight_bytes,
         "reply_tags": args.reply_tags,
+        "caller_timeout_ms": args.caller_timeout_ms,
         "atom_encoding": args.atom_encoding,
     }
     if args.workers is not None:

@@ -64,6 +64,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     log_level: LogLevel = "INFO"
     name: str = ""  # the pool's name in every log line (the OTP client passes a named pool's name)
     reply_tags: bool = False  # each reply frame starts with its request's 8-byte sequence number
+    caller_timeout_ms: NonNegativeInt = 0  # the caller's timeout of a call sent without an info packet
     idle_spin_us: NonNegativeInt = 100  # poll this long before sleeping when out of work (see spin.py)
     worker_init: Union[InitSpec, None] = None  # "module:function" run once per worker; its result
     worker_init_args: list[Any] = []  # is poolport.worker_state(); called as function(*args)

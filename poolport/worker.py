@@ -141,7 +141,9 @@ class Worker:
         self.config = config
         self.progress = progress or _NoProgress()
         self.counters = counters
-        self._next_timeout: int | None = None  # from an {info, timeout, ...} packet
+        # the caller's timeout of the next call: from an {info, timeout, ...} packet, else the default
+        self._caller_ms: int | None = config.caller_timeout_ms or None
+        self._next_timeout = self._caller_ms
         self.handlers = Handlers(config)
         self.bare = config.protocol == "bare"
         info = dict(info or {}, worker_pid=os.getpid())
@@ -187,7 +189,7 @@ class Worker:
         if not entry:
             return self.handle(data[start:end])
         fn, cast, timeout, module, function = entry
-        info_ms, self._next_timeout = self._next_timeout, None
+        info_ms, self._next_timeout = self._next_timeout, self._caller_ms
         self.progress.begin(smallest_timeout(info_ms, timeout))
         try:
             try:
@@ -232,7 +234,7 @@ class Worker:
         if not self.bare and bert.is_info(payload):
             self._take_info(payload)
             return None
-        info_ms, self._next_timeout = self._next_timeout, None
+        info_ms, self._next_timeout = self._next_timeout, self._caller_ms
         self.progress.begin(smallest_timeout(info_ms, self.config.timeout_ms))  # until resolved
         try:
             return self._answer(payload, info_ms)

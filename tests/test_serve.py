@@ -317,3 +317,22 @@ def test_the_smallest_timeout_set_applies_even_when_the_caller_sends_a_longer_on
         kind, (typ, code, cls, _detail, _trace) = c.recv(timeout=60)  # the caller's shorter one too
         assert (kind, typ, code, cls) == (A("error"), A("server"), 3, b"Timeout")
         assert c.request(call("pp_handlers", "sleep_ms", 10, 3)) == (A("reply"), 3)
+
+
+def test_caller_timeout_ms_is_the_timeout_of_a_call_sent_without_a_packet():
+    """With --caller-timeout-ms (the OTP client's default call timeout), a call with no
+    {info, timeout, ...} packet is stopped at it; a packet still overrides it for one call,
+    longer (the next call is back to the default) or none at all (ms 0)."""
+    no_limit = (A("info"), A("timeout"), [(A("ms"), 0)])
+    longer = (A("info"), A("timeout"), [(A("ms"), 5000)])
+    with PortClient("--workers", "1", "-m", "pp_handlers", "--caller-timeout-ms", "300") as c:
+        c.send(call("pp_handlers", "sleep_ms", 3000, 1))
+        kind, (typ, code, cls, _detail, _trace) = c.recv(timeout=60)
+        assert (kind, typ, code, cls) == (A("error"), A("server"), 3, b"Timeout")
+        c.send(longer, call("pp_handlers", "sleep_ms", 600, 2), call("pp_handlers", "sleep_ms", 3000, 3))
+        assert c.recv(timeout=60) == (A("reply"), 2)
+        kind, (typ, code, cls, _detail, _trace) = c.recv(timeout=60)  # the default again
+        assert (kind, typ, code, cls) == (A("error"), A("server"), 3, b"Timeout")
+        c.send(no_limit, call("pp_handlers", "sleep_ms", 600, 4))
+        assert c.recv(timeout=60) == (A("reply"), 4)
+        assert c.request(call("pp_handlers", "sleep_ms", 10, 5)) == (A("reply"), 5)

@@ -351,4 +351,4 @@ ensure_started() ->
 
 -spec default_timeout() -> timeout().
 default_timeout() ->
-    application:get_env(poolport, default_timeout, 5000).
+    poolport_opts:default_timeout().

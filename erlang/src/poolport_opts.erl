@@ -10,6 +10,7 @@
 -export([prepare/1]).
 -export([check_opts/1]).
 -export([default_python/0]).
+-export([default_timeout/0]).
 -export([port_args/1]).
 -export([command_args/3]).
 -export([port_settings/1]).
@@ -27,7 +28,9 @@
     start_timeout := pos_integer(),
     stop_timeout := non_neg_integer(),
     group := atom() | undefined,
-    events := module() | undefined
+    events := module() | undefined,
+    %% Set by prepare/1: the default call timeout when the pool started.
+    caller_timeout => timeout()
 }.
 %% Validated, normalised options (see {@link poolport:opts()}).
 
@@ -40,9 +43,15 @@
 -spec prepare(poolport:opts() | [{atom(), term()}]) -> {ok, cfg()} | {error, term()}.
 prepare(Opts) ->
     case check_opts(Opts) of
-        {ok, Cfg} -> resolve(Cfg);
+        {ok, Cfg} -> resolve(Cfg#{caller_timeout => default_timeout()});
         {error, _} = Error -> Error
     end.
+
+%% @doc The timeout of `poolport:call/4': the application environment's
+%% `default_timeout' (ms or `infinity'), else 5000.
+-spec default_timeout() -> timeout().
+default_timeout() ->
+    application:get_env(poolport, default_timeout, 5000).
 
 %% @doc Check options and fill in defaults, without touching the system.
 %%
@@ -236,8 +245,14 @@ command_args(Command, Extra, #{config := Config, packet := Packet, args := Args}
                    #{name := Name} when is_atom(Name), Name =/= undefined -> ["--name", atom_to_list(Name)];
                    _ -> []
                end,
+    %% Calls with the default timeout then need no {info, timeout, _} packet.
+    CallerArgs = case Cfg of
+                     #{caller_timeout := Ms} when is_integer(Ms), Ms > 0 ->
+                         ["--caller-timeout-ms", integer_to_list(Ms)];
+                     _ -> []
+                 end,
     ["-m", "poolport", Command] ++ ConfigArgs
-        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ NameArgs ++ Extra ++ Args.
+        ++ ["--packet", integer_to_list(Packet), "--reply-tags"] ++ CallerArgs ++ NameArgs ++ Extra ++ Args.
 
 %% open_port/2 settings. stderr is not redirected: Python logs go to the
 %% node's stderr, stdout carries frames only.
@@ -334,7 +349,15 @@ check_args_test() ->
                                                           args => ["--log-level", "debug"]}))),
     %% A named pool's Python logs carry its name.
     ?assertEqual(["-m", "poolport", "serve", "--packet", "4", "--reply-tags", "--name", "my_pool"],
-                 port_args(cfg(#{config => undefined, name => my_pool}))).
+                 port_args(cfg(#{config => undefined, name => my_pool}))),
+    %% The default call timeout is Python's caller timeout; infinity or 0 is none.
+    Cfg = cfg(#{config => undefined}),
+    ?assertEqual(["-m", "poolport", "serve", "--packet", "4", "--reply-tags",
+                  "--caller-timeout-ms", "5000"],
+                 port_args(Cfg#{caller_timeout => 5000})),
+    [?assertEqual(["-m", "poolport", "serve", "--packet", "4", "--reply-tags"],
+                  port_args(Cfg#{caller_timeout => T})) || T <- [infinity, 0]],
+    ?assertMatch({ok, #{caller_timeout := 5000}}, prepare(#{python => "sh", config => undefined})).
 
 port_settings_test() ->
     Settings = port_settings(cfg(#{packet => 2, env => [{"X", "1"}], cd => "/tmp"})),

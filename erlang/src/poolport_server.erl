@@ -1,21 +1,29 @@
 %% @doc The pool process: owns the port to `python -m poolport serve'.
 %%
 %% ```
-%%  callers ──call/cast──▶ poolport_server ──frames──▶ port ──▶ Python
-%%     ▲                     │  FIFO of entries              │
-%%     └──gen_server:reply───┘◀──────── replies in order ────┘
+%%  callers ──{call, Alias, ...}──▶ poolport_server ──frames──▶ port ──▶ Python
+%%     ▲                              │  FIFO of entries              │
+%%     └───────── Alias ! Reply ──────┘◀──────── replies in order ────┘
 %% '''
 %%
-%% Callers encode their request themselves ({@link poolport_wire:encode_call/3}); the
-%% server writes it to the port at once and appends an entry to a FIFO
-%% queue. Python answers every call and cast frame exactly once, in request
-%% order, so each reply frame belongs to the entry at the head of the
-%% queue. Entries:
+%% The pool process only moves bytes; everything per call that can run in
+%% the caller does. A caller encodes its request and its timeout packet
+%% ({@link poolport_wire}), sends them with a process alias that is also a
+%% monitor of the pool (`monitor(process, Pool, [{alias, demonitor}])'),
+%% and waits for the reply with its own timeout. The server writes the
+%% frames to the port at once and appends an entry to a FIFO queue. Python
+%% answers every call and cast frame exactly once, in request order, so
+%% each reply frame belongs to the entry at the head of the queue. Entries:
 %% <ul>
-%% <li>`{call, MRef}': a caller, monitored with `MRef'; `pending' maps
-%%   `MRef' to the caller's `From' and its timeout timer. When the caller
-%%   times out or dies it is removed from `pending' but its entry stays in
-%%   the queue, so the late reply is recognised and dropped.</li>
+%% <li>`{call, Alias, Pid}': a caller. A `{reply, _}' frame is sent to
+%%   `Alias' undecoded, and the caller decodes it; an error reply is
+%%   decoded here (to count errors and timeouts) and sent as
+%%   `{error, Reason}'. No timer and no monitor per call: when the caller's
+%%   own timeout expires it deactivates the alias (a late reply is then
+%%   discarded by the runtime, never found in its mailbox) and tells the
+%%   pool, which counts the timeout and drops the reply when it comes;
+%%   Python stops the call at the same timeout (the timeout packet). A
+%%   caller that died has its reply dropped as well.</li>
 %% <li>`cast': the reply is `{noreply}' (or an error, which is logged).</li>
 %% <li>`sys_info': the pool's own `'$poolport':info()' call, sent after
 %%   each (re)opening of the port.</li>
@@ -68,9 +76,9 @@
 
 -include_lib("kernel/include/logger.hrl").
 
-%% Extra time a caller waits beyond its timeout for the server's own
-%% `{error, timeout}' before it gives up itself (only if the server is stuck).
--define(CALLER_MARGIN, 1000).
+%% The messages of a call: a caller's request, and a caller that gave up.
+-define(CALL, '$poolport_call').
+-define(GAVE_UP, '$poolport_gave_up').
 %% Largest call timeout (ms, about 49.7 days): the largest value every OTP
 %% release accepts in `erlang:send_after/3' and in `receive ... after'
 %% (which `gen_server:call/3' uses). Longer timeouts are clamped to it.
@@ -83,8 +91,7 @@
 %% Ceiling of the reopen delay.
 -define(BACKOFF_MAX, 5000).
 
--type entry() :: {call, reference()} | cast | sys_info.
--type waiter() :: {gen_server:from(), reference() | undefined}.
+-type entry() :: {call, reference(), pid()} | cast | sys_info.
 
 -record(state, {
     cfg :: poolport_opts:cfg(),
@@ -95,8 +102,14 @@
     queue = queue:new() :: queue:queue({poolport_wire:seq(), entry()}),
     %% Number of the next request written to the current port.
     seq = 0 :: poolport_wire:seq(),
-    %% Callers still waiting: monitor ref => {From, timeout timer}.
-    pending = #{} :: #{reference() => waiter()},
+    %% Calls in the queue, and the aliases of those whose caller gave up
+    %% (timed out): their replies are dropped. Emptied whenever `calls_queued'
+    %% is 0, so an alias whose reply went out before its caller gave up does
+    %% not stay here.
+    calls_queued = 0 :: non_neg_integer(),
+    gave_up = #{} :: #{reference() => true},
+    %% The timeout packet made last, with its timeout.
+    last_packet = {infinity, <<>>} :: {timeout(), binary()},
     workers :: non_neg_integer() | undefined,
     server = #{} :: map(),
     %% Monotonic ms of Python exits within the restart period, newest first.
@@ -126,15 +139,15 @@ start_link(#{name := Name} = Cfg) ->
 
 %% @doc Send an encoded call to a pool and wait for its result.
 %%
-%% The server enforces `Timeout'; the caller itself waits
-%% `Timeout + 1000' ms so that a stuck server cannot block it forever.
-%% `gen_server:call/3' with a timeout uses a process alias (OTP 24+), so a
-%% reply arriving after the caller gave up is discarded by the runtime.
+%% The caller enforces `Timeout' itself (and Python too, from the timeout
+%% packet sent before the call). The wait uses a process alias (OTP 24+):
+%% a reply arriving after the caller gave up is discarded by the runtime.
 %%
 %% A pool that does not exist (a dead pid, a name nobody registered) gives
 %% `{error, noproc}', a pool on a node that cannot be reached
-%% `{error, {nodedown, Node}}'; any other exit of `gen_server:call/3' (the
-%% pool crashing while the call is pending) still exits the caller.
+%% `{error, {nodedown, Node}}'; a pool that crashes while the call is
+%% pending exits the caller with `{Reason, {poolport_server, call, [Pool]}}',
+%% as a `gen_server:call/3' would.
 -spec call(poolport:pool(), binary(), timeout()) -> {ok, term()} | {error, poolport:reason()}.
 call(Pool, Request, Timeout) ->
     request(Pool, call, Request, Timeout).
@@ -148,11 +161,62 @@ member_call(Pool, Request, Timeout) ->
     request(Pool, member_call, Request, Timeout).
 
 -spec request(poolport:pool(), call | member_call, binary(), timeout()) -> term().
-request(Pool, Tag, Request, infinity) ->
-    server_call(Pool, {Tag, Request, infinity}, infinity);
-request(Pool, Tag, Request, Timeout0) ->
+request(Pool, Kind, Request, Timeout0) ->
     Timeout = clamp_timeout(Timeout0),
-    server_call(Pool, {Tag, Request, Timeout}, min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)).
+    case where(Pool) of
+        {error, _} = Error ->
+            Error;
+        Dest ->
+            Alias = erlang:monitor(process, Dest, [{alias, demonitor}]),
+            %% A name nobody registered makes send/3 fail: the monitor says noproc.
+            _ = catch erlang:send(Dest, {?CALL, Kind, Alias, self(), Timeout, Request}, [noconnect]),
+            await(Dest, Alias, Timeout)
+    end.
+
+%% Wait for the answer to a request sent with `Alias' (a monitor of `Dest'
+%% that is also an alias); on timeout, tell `Dest' the caller gave up.
+-spec await(pid() | atom() | {atom(), node()}, reference(), timeout()) -> term().
+await(Dest, Alias, Timeout) ->
+    receive
+        {Alias, Etf} when is_binary(Etf) ->
+            erlang:demonitor(Alias, [flush]),
+            poolport_wire:read_result(Etf);
+        {Alias, Result} ->
+            erlang:demonitor(Alias, [flush]),
+            Result;
+        {'DOWN', Alias, process, _, noconnection} ->
+            {error, {nodedown, dest_node(Dest)}};
+        {'DOWN', Alias, process, _, noproc} ->
+            {error, noproc};
+        {'DOWN', Alias, process, _, Reason} ->
+            exit({Reason, {?MODULE, call, [Dest]}})
+    after Timeout ->
+        erlang:demonitor(Alias, [flush]),
+        receive
+            {Alias, Etf} when is_binary(Etf) -> poolport_wire:read_result(Etf);
+            {Alias, Result} -> Result
+        after 0 ->
+            _ = catch erlang:send(Dest, {?GAVE_UP, Alias}, [noconnect]),
+            {error, timeout}
+        end
+    end.
+
+%% Where to send a request: what monitor/3 and send/3 take (as gen:call/4
+%% finds it).
+-spec where(poolport:pool()) -> pid() | atom() | {atom(), node()} | {error, noproc | {nodedown, node()}}.
+where({global, Name}) -> registered(global:whereis_name(Name));
+where({via, Module, Name}) -> registered(Module:whereis_name(Name));
+where({_Name, Node}) when node() =:= nonode@nohost, Node =/= nonode@nohost -> {error, {nodedown, Node}};
+where(Pool) -> Pool.
+
+-spec registered(pid() | undefined) -> pid() | {error, noproc}.
+registered(Pid) when is_pid(Pid) -> Pid;
+registered(_) -> {error, noproc}.
+
+-spec dest_node(pid() | atom() | {atom(), node()}) -> node().
+dest_node(Pid) when is_pid(Pid) -> node(Pid);
+dest_node({_, Node}) -> Node;
+dest_node(_) -> node().
 
 %% `gen_server:call/3' that returns `{error, Reason}' instead of exiting
 %% when the pool is not there or the call timed out (thanks to the process
@@ -222,44 +286,8 @@ init(Cfg) ->
 %% @private
 -spec handle_call(term(), gen_server:from(), state()) ->
     {reply, term(), state()} | {noreply, state()}.
-handle_call({call, _Request, _Timeout}, _From, #state{port = undefined} = State) ->
-    {reply, {error, port_closed}, count_error(State#state{calls = State#state.calls + 1})};
-handle_call({call, _Request, Timeout}, _From, State)
-  when Timeout =/= infinity, not (is_integer(Timeout) andalso Timeout >= 0) ->
-    %% Only a caller bypassing poolport:call/5 can send this; never crash on it.
-    {reply, {error, badarg}, State};
-handle_call({call, Request, Timeout0}, {Pid, _} = From, State0) ->
-    Timeout = clamp_timeout(Timeout0),
-    State = State0#state{calls = State0#state.calls + 1},
-    #state{cfg = #{packet := Packet}, port = Port} = State,
-    Frames = case Timeout of
-                 infinity -> [Request];
-                 _ -> [poolport_wire:encode_timeout(Timeout), Request]
-             end,
-    case poolport_wire:check_frame(Request, Packet) of
-        {error, _} = Error ->
-            {reply, Error, count_error(State)};
-        ok ->
-            case write(Port, Frames) of
-                ok ->
-                    MRef = erlang:monitor(process, Pid),
-                    TRef = case Timeout of
-                               infinity -> undefined;
-                               _ -> erlang:send_after(Timeout, self(), {call_timeout, MRef})
-                           end,
-                    {noreply, enqueue({call, MRef}, State#state{
-                        pending = maps:put(MRef, {From, TRef}, State#state.pending)})};
-                error ->
-                    %% The port is dying; its exit message follows.
-                    {reply, {error, port_closed}, count_error(State)}
-            end
-    end;
 handle_call(info, _From, State) ->
     {reply, info_map(State), State};
-handle_call({member_call, _Request, _Timeout}, _From, #state{joined = false} = State) ->
-    {reply, {error, not_member}, State};
-handle_call({member_call, Request, Timeout}, From, State) ->
-    handle_call({call, Request, Timeout}, From, State);
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -288,6 +316,11 @@ handle_cast(_Request, State) ->
 
 %% @private
 -spec handle_info(term(), state()) -> {noreply, state()} | {stop, term(), state()}.
+handle_info({?CALL, Kind, Alias, Pid, Timeout, Request}, State)
+  when is_reference(Alias), is_pid(Pid), is_binary(Request) ->
+    {noreply, call(Kind, Alias, Pid, Timeout, Request, State)};
+handle_info({?GAVE_UP, Alias}, #state{calls_queued = Queued} = State) when Queued > 0 ->
+    {noreply, State#state{gave_up = maps:put(Alias, true, State#state.gave_up)}};
 handle_info({Port, {data, Data}}, #state{port = Port} = State) ->
     case handle_data(Data, State) of
         {ok, State1} -> {noreply, State1};
@@ -297,28 +330,11 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     port_down({exit_status, Status}, State);
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     port_down({port_exit, Reason}, State);
-handle_info({call_timeout, MRef}, State) ->
-    case maps:take(MRef, State#state.pending) of
-        {{From, _TRef}, Pending} ->
-            erlang:demonitor(MRef, [flush]),
-            gen_server:reply(From, {error, timeout}),
-            {noreply, count_error(State#state{pending = Pending,
-                                              timeouts = State#state.timeouts + 1})};
-        error ->
-            {noreply, State}
-    end;
-handle_info({'DOWN', MRef, process, _Pid, _Reason}, State) ->
-    case maps:take(MRef, State#state.pending) of
-        {{_From, TRef}, Pending} ->
-            cancel_timer(TRef),
-            {noreply, State#state{pending = Pending}};
-        error ->
-            {noreply, State}
-    end;
 handle_info(reopen, #state{port = undefined} = State) ->
     reopen(State#state{reopen_timer = undefined});
 handle_info(_Info, State) ->
-    %% Stale messages of a previous port, the previous port's 'EXIT', ...
+    %% Stale messages of a previous port, the previous port's 'EXIT', a
+    %% caller that gave up after its reply went out, ...
     {noreply, State}.
 
 %% @private
@@ -372,6 +388,51 @@ await_ready(#state{port = Port, os_pid = OsPid, cfg = #{start_timeout := Timeout
         poolport_os:close(Port, OsPid, 0),
         {stop, {start_timeout, Timeout}}
     end.
+
+%% A caller's request: write its frames and queue it, or answer it at once.
+-spec call(call | member_call, reference(), pid(), timeout(), binary(), state()) -> state().
+call(member_call, Alias, _Pid, _Timeout, _Request, #state{joined = false} = State) ->
+    %% Not in its group (Python is restarting): the caller tries another member.
+    Alias ! {Alias, {error, not_member}},
+    State;
+call(_Kind, Alias, _Pid, _Timeout, _Request, #state{port = undefined} = State) ->
+    Alias ! {Alias, {error, port_closed}},
+    count_error(State#state{calls = State#state.calls + 1});
+call(_Kind, Alias, Pid, Timeout, Request, #state{port = Port, cfg = #{packet := Packet}} = State0) ->
+    {Frames, State} = frames(Timeout, Request, State0#state{calls = State0#state.calls + 1}),
+    case poolport_wire:check_frame(Request, Packet) of
+        {error, _} = Error ->
+            Alias ! {Alias, Error},
+            count_error(State);
+        ok ->
+            case write(Port, Frames) of
+                ok ->
+                    enqueue({call, Alias, Pid},
+                            State#state{calls_queued = State#state.calls_queued + 1});
+                error ->
+                    %% The port is dying; its exit message follows.
+                    Alias ! {Alias, {error, port_closed}},
+                    count_error(State)
+            end
+    end.
+
+%% The frames of a call: its timeout packet, unless Python already applies
+%% that timeout to a call without one (`--caller-timeout-ms', the pool's
+%% default timeout), then the request. The last packet made is kept, so a
+%% run of calls with the same other timeout encodes it once.
+-spec frames(timeout(), binary(), state()) -> {[binary()], state()}.
+frames(Timeout, Request, #state{cfg = #{caller_timeout := Timeout}} = State)
+  when Timeout =:= infinity; Timeout > 0 ->
+    {[Request], State};
+frames(infinity, Request, #state{cfg = #{caller_timeout := Ms}} = State) when is_integer(Ms), Ms > 0 ->
+    {[poolport_wire:encode_timeout(infinity), Request], State};
+frames(infinity, Request, State) ->
+    {[Request], State};
+frames(Timeout, Request, #state{last_packet = {Timeout, Packet}} = State) ->
+    {[Packet, Request], State};
+frames(Timeout, Request, State) ->
+    Packet = poolport_wire:encode_timeout(Timeout),
+    {[Packet, Request], State#state{last_packet = {Timeout, Packet}}}.
 
 -spec write(port(), [binary()]) -> ok | error.
 write(Port, Frames) ->
@@ -437,7 +498,7 @@ misaligned(#{why := What, expected := Expected, got := Got} = Why,
                "~b request(s) pending; failing ~b waiting caller(s) with {error, misaligned}, "
                "killing Python (os pid ~p) and reopening the port",
                [pool_id(State), What, Expected, Got, queue:len(State#state.queue),
-                map_size(State#state.pending), OsPid]),
+                waiting(State), OsPid]),
     poolport_os:discard(Port, OsPid),
     restart({misaligned, Why}, misaligned, State#state{misaligned = State#state.misaligned + 1}).
 
@@ -488,28 +549,62 @@ backoff(N) ->
 -spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
 handle_data(Data, State) ->
     case poolport_wire:match_reply(Data, State#state.queue) of
-        {ok, Entry, Reply, Queue} -> {ok, deliver(Entry, Reply, State#state{queue = Queue})};
-        {misaligned, _} = Misaligned -> Misaligned
+        {ok, {call, _, _} = Entry, Etf, Queue} ->
+            case poolport_wire:is_reply(Etf) of
+                true -> {ok, answer(Entry, Etf, State#state{queue = Queue})};
+                false -> decoded(Entry, Etf, Data, Queue, State)
+            end;
+        {ok, Entry, Etf, Queue} ->
+            decoded(Entry, Etf, Data, Queue, State);
+        {misaligned, _} = Misaligned ->
+            Misaligned
+    end.
+
+%% A reply the pool reads itself: one that does not decode means the
+%% stream cannot be trusted (it is a misalignment).
+-spec decoded(entry(), binary(), binary(), queue:queue({poolport_wire:seq(), entry()}), state()) ->
+          {ok, state()} | {misaligned, poolport_wire:misalignment()}.
+decoded(Entry, Etf, Data, Queue, State) ->
+    case poolport_wire:decode_reply(Etf) of
+        undecodable ->
+            <<Seq:64/big-unsigned, _/binary>> = Data,
+            {misaligned, #{why => bad_term, expected => Seq, got => Seq}};
+        Reply ->
+            {ok, deliver(Entry, Reply, State#state{queue = Queue})}
+    end.
+
+%% The reply of a call: `{reply, _}' as its ETF (the caller decodes it),
+%% anything else as the caller's result.
+-spec answer({call, reference(), pid()}, binary() | {ok, term()} | {error, term()}, state()) ->
+          state().
+answer({call, Alias, Pid}, Answer, #state{calls_queued = Queued, gave_up = GaveUp} = State0) ->
+    State = case Queued of
+                1 -> State0#state{calls_queued = 0, gave_up = #{}};
+                _ -> State0#state{calls_queued = Queued - 1}
+            end,
+    case GaveUp of
+        #{Alias := true} ->
+            %% The caller timed out: count it now, drop the reply.
+            count_error(State#state{gave_up = maps:remove(Alias, State#state.gave_up),
+                                    timeouts = State#state.timeouts + 1,
+                                    dropped = State#state.dropped + 1});
+        _ ->
+            case node(Pid) =:= node() andalso not erlang:is_process_alive(Pid) of
+                true ->
+                    State#state{dropped = State#state.dropped + 1};
+                false ->
+                    Alias ! {Alias, Answer},
+                    case Answer of
+                        {error, timeout} -> count_error(State#state{timeouts = State#state.timeouts + 1});
+                        {error, _} -> count_error(State);
+                        _ -> State
+                    end
+            end
     end.
 
 -spec deliver(entry(), poolport_wire:reply(), state()) -> state().
-deliver({call, MRef}, Reply, State) ->
-    case maps:take(MRef, State#state.pending) of
-        {{From, TRef}, Pending} ->
-            cancel_timer(TRef),
-            erlang:demonitor(MRef, [flush]),
-            Result = poolport_wire:call_result(Reply),
-            gen_server:reply(From, Result),
-            State1 = State#state{pending = Pending},
-            case Result of
-                {ok, _} -> State1;
-                {error, timeout} -> count_error(State1#state{timeouts = State1#state.timeouts + 1});
-                {error, _} -> count_error(State1)
-            end;
-        error ->
-            %% The caller timed out or died: drop the late reply.
-            State#state{dropped = State#state.dropped + 1}
-    end;
+deliver({call, _, _} = Entry, Reply, State) ->
+    answer(Entry, poolport_wire:call_result(Reply), State);
 deliver(cast, noreply, State) ->
     State;
 deliver(cast, Reply, State) ->
@@ -553,16 +648,12 @@ leave_group(#state{cfg = #{group := Group}} = State) ->
 fail_pending(State) ->
     fail_pending(port_closed, State).
 
-%% Reply {error, Error} to every waiting caller.
+%% Reply {error, Error} to every waiting caller (not to those that gave up).
 -spec fail_pending(port_closed | misaligned, state()) -> state().
-fail_pending(Error, #state{pending = Pending} = State) ->
-    maps:foreach(
-        fun(MRef, {From, TRef}) ->
-            cancel_timer(TRef),
-            erlang:demonitor(MRef, [flush]),
-            gen_server:reply(From, {error, Error})
-        end, Pending),
-    State#state{pending = #{}, errors = State#state.errors + map_size(Pending)}.
+fail_pending(Error, #state{queue = Queue, gave_up = GaveUp} = State) ->
+    Waiting = [Alias || {_, {call, Alias, _}} <- queue:to_list(Queue), not maps:is_key(Alias, GaveUp)],
+    _ = [Alias ! {Alias, {error, Error}} || Alias <- Waiting],
+    State#state{calls_queued = 0, gave_up = #{}, errors = State#state.errors + length(Waiting)}.
 
 -spec count_error(state()) -> state().
 count_error(State) ->
@@ -575,11 +666,17 @@ cancel_timer(TRef) ->
     _ = erlang:cancel_timer(TRef, [{async, true}, {info, false}]),
     ok.
 
+%% Callers waiting for a reply (a caller that died counts until its reply
+%% comes back).
+-spec waiting(state()) -> non_neg_integer().
+waiting(#state{calls_queued = Queued, gave_up = GaveUp}) ->
+    max(0, Queued - map_size(GaveUp)).
+
 -spec info_map(state()) -> map().
 info_map(#state{cfg = Cfg} = State) ->
     #{workers => State#state.workers,
       in_flight => queue:len(State#state.queue),
-      waiting => map_size(State#state.pending),
+      waiting => waiting(State),
       calls => State#state.calls,
       casts => State#state.casts,
       errors => State#state.errors,
@@ -621,47 +718,67 @@ backoff_test_() ->
 recent_test() ->
     ?assertEqual([1000, 900], recent([1000, 900, 100, 0], 1000, 500)).
 
-%% FIFO matching with a fake state: replies go to the head entry, late
-%% replies of timed-out callers are dropped, casts and sys_info consume
-%% their own reply; a reply with no request pending is a misalignment.
+%% FIFO matching with a fake state: replies go to the head entry (a
+%% `{reply, _}' undecoded, an error decoded), late replies of callers that
+%% gave up or died are dropped, casts and sys_info consume their own reply;
+%% a reply with no request pending is a misalignment.
 fifo_test() ->
-    Self = self(),
-    Tag2 = make_ref(),
-    M1 = erlang:monitor(process, Self),
-    M2 = erlang:monitor(process, Self),
+    A1 = alias(), A2 = alias(), A3 = alias(),
+    Dead = spawn(fun() -> ok end),
+    MRef = monitor(process, Dead),
+    receive {'DOWN', MRef, process, Dead, _} -> ok end,
     State0 = #state{cfg = cfg(#{}),
-                    queue = queue:from_list([{0, sys_info}, {1, {call, M1}}, {2, cast},
-                                             {3, {call, M2}}]),
-                    seq = 4,
-                    pending = #{M2 => {{Self, Tag2}, undefined}}},
+                    queue = queue:from_list([{0, sys_info}, {1, {call, A1, self()}}, {2, cast},
+                                             {3, {call, A2, self()}}, {4, {call, A3, Dead}},
+                                             {5, {call, A1, self()}}]),
+                    seq = 6, calls_queued = 4, gave_up = #{A1 => true}},
+    ?assertEqual(3, waiting(State0)),
     {ok, S1} = handle_data(tagged(0, {reply, #{workers => 3}}), State0),
     ?assertEqual(3, S1#state.workers),
-    {ok, S2} = handle_data(tagged(1, {reply, late}), S1),
-    ?assertEqual(1, S2#state.dropped),
+    {ok, S2} = handle_data(tagged(1, {reply, late}), S1),  % A1 gave up
+    ?assertMatch(#state{dropped = 1, timeouts = 1, errors = 1}, S2),
     {ok, S3} = handle_data(tagged(2, {noreply}), S2),
-    ?assertEqual(0, S3#state.errors),
-    {ok, S4} = handle_data(tagged(3, {error, {user, 0, <<"E">>, <<>>, []}}), S3),
-    ?assertEqual(1, S4#state.errors),
-    ?assertEqual(#{}, S4#state.pending),
-    ?assert(queue:is_empty(S4#state.queue)),
-    receive {Tag2, Reply} -> ?assertEqual({error, {user, 0, <<"E">>, <<>>, []}}, Reply)
-    after 0 -> ?assert(false)
-    end,
-    erlang:demonitor(M1, [flush]),
-    ?assertEqual({misaligned, #{why => empty_queue, expected => none, got => 4}},
-                 handle_data(tagged(4, {reply, stray}), S4)).
+    ?assertEqual(1, S3#state.errors),
+    {ok, S4} = handle_data(tagged(3, {reply, [x]}), S3),
+    ?assertEqual(term_to_binary({reply, [x]}), receive {A2, R2} -> R2 after 0 -> none end),
+    {ok, S5} = handle_data(tagged(4, {reply, dead}), S4),  % its caller died
+    ?assertMatch(#state{dropped = 2, calls_queued = 1}, S5),
+    {ok, S6} = handle_data(tagged(5, {error, {user, 0, <<"E">>, <<>>, []}}), S5),
+    ?assertEqual({error, {user, 0, <<"E">>, <<>>, []}}, receive {A1, R1} -> R1 after 0 -> none end),
+    ?assertMatch(#state{errors = 2, calls_queued = 0, gave_up = #{}}, S6),
+    ?assert(queue:is_empty(S6#state.queue)),
+    ?assertEqual(0, waiting(S6)),
+    [unalias(A) || A <- [A1, A2, A3]],
+    ?assertEqual({misaligned, #{why => empty_queue, expected => none, got => 6}},
+                 handle_data(tagged(6, {reply, stray}), S6)).
+
+%% A reply the pool decodes itself (an error, a cast's, sys_info's) that is
+%% no term is a misalignment; a `{reply, _}' head goes to its caller, who
+%% finds out.
+bad_term_test() ->
+    A = alias(),
+    Q = queue:from_list([{7, {call, A, self()}}]),
+    State = #state{cfg = cfg(#{}), queue = Q, seq = 8, calls_queued = 1},
+    ?assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
+                 handle_data(<<7:64, 1, 2, 3>>, State)),
+    ?assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
+                 handle_data(<<7:64>>, State#state{queue = queue:from_list([{7, cast}])})),
+    Garbled = <<131, 104, 2, 100, 0, 5, "reply", 255>>,
+    {ok, _} = handle_data(<<7:64, Garbled/binary>>, State),
+    ?assertMatch({error, {protocol, 0, <<"UnexpectedReply">>, _, []}},
+                 receive {A, Etf} -> poolport_wire:read_result(Etf) after 0 -> none end),
+    unalias(A).
 
 %% A reply with another caller's number reaches nobody: it is not delivered
 %% to the head, and the head's caller is not answered by handle_data/2.
 mismatch_delivers_nothing_test() ->
-    Tag = make_ref(),
-    MRef = erlang:monitor(process, self()),
-    State = #state{cfg = cfg(#{}), queue = queue:from_list([{5, {call, MRef}}]), seq = 6,
-                   pending = #{MRef => {{self(), Tag}, undefined}}},
+    A = alias(),
+    State = #state{cfg = cfg(#{}), queue = queue:from_list([{5, {call, A, self()}}]), seq = 6,
+                   calls_queued = 1},
     ?assertMatch({misaligned, #{why := seq_mismatch, expected := 5, got := 6}},
                  handle_data(tagged(6, {reply, not_yours}), State)),
-    receive {Tag, R} -> ?assertEqual(no_reply_expected, R) after 0 -> ok end,
-    erlang:demonitor(MRef, [flush]).
+    receive {A, R} -> ?assertEqual(no_reply_expected, R) after 0 -> ok end,
+    unalias(A).
 
 %% Numbering of written frames: sys_info, calls and casts count, the
 %% {info, timeout, _} frame before a call does not; a reopened port starts
@@ -672,24 +789,25 @@ numbering_test() ->
         {os_pid, OsPid} = erlang:port_info(Port, os_pid),
         S0 = attach(Port, OsPid, #state{cfg = cfg(#{}), seq = 41}),
         Req = poolport_wire:encode_call(m, f, []),
-        {noreply, S1} = handle_call({call, Req, infinity}, {self(), make_ref()}, S0),
+        S1 = call(call, alias(), self(), infinity, Req, S0),
         {noreply, S2} = handle_cast({cast, poolport_wire:encode_cast(m, f, [])}, S1),
-        {noreply, S3} = handle_call({call, Req, 100}, {self(), make_ref()}, S2),
-        ?assertMatch([{0, sys_info}, {1, {call, _}}, {2, cast}, {3, {call, _}}],
+        S3 = call(call, alias(), self(), 100, Req, S2),
+        ?assertMatch([{0, sys_info}, {1, {call, _, _}}, {2, cast}, {3, {call, _, _}}],
                      queue:to_list(S3#state.queue)),
         ?assertEqual(4, S3#state.seq),
+        ?assertEqual(2, waiting(S3)),
         %% What Python received: 5 frames, the 4th an info packet.
         Frames = [receive {Port, {data, F}} -> binary_to_term(F) after 5000 -> timeout end
                   || _ <- lists:seq(1, 5)],
         ?assertMatch([{call, '$poolport', info, []}, {call, m, f, []}, {cast, m, f, []},
                       {info, timeout, [{ms, 100}]}, {call, m, f, []}], Frames),
-        S4 = attach(Port, OsPid, S3),
+        S4 = attach(Port, OsPid, fail_pending(S3)),
         ?assertEqual([{0, sys_info}], queue:to_list(S4#state.queue)),
-        _ = fail_pending(S4)
+        ?assertEqual(0, waiting(S4))
     after
         catch port_close(Port)
     end,
-    flush_timeouts().
+    flush_replies().
 
 %% A misaligned reply: every waiting caller gets {error, misaligned} (the
 %% one at the head too), the port is closed, the OS process killed, the
@@ -700,17 +818,15 @@ misaligned_test() ->
                      [{args, ["-c", "trap '' TERM; exec sleep 60"]}, {packet, 4}, binary,
                       exit_status]),
     {os_pid, OsPid} = erlang:port_info(Port, os_pid),
-    Tags = [make_ref(), make_ref()],
-    MRefs = [erlang:monitor(process, self()) || _ <- Tags],
+    Aliases = [alias(), alias()],
     State = #state{cfg = cfg(#{}), port = Port, os_pid = OsPid,
-                   queue = queue:from_list([{0, {call, M}} || M <- MRefs] ++ [{2, cast}]),
-                   seq = 3,
-                   pending = maps:from_list([{M, {{self(), T}, undefined}}
-                                             || {M, T} <- lists:zip(MRefs, Tags)])},
+                   queue = queue:from_list([{N, {call, A, self()}}
+                                            || {N, A} <- lists:zip([0, 1], Aliases)] ++ [{2, cast}]),
+                   seq = 3, calls_queued = 2},
     %% The reply to request 1 while request 0 is at the head.
     {noreply, S} = handle_info({Port, {data, tagged(1, {reply, not_yours})}}, State),
-    [receive {T, R} -> ?assertEqual({error, misaligned}, R) after 0 -> ?assert(false) end
-     || T <- Tags],
+    [receive {A, R} -> ?assertEqual({error, misaligned}, R) after 0 -> ?assert(false) end
+     || A <- Aliases],
     ?assertMatch(#{misaligned := 1, waiting := 0, in_flight := 0, status := restarting,
                    errors := 2, restarts := 0}, info_map(S)),
     ?assertEqual(0, S#state.seq),
@@ -721,6 +837,7 @@ misaligned_test() ->
     _ = erlang:cancel_timer(S#state.reopen_timer),
     receive reopen -> ok after 0 -> ok end,
     receive {'EXIT', Port, _} -> ok after 0 -> ok end,
+    [unalias(A) || A <- Aliases],
     process_flag(trap_exit, false).
 
 %% Too many misalignments stop the pool like too many deaths of Python.
@@ -734,21 +851,90 @@ misaligned_intensity_test() ->
                  handle_info({Port, {data, <<1, 2>>}}, State)),
     ?assert(poolport_os:wait_exit(OsPid, 10000)).
 
-flush_timeouts() ->
-    receive {call_timeout, _} -> flush_timeouts() after 0 -> ok end.
+%% Which timeout packet goes before a call: none for the pool's default
+%% timeout (Python applies it), ms 0 for infinity when Python has a default,
+%% the timeout otherwise (made once for a run of equal timeouts).
+frames_test_() ->
+    R = <<"req">>,
+    With = #state{cfg = (cfg(#{}))#{caller_timeout => 5000}},
+    Without = #state{cfg = cfg(#{})},
+    Packet = fun(T) -> poolport_wire:encode_timeout(T) end,
+    {F3, S3} = frames(300, R, With),
+    [?_assertEqual({[R], With}, frames(5000, R, With)),
+     ?_assertMatch({[R], _}, frames(infinity, R, Without)),
+     ?_assertMatch({[R], _}, frames(infinity, R, #state{cfg = (cfg(#{}))#{caller_timeout => infinity}})),
+     ?_assertEqual([Packet(infinity), R], element(1, frames(infinity, R, With))),
+     ?_assertEqual([Packet(300), R], F3),
+     ?_assertEqual({[Packet(300), R], S3}, frames(300, R, S3)),
+     ?_assertEqual([Packet(0), R], element(1, frames(0, R, #state{cfg = (cfg(#{}))#{caller_timeout => 0}}))),
+     ?_assertEqual([Packet(5000), R], element(1, frames(5000, R, Without)))].
 
+flush_replies() ->
+    receive {A, _} when is_reference(A) -> flush_replies() after 0 -> ok end.
+
+%% Waiting callers get the error, those that gave up do not.
 fail_pending_test() ->
-    Tag = make_ref(),
-    MRef = erlang:monitor(process, self()),
-    S = fail_pending(#state{cfg = cfg(#{}), pending = #{MRef => {{self(), Tag}, undefined}}}),
-    ?assertEqual(#{}, S#state.pending),
-    ?assertEqual(1, S#state.errors),
-    receive {Tag, R} -> ?assertEqual({error, port_closed}, R) after 0 -> ?assert(false) end,
-    Tag2 = make_ref(),
-    MRef2 = erlang:monitor(process, self()),
-    S2 = fail_pending(misaligned, S#state{pending = #{MRef2 => {{self(), Tag2}, undefined}}}),
+    A1 = alias(), A2 = alias(),
+    Q = queue:from_list([{0, {call, A1, self()}}, {1, cast}, {2, {call, A2, self()}}]),
+    S = fail_pending(#state{cfg = cfg(#{}), queue = Q, calls_queued = 2, gave_up = #{A2 => true}}),
+    ?assertMatch(#state{calls_queued = 0, gave_up = #{}, errors = 1}, S),
+    receive {A1, R} -> ?assertEqual({error, port_closed}, R) after 0 -> ?assert(false) end,
+    receive {A2, R2} -> ?assertEqual(not_sent, R2) after 0 -> ok end,
+    S2 = fail_pending(misaligned, S#state{queue = queue:from_list([{0, {call, A2, self()}}]),
+                                          calls_queued = 1}),
     ?assertEqual(2, S2#state.errors),
-    receive {Tag2, R2} -> ?assertEqual({error, misaligned}, R2) after 0 -> ?assert(false) end.
+    receive {A2, R3} -> ?assertEqual({error, misaligned}, R3) after 0 -> ?assert(false) end,
+    [unalias(A) || A <- [A1, A2]].
+
+%% The caller's side against a stand-in pool: the result, a timeout (the
+%% pool is told, a late reply is never seen), a pool that is not there.
+caller_test_() ->
+    Req = poolport_wire:encode_call(m, f, []),
+    Echo = fun Loop() ->
+               receive
+                   {?CALL, _, Alias, _, _, _} -> Alias ! {Alias, term_to_binary({reply, ok})}, Loop();
+                   stop -> ok
+               end
+           end,
+    Silent = fun Loop(Parent) ->
+                 receive
+                     {?CALL, _, _, _, _, _} = Call -> Parent ! {got, Call}, Loop(Parent);
+                     {?GAVE_UP, Alias} -> Parent ! {gave_up, Alias}, Alias ! {Alias, late}, Loop(Parent)
+                 end
+             end,
+    [{"a reply", fun() ->
+          Pool = spawn(Echo),
+          ?assertEqual({ok, ok}, request(Pool, call, Req, 1000)),
+          Pool ! stop
+      end},
+     {"a timeout: the pool is told, the late reply dropped by the runtime", fun() ->
+          Self = self(),
+          Pool = spawn(fun() -> Silent(Self) end),
+          ?assertEqual({error, timeout}, request(Pool, call, Req, 20)),
+          Alias = receive {got, {?CALL, call, A, Self, 20, Req}} -> A end,
+          receive {gave_up, Alias} -> ok after 1000 -> ?assert(false) end,
+          receive {Alias, _} = Stray -> ?assertEqual(none, Stray) after 100 -> ok end,
+          exit(Pool, kill)
+      end},
+     {"infinity is sent as such", fun() ->
+          Self = self(),
+          Pool = spawn(fun() -> Silent(Self) end),
+          Caller = spawn(fun() -> request(Pool, call, Req, infinity) end),
+          receive {got, {?CALL, call, _, Caller, infinity, Req}} -> ok after 1000 -> ?assert(false) end,
+          exit(Caller, kill), exit(Pool, kill)
+      end},
+     {"no pool", fun() ->
+          Dead = spawn(fun() -> ok end),
+          MRef = monitor(process, Dead),
+          receive {'DOWN', MRef, _, _, _} -> ok end,
+          ?assertEqual({error, noproc}, request(Dead, call, Req, 1000)),
+          ?assertEqual({error, noproc}, request(no_such_pool_registered, call, Req, 1000)),
+          ?assertEqual({error, noproc}, request({global, no_such_pool}, call, Req, 1000))
+      end},
+     {"the pool crashes: the caller exits as from gen_server:call", fun() ->
+          Pool = spawn(fun() -> receive {?CALL, _, _, _, _, _} -> exit(boom) end end),
+          ?assertExit({boom, {?MODULE, call, [Pool]}}, request(Pool, call, Req, 1000))
+      end}].
 
 -endif.
 

@@ -13,6 +13,8 @@
 -export([match_reply/2]).
 -export([decode_reply/1]).
 -export([call_result/1]).
+-export([is_reply/1]).
+-export([read_result/1]).
 
 -type seq() :: 0..16#FFFFFFFFFFFFFFFF.
 %% Number of a request on the current port, as in Python's reply tags.
@@ -54,9 +56,12 @@ check_frame(Frame, Packet) ->
 next_seq(Seq) ->
     (Seq + 1) band 16#FFFFFFFFFFFFFFFF.
 
-%% `{info, timeout, [{ms, Ms}]}'; Python reads 0 as "no limit", so a zero
+%% `{info, timeout, [{ms, Ms}]}'; Python reads 0 as "no limit": that is
+%% what `infinity' sends (to override `--caller-timeout-ms'), and a zero
 %% timeout is sent as 1 ms.
--spec encode_timeout(non_neg_integer()) -> binary().
+-spec encode_timeout(timeout()) -> binary().
+encode_timeout(infinity) ->
+    term_to_binary({info, timeout, [{ms, 0}]});
 encode_timeout(Ms) ->
     term_to_binary({info, timeout, [{ms, max(Ms, 1)}]}).
 
@@ -75,19 +80,16 @@ decode_reply(Data) ->
     end.
 
 %% Match a tagged reply frame, `<<Seq:64/big-unsigned, Etf/binary>>',
-%% with the head of the queue: the head entry, the decoded reply and the
-%% rest of the queue, or what makes it a misalignment.
+%% with the head of the queue: the head entry, the `Etf' part (not decoded
+%% here) and the rest of the queue, or what makes it a misalignment.
 -spec match_reply(binary(), queue:queue({seq(), Entry})) ->
-          {ok, Entry, reply(), queue:queue({seq(), Entry})} | {misaligned, misalignment()}.
+          {ok, Entry, binary(), queue:queue({seq(), Entry})} | {misaligned, misalignment()}.
 match_reply(<<Got:64/big-unsigned, Etf/binary>>, Queue) ->
     case queue:out(Queue) of
         {empty, _} ->
             {misaligned, #{why => empty_queue, expected => none, got => Got}};
         {{value, {Got, Entry}}, Rest} ->
-            case decode_reply(Etf) of
-                undecodable -> {misaligned, #{why => bad_term, expected => Got, got => Got}};
-                Reply -> {ok, Entry, Reply, Rest}
-            end;
+            {ok, Entry, Etf, Rest};
         {{value, {Expected, _}}, _} ->
             {misaligned, #{why => seq_mismatch, expected => Expected, got => Got}}
     end;
@@ -98,8 +100,27 @@ match_reply(_Short, Queue) ->
                end,
     {misaligned, #{why => short_frame, expected => Expected, got => none}}.
 
+%% Whether the ETF of a reply is `{reply, _}', from its first bytes alone:
+%% the pool hands such a reply to its caller undecoded and the caller
+%% decodes it ({@link read_result/1}), so the pool process never spends
+%% time on a result's term. Every atom tag Python may write `reply' with is
+%% recognised; anything else (an error, a compressed term) is decoded by
+%% the pool itself.
+-spec is_reply(binary()) -> boolean().
+is_reply(<<131, 104, 2, 100, 0, 5, "reply", _/binary>>) -> true;  % ATOM_EXT
+is_reply(<<131, 104, 2, 119, 5, "reply", _/binary>>) -> true;     % SMALL_ATOM_UTF8_EXT
+is_reply(<<131, 104, 2, 118, 0, 5, "reply", _/binary>>) -> true;  % ATOM_UTF8_EXT
+is_reply(<<131, 104, 2, 115, 5, "reply", _/binary>>) -> true;     % SMALL_ATOM_EXT
+is_reply(_) -> false.
+
+%% What a caller gets for the ETF of its reply (a protocol error if it is
+%% not a term).
+-spec read_result(binary()) -> {ok, term()} | {error, term()}.
+read_result(Etf) ->
+    call_result(decode_reply(Etf)).
+
 %% What a caller gets for a reply.
--spec call_result(reply()) -> {ok, term()} | {error, term()}.
+-spec call_result(reply() | undecodable) -> {ok, term()} | {error, term()}.
 call_result({reply, Result}) ->
     {ok, Result};
 call_result({error, {server, 3, _Class, _Detail, _Trace}}) ->
@@ -109,6 +130,8 @@ call_result({error, Error}) ->
     {error, Error};
 call_result(noreply) ->
     {error, {protocol, 0, <<"UnexpectedReply">>, <<"{noreply} for a call">>, []}};
+call_result(undecodable) ->
+    {error, {protocol, 0, <<"UnexpectedReply">>, <<"a reply that is not a term">>, []}};
 call_result({bad_reply, Term}) ->
     Detail = iolist_to_binary(io_lib:format("~0P", [Term, 20])),
     {error, {protocol, 0, <<"UnexpectedReply">>, Detail, []}}.
@@ -120,7 +143,8 @@ encode_test_() ->
     [?_assertEqual({call, m, f, [1, <<"a">>]}, binary_to_term(encode_call(m, f, [1, <<"a">>]))),
      ?_assertEqual({cast, m, f, []}, binary_to_term(encode_cast(m, f, []))),
      ?_assertEqual({info, timeout, [{ms, 250}]}, binary_to_term(encode_timeout(250))),
-     ?_assertEqual({info, timeout, [{ms, 1}]}, binary_to_term(encode_timeout(0)))].
+     ?_assertEqual({info, timeout, [{ms, 1}]}, binary_to_term(encode_timeout(0))),
+     ?_assertEqual({info, timeout, [{ms, 0}]}, binary_to_term(encode_timeout(infinity)))].
 
 decode_reply_test_() ->
     E = {user, 0, <<"ValueError">>, <<"bad">>, [<<"tb">>]},
@@ -138,10 +162,11 @@ tagged(Seq, Term) ->
 match_reply_test_() ->
     Q = queue:from_list([{7, sys_info}, {8, cast}]),
     {_, Rest} = queue:out(Q),
-    [{"the head's number: delivered",
-      ?_assertMatch({ok, sys_info, {reply, x}, Rest}, match_reply(tagged(7, {reply, x}), Q))},
+    X = term_to_binary({reply, x}),
+    [{"the head's number: delivered, undecoded",
+      ?_assertMatch({ok, sys_info, X, Rest}, match_reply(tagged(7, {reply, x}), Q))},
      {"a wrong shape is still the head's reply",
-      ?_assertMatch({ok, sys_info, {bad_reply, {what}}, _}, match_reply(tagged(7, {what}), Q))},
+      ?_assertMatch({ok, sys_info, _, _}, match_reply(tagged(7, {what}), Q))},
      {"a later number (a reply was lost)",
       ?_assertEqual({misaligned, #{why => seq_mismatch, expected => 7, got => 8}},
                     match_reply(tagged(8, noreply), Q))},
@@ -163,12 +188,33 @@ match_reply_test_() ->
                     match_reply(<<>>, queue:new()))},
      {"an untagged reply (Python without --reply-tags)",
       ?_assertMatch({misaligned, #{}}, match_reply(term_to_binary({reply, 42}), Q))},
-     {"the right number, then no term",
-      ?_assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
-                    match_reply(<<7:64, 1, 2, 3>>, Q))},
+     {"the right number, then no term: the head's (whoever decodes it finds out)",
+      ?_assertMatch({ok, sys_info, <<1, 2, 3>>, Rest}, match_reply(<<7:64, 1, 2, 3>>, Q))},
      {"the right number, nothing after it",
-      ?_assertEqual({misaligned, #{why => bad_term, expected => 7, got => 7}},
-                    match_reply(<<7:64>>, Q))}].
+      ?_assertMatch({ok, sys_info, <<>>, Rest}, match_reply(<<7:64>>, Q))}].
+
+is_reply_test_() ->
+    Big = binary:copy(<<"x">>, 1000),
+    [?_assert(is_reply(term_to_binary({reply, 42}))),
+     ?_assert(is_reply(term_to_binary({reply, Big}))),
+     ?_assert(is_reply(term_to_binary({reply, [1, 2]}, [{minor_version, 2}]))),
+     ?_assert(is_reply(<<131, 104, 2, 100, 0, 5, "reply", 97, 1>>)),
+     ?_assert(is_reply(<<131, 104, 2, 118, 0, 5, "reply", 97, 1>>)),
+     ?_assert(is_reply(<<131, 104, 2, 115, 5, "reply", 97, 1>>)),
+     ?_assertNot(is_reply(term_to_binary({error, {user, 0, <<"E">>, <<>>, []}}))),
+     ?_assertNot(is_reply(term_to_binary({noreply}))),
+     ?_assertNot(is_reply(term_to_binary({reply, 1, 2}))),
+     ?_assertNot(is_reply(term_to_binary({replies, 1}))),
+     ?_assertNot(is_reply(term_to_binary({reply, Big}, [compressed]))),
+     ?_assertNot(is_reply(<<131, 104, 2, 100, 0, 5, "repl">>)),
+     ?_assertNot(is_reply(<<>>))].
+
+read_result_test_() ->
+    [?_assertEqual({ok, #{a => [1]}}, read_result(term_to_binary({reply, #{a => [1]}}))),
+     ?_assertMatch({error, {protocol, 0, <<"UnexpectedReply">>, _, []}},
+                   read_result(<<131, 104, 2, 100, 0, 5, "reply", 255>>)),
+     ?_assertEqual({error, timeout},
+                   read_result(term_to_binary({error, {server, 3, <<"Timeout">>, <<>>, []}})))].
 
 next_seq_test_() ->
     [?_assertEqual(1, next_seq(0)),

@@ -152,8 +152,8 @@ outstanding(Pool) ->
 
 impostor(N) ->
     receive
-        {'$gen_call', From, {member_call, _, _}} ->
-            gen_server:reply(From, {error, not_member}),
+        {'$poolport_call', member_call, Alias, _Caller, _Info, _Request} ->
+            Alias ! {Alias, {error, not_member}},
             impostor(N + 1);
         {count, Pid} ->
             Pid ! {count, N},

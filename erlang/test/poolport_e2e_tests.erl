@@ -157,8 +157,9 @@ timeout(Pool) ->
     Start = erlang:monotonic_time(millisecond),
     {Result, Mailbox} = in_fresh_process(fun() ->
         R = poolport:call(Pool, ?M, sleep_ms, [3000], 200),
-        %% Python's own timeout answer arrives later and must be dropped.
-        wait_until(fun() -> maps:get(dropped, poolport:info(Pool)) > D0 end, ?DEADLOCK),
+        %% Python's own timeout answer arrives later and is dropped (unless
+        %% it beat the caller's timer: then it was the caller's answer).
+        wait_until(fun() -> maps:get(in_flight, poolport:info(Pool)) =:= 0 end, ?DEADLOCK),
         R
     end),
     Elapsed = erlang:monotonic_time(millisecond) - Start,
@@ -167,14 +168,14 @@ timeout(Pool) ->
     %% Python stopped the call at ~200 ms instead of sleeping 3 s.
     ?assert(Elapsed < 2500),
     ?assertMatch(#{dropped := D, timeouts := T, in_flight := 0, waiting := 0}
-                   when D =:= D0 + 1 andalso T =:= T0 + 1,
+                   when (D =:= D0 + 1 orelse D =:= D0) andalso T =:= T0 + 1,
                  poolport:info(Pool)),
     ?assertEqual({ok, 3}, poolport:call(Pool, ?M, echo, [3])).
 
 caller_timeout(Pool) ->
     %% With the pool suspended the server cannot answer: the caller gives
-    %% up on its own (gen_server:call timeout). When the pool resumes, it
-    %% sends the request and replies to the caller's dead alias.
+    %% up on its own. When the pool resumes, it sends the request, learns
+    %% that the caller gave up, and drops the reply.
     #{calls := C0} = poolport:info(Pool),
     {Result, Mailbox} = in_fresh_process(fun() ->
         ok = sys:suspend(Pool),
@@ -187,7 +188,8 @@ caller_timeout(Pool) ->
         R
     end),
     ?assertEqual({error, timeout}, Result),
-    ?assertEqual([], Mailbox).
+    ?assertEqual([], Mailbox),
+    ?assertMatch(#{waiting := 0}, poolport:info(Pool)).
 
 dead_caller(Pool) ->
     #{dropped := D0} = poolport:info(Pool),
@@ -211,7 +213,8 @@ huge_timeout(Pool) ->
         Self ! {bystander, self(), poolport:call(Pool, ?M, sleep_ms, [300], ?DEADLOCK)}
     end),
     wait_until(fun() -> maps:get(waiting, poolport:info(Pool)) >= 1 end, ?DEADLOCK),
-    %% Record the {info, timeout, ...} packets the pool encodes meanwhile.
+    %% Record the {info, timeout, ...} packets the pool encodes meanwhile
+    %% (a run of equal timeouts is encoded once).
     erlang:trace_pattern({poolport_wire, encode_timeout, 1},
                          [{'_', [], [{return_trace}]}], [local]),
     1 = erlang:trace(Pool, true, [call, {tracer, self()}]),
@@ -228,8 +231,7 @@ huge_timeout(Pool) ->
     after ?DEADLOCK -> error(deadlock)
     end,
     Sent = trace_returns(Pool),
-    ?assertEqual([{info, timeout, [{ms, Max}]} || _ <- lists:seq(1, 4)],
-                 [binary_to_term(B) || B <- Sent]),
+    ?assertEqual([{info, timeout, [{ms, Max}]}], lists:usort([binary_to_term(B) || B <- Sent])),
     ?assertEqual(Max, poolport_server:clamp_timeout(1 bsl 64)),
     ?assertEqual(0, poolport_server:clamp_timeout(0)),
     ?assertEqual(infinity, poolport_server:clamp_timeout(infinity)),
