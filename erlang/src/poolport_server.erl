@@ -65,6 +65,9 @@
 -export([cast/2]).
 -export([info/1]).
 -export([clamp_timeout/1]).
+-ifdef(TEST).
+-export([gave_up_count/1]).
+-endif.
 
 %% gen_server.
 -export([init/1]).
@@ -103,11 +106,13 @@
     %% Number of the next request written to the current port.
     seq = 0 :: poolport_wire:seq(),
     %% Calls in the queue, and the aliases of those whose caller gave up
-    %% (timed out): their replies are dropped. Emptied whenever `calls_queued'
-    %% is 0, so an alias whose reply went out before its caller gave up does
-    %% not stay here.
+    %% (timed out): their replies are dropped. `gave_up_at' holds each with
+    %% the number of the next request when the pool heard of it: its call is
+    %% older, so once that request is answered the alias is forgotten, even
+    %% if its reply went out before the caller gave up.
     calls_queued = 0 :: non_neg_integer(),
     gave_up = #{} :: #{reference() => true},
+    gave_up_at = queue:new() :: queue:queue({poolport_wire:seq(), reference()}),
     %% The timeout packet made last, with its timeout.
     last_packet = {infinity, <<>>} :: {timeout(), binary()},
     workers :: non_neg_integer() | undefined,
@@ -319,8 +324,9 @@ handle_cast(_Request, State) ->
 handle_info({?CALL, Kind, Alias, Pid, Timeout, Request}, State)
   when is_reference(Alias), is_pid(Pid), is_binary(Request) ->
     {noreply, call(Kind, Alias, Pid, Timeout, Request, State)};
-handle_info({?GAVE_UP, Alias}, #state{calls_queued = Queued} = State) when Queued > 0 ->
-    {noreply, State#state{gave_up = maps:put(Alias, true, State#state.gave_up)}};
+handle_info({?GAVE_UP, Alias}, #state{calls_queued = Queued, seq = Seq} = State) when Queued > 0 ->
+    {noreply, State#state{gave_up = maps:put(Alias, true, State#state.gave_up),
+                          gave_up_at = queue:in({Seq, Alias}, State#state.gave_up_at)}};
 handle_info({Port, {data, Data}}, #state{port = Port} = State) ->
     case handle_data(Data, State) of
         {ok, State1} -> {noreply, State1};
@@ -547,7 +553,17 @@ backoff(N) ->
 %% A reply frame from the port: delivered to the head of the queue if it
 %% is the head's, else the misalignment (the state is left as it was).
 -spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
+handle_data(<<Seq:64/big-unsigned, _/binary>> = Data, #state{gave_up = GaveUp} = State)
+  when map_size(GaveUp) > 0 ->
+    case handle_reply(Data, State) of
+        {ok, State1} -> {ok, forget_gave_up(Seq, State1)};
+        Misaligned -> Misaligned
+    end;
 handle_data(Data, State) ->
+    handle_reply(Data, State).
+
+-spec handle_reply(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
+handle_reply(Data, State) ->
     case poolport_wire:match_reply(Data, State#state.queue) of
         {ok, {call, _, _} = Entry, Etf, Queue} ->
             case poolport_wire:is_reply(Etf) of
@@ -573,15 +589,24 @@ decoded(Entry, Etf, Data, Queue, State) ->
             {ok, deliver(Entry, Reply, State#state{queue = Queue})}
     end.
 
+%% Request Answered was answered: forget the callers that gave up before
+%% any later request was written (theirs is answered, one way or the other).
+-spec forget_gave_up(poolport_wire:seq(), state()) -> state().
+forget_gave_up(Answered, #state{gave_up_at = At, gave_up = GaveUp} = State) ->
+    case queue:peek(At) of
+        {value, {Next, Alias}} when Next =< Answered + 1 ->
+            forget_gave_up(Answered, State#state{gave_up_at = queue:drop(At),
+                                                 gave_up = maps:remove(Alias, GaveUp)});
+        _ ->
+            State
+    end.
+
 %% The reply of a call: `{reply, _}' as its ETF (the caller decodes it),
 %% anything else as the caller's result.
 -spec answer({call, reference(), pid()}, binary() | {ok, term()} | {error, term()}, state()) ->
           state().
 answer({call, Alias, Pid}, Answer, #state{calls_queued = Queued, gave_up = GaveUp} = State0) ->
-    State = case Queued of
-                1 -> State0#state{calls_queued = 0, gave_up = #{}};
-                _ -> State0#state{calls_queued = Queued - 1}
-            end,
+    State = State0#state{calls_queued = Queued - 1},
     case GaveUp of
         #{Alias := true} ->
             %% The caller timed out: count it now, drop the reply.
@@ -653,7 +678,8 @@ fail_pending(State) ->
 fail_pending(Error, #state{queue = Queue, gave_up = GaveUp} = State) ->
     Waiting = [Alias || {_, {call, Alias, _}} <- queue:to_list(Queue), not maps:is_key(Alias, GaveUp)],
     _ = [Alias ! {Alias, {error, Error}} || Alias <- Waiting],
-    State#state{calls_queued = 0, gave_up = #{}, errors = State#state.errors + length(Waiting)}.
+    State#state{calls_queued = 0, gave_up = #{}, gave_up_at = queue:new(),
+                errors = State#state.errors + length(Waiting)}.
 
 -spec count_error(state()) -> state().
 count_error(State) ->
@@ -699,6 +725,10 @@ pool_id(#state{cfg = #{name := Name}}) -> Name.
 
 -ifdef(TEST).
 -include_lib("eunit/include/eunit.hrl").
+
+%% Callers that gave up and that the pool still remembers (for the tests).
+gave_up_count(Pool) ->
+    map_size((sys:get_state(Pool))#state.gave_up).
 
 cfg(Opts) ->
     {ok, Cfg} = poolport_opts:check_opts(Opts),
@@ -751,6 +781,25 @@ fifo_test() ->
     [unalias(A) || A <- [A1, A2, A3]],
     ?assertEqual({misaligned, #{why => empty_queue, expected => none, got => 6}},
                  handle_data(tagged(6, {reply, stray}), S6)).
+
+%% A caller that gave up after its reply went out (a race) is forgotten once
+%% a request written after the pool heard of it is answered: timeouts under
+%% a load that never lets the queue drain do not make the pool grow.
+late_gave_up_is_forgotten_test() ->
+    [A1, A2, A3] = As = [alias(), alias(), alias()],
+    S0 = #state{cfg = cfg(#{}), seq = 3, calls_queued = 3,
+                queue = queue:from_list([{0, {call, A1, self()}}, {1, {call, A2, self()}},
+                                         {2, {call, A3, self()}}])},
+    {ok, S1} = handle_data(tagged(0, {reply, 1}), S0),
+    {noreply, S2} = handle_info({'$poolport_gave_up', A1}, S1),  % too late: already answered
+    ?assertEqual(#{A1 => true}, S2#state.gave_up),
+    {ok, S3} = handle_data(tagged(1, {reply, 2}), S2),
+    ?assertEqual(#{A1 => true}, S3#state.gave_up),  % kept until every older request is answered
+    {ok, S4} = handle_data(tagged(2, {reply, 3}), S3),
+    ?assertMatch(#state{gave_up = #{}, calls_queued = 0, dropped = 0}, S4),
+    ?assert(queue:is_empty(S4#state.gave_up_at)),
+    flush_replies(),
+    [unalias(A) || A <- As].
 
 %% A reply the pool decodes itself (an error, a cast's, sys_info's) that is
 %% no term is a misalignment; a `{reply, _}' head goes to its caller, who

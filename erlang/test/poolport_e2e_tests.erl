@@ -43,6 +43,7 @@ shared_pool_test_() ->
              {"caller-side timeout: alias drops the late reply", fun caller_timeout/1},
              {"dead caller's reply is discarded", fun dead_caller/1},
              {"infinity timeout", fun infinity/1},
+             {"a storm of caller timeouts: no stray reply, nothing left behind", fun timeout_storm/1},
              {"timeout 1 bsl 59 / 1 bsl 64: clamped, call and bystander fine",
               fun huge_timeout/1},
              {"timeout -1 or an atom: badarg in the caller, pool stays up",
@@ -62,7 +63,7 @@ own_pool_test_() ->
         {"start/1 under poolport_sup, name, packet 2", fun start_supervised/0},
         {"start errors", fun start_errors/0},
         {"pools from the application environment", fun app_env_pools/0},
-        {"gen_server:call timeout drops late replies (OTP 24+ aliases)", fun alias_semantics/0},
+        {"a demonitored alias drops late replies (OTP 24+)", fun alias_semantics/0},
         {"the YAML's timeout_ms beats the client's longer call timeout", fun yaml_timeout/0},
         {"config => {priv, App, Path}: a release's own YAML", fun priv_config/0},
         {"events => Module: call start/stop/exception, Python restart; a raising handler is detached",
@@ -199,6 +200,41 @@ dead_caller(Pool) ->
     receive {'DOWN', MRef, process, Pid, killed} -> ok end,
     wait_until(fun() -> maps:get(in_flight, poolport:info(Pool)) =:= 0 end, ?DEADLOCK),
     ?assertMatch(#{dropped := D, waiting := 0} when D =:= D0 + 1, poolport:info(Pool)).
+
+%% 200 callers, 20 echo calls each with timeouts of 0..2 ms: many time out,
+%% many right as Python answers (the race between a reply and the caller
+%% giving up); Python itself rarely does (an echo takes far less than 1 ms,
+%% and a call it stops costs a worker restart). Every caller gets its own
+%% answer or {error, timeout}, its mailbox stays empty, and once Python has
+%% answered everything the pool holds nothing for anyone.
+timeout_storm(Pool) ->
+    #{timeouts := T0, dropped := D0} = poolport:info(Pool),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                   rand:seed(exsss, {I, I, I}),
+                   Rs = [case poolport:call(Pool, ?M, echo, [{I, J}], rand:uniform(3) - 1) of
+                             {ok, {I, J}} -> ok;
+                             {error, timeout} -> timeout;
+                             Other -> {unexpected, Other}
+                         end || J <- lists:seq(1, 20)],
+                   receive after 200 -> ok end,  % late replies would have arrived by now
+                   {messages, Mailbox} = process_info(self(), messages),
+                   Self ! {storm, self(), Rs, Mailbox}
+               end) || I <- lists:seq(1, 200)],
+    Results = [receive {storm, C, Rs, Mailbox} -> {Rs, Mailbox} after ?DEADLOCK -> error(deadlock) end
+               || C <- Callers],
+    All = lists:append([Rs || {Rs, _} <- Results]),
+    ?assertEqual([], [R || R <- All, R =/= ok, R =/= timeout]),
+    ?assertEqual([], lists:append([M || {_, M} <- Results])),
+    TimedOut = length([R || R <- All, R =:= timeout]),
+    ?assert(TimedOut > 0),
+    wait_until(fun() -> maps:get(in_flight, poolport:info(Pool)) =:= 0 end, ?DEADLOCK),
+    #{timeouts := T, dropped := D, waiting := 0} = poolport:info(Pool),
+    %% A reply that reached a caller just as it gave up counts as an answer.
+    ?assert(T - T0 =< TimedOut),
+    ?assert(D - D0 =< T - T0),
+    ?assertEqual(0, poolport_server:gave_up_count(Pool)),
+    ?assertEqual({ok, 1}, poolport:call(Pool, ?M, echo, [1])).
 
 infinity(Pool) ->
     ?assertEqual({ok, 10}, poolport:call(Pool, ?M, sleep_ms, [10], infinity)).
@@ -495,18 +531,21 @@ app_env_pools() ->
     end.
 
 alias_semantics() ->
-    %% What poolport's caller-side timeout relies on: after gen_server:call
-    %% times out, a reply sent later never reaches the caller's mailbox.
+    %% What poolport's caller-side timeout relies on: once the caller has
+    %% demonitored a monitor made with {alias, demonitor}, a reply sent to
+    %% that alias later never reaches its mailbox.
     {Result, Mailbox} = in_fresh_process(fun() ->
         Self = self(),
         Server = spawn(fun() ->
-            receive {'$gen_call', From, ping} ->
+            receive {ping, Alias} ->
                 receive go -> ok end,
-                gen_server:reply(From, pong),
+                Alias ! {Alias, pong},
                 Self ! replied
             end
         end),
-        R = try gen_server:call(Server, ping, 10) catch exit:{timeout, _} -> timeout end,
+        Alias = erlang:monitor(process, Server, [{alias, demonitor}]),
+        Server ! {ping, Alias},
+        R = receive {Alias, pong} -> pong after 10 -> erlang:demonitor(Alias, [flush]), timeout end,
         Server ! go,
         %% Had the reply been delivered, it would be in the mailbox before
         %% 'replied' (same sender, messages stay in order).
