@@ -404,21 +404,25 @@ call(member_call, Alias, _Pid, _Timeout, _Request, #state{joined = false} = Stat
 call(_Kind, Alias, _Pid, _Timeout, _Request, #state{port = undefined} = State) ->
     Alias ! {Alias, {error, port_closed}},
     count_error(State#state{calls = State#state.calls + 1});
-call(_Kind, Alias, Pid, Timeout, Request, #state{port = Port, cfg = #{packet := Packet}} = State0) ->
-    {Frames, State} = frames(Timeout, Request, State0#state{calls = State0#state.calls + 1}),
+call(_Kind, Alias, Pid, Timeout, Request,
+     #state{port = Port, cfg = #{packet := Packet}, calls = Calls} = State0) ->
     case poolport_wire:check_frame(Request, Packet) of
         {error, _} = Error ->
             Alias ! {Alias, Error},
-            count_error(State);
+            count_error(State0#state{calls = Calls + 1});
         ok ->
+            {Frames, State} = frames(Timeout, Request, State0),
             case write(Port, Frames) of
                 ok ->
-                    enqueue({call, Alias, Pid},
-                            State#state{calls_queued = State#state.calls_queued + 1});
+                    %% One record update: this runs for every call.
+                    #state{queue = Queue, seq = Seq, calls_queued = Queued} = State,
+                    State#state{calls = Calls + 1, calls_queued = Queued + 1,
+                                queue = queue:in({Seq, {call, Alias, Pid}}, Queue),
+                                seq = poolport_wire:next_seq(Seq)};
                 error ->
                     %% The port is dying; its exit message follows.
                     Alias ! {Alias, {error, port_closed}},
-                    count_error(State)
+                    count_error(State#state{calls = Calls + 1})
             end
     end.
 
@@ -443,10 +447,17 @@ frames(Timeout, Request, State) ->
 -spec write(port(), [binary()]) -> ok | error.
 write(Port, Frames) ->
     try
-        lists:foreach(fun(Frame) -> true = erlang:port_command(Port, Frame) end, Frames)
+        write_all(Port, Frames)
     catch
         error:badarg -> error
     end.
+
+-spec write_all(port(), [binary()]) -> ok.
+write_all(Port, [Frame | Rest]) ->
+    true = erlang:port_command(Port, Frame),
+    write_all(Port, Rest);
+write_all(_Port, []) ->
+    ok.
 
 %% A freshly opened port: numbering starts again at 0, and the first request
 %% is the pool's own '$poolport':info().
@@ -567,7 +578,7 @@ handle_reply(Data, State) ->
     case poolport_wire:match_reply(Data, State#state.queue) of
         {ok, {call, _, _} = Entry, Etf, Queue} ->
             case poolport_wire:is_reply(Etf) of
-                true -> {ok, answer(Entry, Etf, State#state{queue = Queue})};
+                true -> {ok, answer(Entry, Etf, Queue, State)};
                 false -> decoded(Entry, Etf, Data, Queue, State)
             end;
         {ok, Entry, Etf, Queue} ->
@@ -586,7 +597,7 @@ decoded(Entry, Etf, Data, Queue, State) ->
             <<Seq:64/big-unsigned, _/binary>> = Data,
             {misaligned, #{why => bad_term, expected => Seq, got => Seq}};
         Reply ->
-            {ok, deliver(Entry, Reply, State#state{queue = Queue})}
+            {ok, deliver(Entry, Reply, Queue, State)}
     end.
 
 %% Request Answered was answered: forget the callers that gave up before
@@ -603,10 +614,10 @@ forget_gave_up(Answered, #state{gave_up_at = At, gave_up = GaveUp} = State) ->
 
 %% The reply of a call: `{reply, _}' as its ETF (the caller decodes it),
 %% anything else as the caller's result.
--spec answer({call, reference(), pid()}, binary() | {ok, term()} | {error, term()}, state()) ->
-          state().
-answer({call, Alias, Pid}, Answer, #state{calls_queued = Queued, gave_up = GaveUp} = State0) ->
-    State = State0#state{calls_queued = Queued - 1},
+-spec answer({call, reference(), pid()}, binary() | {ok, term()} | {error, term()},
+             queue:queue({poolport_wire:seq(), entry()}), state()) -> state().
+answer({call, Alias, Pid}, Answer, Queue, #state{calls_queued = Queued, gave_up = GaveUp} = State0) ->
+    State = State0#state{queue = Queue, calls_queued = Queued - 1},
     case GaveUp of
         #{Alias := true} ->
             %% The caller timed out: count it now, drop the reply.
@@ -627,9 +638,14 @@ answer({call, Alias, Pid}, Answer, #state{calls_queued = Queued, gave_up = GaveU
             end
     end.
 
--spec deliver(entry(), poolport_wire:reply(), state()) -> state().
-deliver({call, _, _} = Entry, Reply, State) ->
-    answer(Entry, poolport_wire:call_result(Reply), State);
+-spec deliver(entry(), poolport_wire:reply(), queue:queue({poolport_wire:seq(), entry()}), state()) ->
+          state().
+deliver({call, _, _} = Entry, Reply, Queue, State) ->
+    answer(Entry, poolport_wire:call_result(Reply), Queue, State);
+deliver(Entry, Reply, Queue, State) ->
+    deliver(Entry, Reply, State#state{queue = Queue}).
+
+-spec deliver(cast | sys_info, poolport_wire:reply(), state()) -> state().
 deliver(cast, noreply, State) ->
     State;
 deliver(cast, Reply, State) ->
