@@ -890,6 +890,7 @@ class Dispatcher:
         return {
             Atom("workers"): self.target,
             Atom("processes"): len(self.slots),
+            Atom("ready"): sum(1 for s in self.slots if s.sock is not None and not s.retiring),
             Atom("queue_depth"): self.ledger.queued,
             Atom("in_flight"): self.ledger.in_flight,
             Atom("queue_wait"): self.table.queue_wait.summary(),
