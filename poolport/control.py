@@ -54,7 +54,7 @@ def find(segment: Segment, packet: int) -> list[int]:
         start, end = bounds[k], bounds[k + 1]
         if data.find(MARKER, start, end) < 0:
             continue
-        name = request_name(data[start:end], packet)
+        name = request_name(data, packet, start, end)
         if name is not None and name[0] == MODULE and name[1] in FUNCTIONS:
             hits.append(k)
     return hits

@@ -603,7 +603,11 @@ class Dispatcher:
             return
         index, pid = HEADER.unpack(hello.data)
         slot = self.by_id.get(index)
-        if pid == 0 and slot is not None and slot.strict:  # a worker started by a reload cannot serve
+        if slot is None:  # removed meanwhile (resized away, or a reload's worker that failed)
+            log.debug("link connection of a slot that is gone (slot %d, pid %d)", index, pid)
+            hello.sock.close()
+            return
+        if pid == 0 and slot.strict:  # a worker started by a reload cannot serve
             hello.sock.close()
             self._reload_failed(slot, "a new worker could not start: its handlers did not import or worker_init failed")
             return
@@ -611,7 +615,7 @@ class Dispatcher:
             hello.sock.close()
             log.critical("worker_init failed in worker %d (traceback above)", index)
             raise SystemExit(3)
-        if slot is None or slot.sock is not None or slot.future is None or slot.dying_since:
+        if slot.sock is not None or slot.future is None or slot.dying_since:
             log.warning("unexpected link connection (slot %d, pid %d)", index, pid)
             hello.sock.close()
             return
@@ -801,7 +805,7 @@ class Dispatcher:
         timed_out = slot.killed is not None and slot.killed.startswith("timeout")
         if running is not None:  # a call no worker could count: count it here
             item = self.ledger.item(slot.index, running)
-            name = request_name(item, self.packet) if item is not None else None
+            name = request_name(item, self.packet) if item is not None else None  # a rare copy
             if name is not None:
                 self.table.failed(name, timeout=timed_out)
         requeued = self.ledger.lost(slot.index, running, blame)
@@ -914,7 +918,7 @@ class Dispatcher:
         self.frames.max_frame = config.max_frame_bytes
         self.spin_s = config.idle_spin_us / 1e6
         logging.getLogger().setLevel(config.log_level)
-        if config.worker_count != self.target:
+        if "workers" in applied and config.worker_count != self.target:
             self._resize(config.worker_count)
         if config.reload != old.reload:
             self._watch_files()

@@ -8,7 +8,17 @@ from hypothesis import strategies as st
 
 from poolport import etf
 from poolport.framing import frame
-from poolport.stats import BUCKETS, MAX_FUNCTIONS, OTHER, CallRecorder, Histogram, StatsTable, bucket, request_name
+from poolport.stats import (
+    BUCKETS,
+    MAX_FUNCTIONS,
+    OTHER,
+    CallRecorder,
+    Histogram,
+    StatsTable,
+    bucket,
+    request_name,
+    upper_us,
+)
 from poolport.terms import Atom
 
 
@@ -16,7 +26,16 @@ def test_buckets_are_four_per_doubling_and_bounded():
     assert bucket(0.0) == bucket(0.99) == 0
     assert bucket(1.0) == 1
     assert bucket(2.0) == 5 and bucket(4.0) == 9
+    assert [bucket(us) for us in (8, 9.9, 10, 11, 12, 14, 15.9, 16)] == [13, 13, 14, 14, 15, 16, 16, 17]
     assert bucket(1e30) == BUCKETS - 1
+
+
+@given(st.floats(1, 2**41))
+def test_a_value_is_below_its_buckets_upper_bound_and_above_the_one_before(us):
+    index = bucket(us)
+    assert us <= upper_us(index)
+    assert index == 1 or upper_us(index - 1) <= int(us) + 1
+    assert upper_us(index) <= max(1.25 * us + 1, 2)  # a bucket is at most 25 % wide (+ rounding)
 
 
 @given(st.lists(st.floats(0, 1e9), min_size=1, max_size=300))
@@ -29,7 +48,7 @@ def test_percentiles_are_ordered_and_within_a_bucket_of_the_truth(values):
     assert p50 <= p99 <= max(h.max_us, 1)
     true = sorted(values)[-(-len(values) // 2) - 1]  # the median rank, as percentile counts it
     assert p50 >= min(int(true), h.max_us)  # the bucket's upper bound: never below the value
-    assert p50 <= max(2 * true, 2)  # ... and at most one bucket (19 %) above it, rounded up
+    assert p50 <= max(1.25 * true + 1, 2)  # ... and at most one bucket (25 %) above it, rounded up
 
 
 def test_an_empty_histogram_says_zero():
@@ -89,3 +108,13 @@ def test_the_name_of_a_request_is_read_from_its_head(atom_encoding, compressed):
     assert request_name(info, 4) is None
     assert request_name(frame(etf.encode((Atom("twice"), 21))), 4) is None  # bare mode
     assert request_name(frame(b"\x83h\x04d\x00"), 4) is None  # cut short
+
+
+@given(st.floats(0, 2**50))
+def test_the_recorder_puts_a_call_in_the_bucket_the_table_reads(us):
+    rec = CallRecorder()
+    rec.record("m", "f", us / 1e6, error=False)
+    table = StatsTable()
+    table.merge(rec.take())
+    counts = table.functions[("m", "f")].latency.counts
+    assert counts[bucket(int(us / 1e6 * 1e6))] == 1  # what the worker measured, in µs

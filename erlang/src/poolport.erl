@@ -316,7 +316,7 @@ cast(Pool, Module, Function, Args) ->
 %% Python's statistics, since Python (re)started: `functions' is
 %% `#{{Module, Function} => #{calls, errors, timeouts, crashes, p50_us,
 %% p99_us, max_us}}' (latency measured in the worker around the handler, in
-%% fixed buckets about 19 % wide: a percentile is its bucket's upper bound),
+%% fixed buckets at most 25 % wide: a percentile is its bucket's upper bound),
 %% `queue_depth' (requests waiting for a worker), `queue_wait' (`#{p50_us,
 %% p99_us, max_us}' from a request's arrival in Python to a worker),
 %% `worker_restarts' (`#{crash, timeout, memory, reload}') and `reloads'.
