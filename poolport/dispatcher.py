@@ -248,6 +248,7 @@ class Dispatcher:
         self.tickets = Tickets()
         self.rolling: Rolling | None = None
         self.hangup = False  # SIGHUP: reload
+        self.retired: list[Slot] = []  # slots that get no new runs, until they owe nothing
         self.watcher: Watcher | None = None
         self.counters_path = os.path.join(self.tmpdir, "counters")
         self.counters = Counters(self.counters_path, create=True)
@@ -949,6 +950,15 @@ class Dispatcher:
     def _operate(self) -> None:
         """Once per loop: reloads asked for (request, SIGHUP, file change), their progress,
         and the removal of retired slots that owe nothing any more."""
+        tickets = self.tickets
+        if not (
+            self.hangup
+            or self.rolling
+            or self.retired
+            or tickets.wanted > tickets.started
+            or (self.watcher is not None and self.watcher.changed)
+        ):
+            return  # the usual case: this runs on every loop
         if self.hangup:
             self.hangup = False
             log.info("SIGHUP: reloading the workers (ticket %d)", self.tickets.request())
@@ -963,7 +973,7 @@ class Dispatcher:
         if self.rolling is not None:
             self._roll()
         runs = self.ledger.runs
-        for slot in [s for s in self.slots if s.retiring and not s.dying_since and not runs[s.index]]:
+        for slot in [s for s in self.retired if not s.dying_since and not runs[s.index]]:
             self._remove(slot)
 
     def _start_reload(self) -> None:
@@ -1027,7 +1037,7 @@ class Dispatcher:
         log.error("worker %d: %s", slot.index, why)
         if self.rolling is not None and self.rolling.surge == slot.index:
             self._finish_reload(f"{why} (see the log of poolport serve)")
-        slot.retiring = "failed to start"
+        self._retire(slot, "failed to start")
         if not slot.dying_since and not self.ledger.runs[slot.index]:
             self._remove(slot)
 
@@ -1043,6 +1053,8 @@ class Dispatcher:
 
     def _retire(self, slot: Slot, why: str) -> None:
         """No new runs for this slot; :meth:`_operate` removes it once it owes nothing."""
+        if slot.retiring is None:
+            self.retired.append(slot)
         slot.retiring = why
         log.debug("worker %d (pid %d) retired (%s)", slot.index, slot.pid, why)
 
@@ -1050,6 +1062,8 @@ class Dispatcher:
         """End a slot that owes nothing: its process, its link, its bookkeeping."""
         self.slots.remove(slot)
         del self.by_id[slot.index]
+        if slot.retiring is not None:
+            self.retired.remove(slot)
         if slot.sock is not None:
             self.poller.forget(slot.sock.fileno())
             slot.sock.close()
