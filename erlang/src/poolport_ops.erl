@@ -7,7 +7,7 @@
 %% `worker_init', old ones finish their calls), and an answer that waited for
 %% it would hold up every reply behind it. So `'$poolport':reload()' answers
 %% a ticket at once, and this module asks `'$poolport':reload_status(Ticket)'
-%% every ?POLL ms until the reload is done or failed, in the caller's process.
+%% every 20 ms until the reload is done or failed, in the caller's process.
 %%
 %% Use the {@link poolport} module; this one is its implementation.
 -module(poolport_ops).

@@ -232,7 +232,7 @@ cast(Pool, Request) ->
 %% `{error, noproc | {nodedown, Node} | timeout}' if there is no pool or it
 %% did not answer within 5 s.
 %%
-%% Python is asked for fresh statistics first (at most ?STATS_WAIT ms: its
+%% Python is asked for fresh statistics first (at most 1 s: its
 %% answer takes its turn in reply order, behind the calls sent before it);
 %% if they do not come in time, the latest the pool has are shown, and
 %% `stats_age_ms' says how old they are.
