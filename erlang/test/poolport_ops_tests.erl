@@ -66,6 +66,10 @@ tmp_dir() ->
         Tmp -> Tmp
     end.
 
+stop(Pool, Dir) ->
+    ok = poolport:stop(Pool),
+    ok = file:del_dir_r(Dir).
+
 %% Python's worker processes, those being retired included.
 processes(Pool) ->
     {ok, #{processes := N}} = poolport_server:sys_call(Pool, stats, [], ?DEADLOCK),
@@ -139,7 +143,7 @@ reload_under_load() ->
                        worker_restarts := #{reload := R, crash := 0}} when R >= 6, Info),
         ?assert(maps:get(reloads, Info) >= 2)
     after
-        poolport:stop(Pool)
+        stop(Pool, Dir)
     end.
 
 reload_broken() ->
@@ -165,7 +169,7 @@ reload_broken() ->
         ?assertEqual(ok, poolport:reload(Pool)),
         ?assertEqual({ok, 4}, poolport:call(Pool, ?M, version, []))
     after
-        poolport:stop(Pool)
+        stop(Pool, Dir)
     end.
 
 reload_failing_init() ->
@@ -180,7 +184,7 @@ reload_failing_init() ->
         ?assertEqual({ok, 1}, poolport:call(Pool, ?M, version, [])),
         ?assertMatch(#{workers := 2, restarts := 0}, poolport:info(Pool))
     after
-        poolport:stop(Pool)
+        stop(Pool, Dir)
     end.
 
 resize_under_load() ->
@@ -205,7 +209,7 @@ resize_under_load() ->
         ?assertMatch(#{workers := 4, errors := 0, restarts := 0,
                        worker_restarts := #{crash := 0, timeout := 0}}, poolport:info(Pool))
     after
-        poolport:stop(Pool)
+        stop(Pool, Dir)
     end.
 
 stats_exact() ->
@@ -240,7 +244,7 @@ stats_exact() ->
         ?assertEqual(0, Depth),
         ?assert(is_integer(Age) andalso Age >= 0)
     after
-        poolport:stop(Pool)
+        stop(Pool, Dir)
     end.
 
 reload_config() ->
@@ -263,7 +267,7 @@ reload_config() ->
         ?assertNotEqual(nomatch, binary:match(Text, <<"workers: expected an integer">>)),
         ?assertMatch(#{workers := 3}, poolport:info(Pool))
     after
-        poolport:stop(Pool)
+        stop(Pool, Dir)
     end.
 
 bad_use() ->
@@ -277,6 +281,6 @@ bad_use() ->
                  poolport_server:sys_call(Pool, resize, [0], 5000)),
     ?assertMatch({ok, unknown}, poolport_server:sys_call(Pool, reload_status, [99], 5000)),
     ?assertEqual({ok, 1}, poolport:call(Pool, ?M, version, [])),
-    ok = poolport:stop(Pool),
+    ok = stop(Pool, Dir),
     ?assertEqual({error, noproc}, poolport:reload(Pool)),
     ?assertEqual({error, noproc}, poolport:resize(Pool, 2)).
