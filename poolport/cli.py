@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .config import Config, load_config
@@ -129,8 +129,9 @@ def _int_flag(flag: str, value: str) -> int:
         raise ConfigError(f"{flag} must be a number or 'auto', got {value!r}") from None
 
 
-def serve(config: Config) -> int:
-    """Run the dispatcher on this process's stdin/stdout (the Erlang port)."""
+def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
+    """Run the dispatcher on this process's stdin/stdout (the Erlang port); ``reread`` reads
+    the configuration again (for ``'$poolport':reload_config()``)."""
     from .dispatcher import Dispatcher
 
     # Keep the port's pipes on private descriptors; fd 0 becomes /dev/null and
@@ -154,7 +155,7 @@ def serve(config: Config) -> int:
         codec_name(),
     )
     try:
-        return Dispatcher(config, in_fd, out_fd).run()
+        return Dispatcher(config, in_fd, out_fd, reread).run()
     finally:
         os.close(in_fd)
         os.close(out_fd)
@@ -249,4 +250,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check(config, imports=args.imports or args.init, init=args.init)
     _setup_logging(config.log_level, config.name)
-    return serve(config)
+    return serve(config, lambda: read_config(args))

@@ -41,6 +41,14 @@ class FunctionSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, 
     timeout_ms: Union[NonNegativeInt, None] = None
 
 
+class ReloadSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """``reload:``; with ``watch`` the dispatcher reloads the workers when a ``.py`` file under
+    the allowlisted modules changes (polled every ``poll_ms``)."""
+
+    watch: bool = False
+    poll_ms: PositiveInt = 1000
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Everything ``poolport serve`` can be told; every key has a default, so ``{}`` is valid."""
 
@@ -68,6 +76,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     idle_spin_us: NonNegativeInt = 100  # poll this long before sleeping when out of work (see spin.py)
     worker_init: Union[InitSpec, None] = None  # "module:function" run once per worker; its result
     worker_init_args: list[Any] = []  # is poolport.worker_state(); called as function(*args)
+    reload: ReloadSettings = ReloadSettings()  # automatic reload when handler files change
 
     @property
     def worker_count(self) -> int:
@@ -85,6 +94,39 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
         own = entry.timeout_ms if entry is not None and entry.timeout_ms is not None else handler_ms
         entry = self.functions.get(module)
         return smallest_timeout(own, entry.timeout_ms if entry is not None else None, self.timeout_ms)
+
+
+# Keys '$poolport':reload_config() applies to a running pool (see apply_live); the others
+# need a restart of `poolport serve`. WORKER_KEYS are read by workers when they start, so
+# a change to one of them rolls the workers (a reload).
+LIVE_KEYS = (
+    "workers",
+    "timeout_ms",
+    "functions",
+    "max_frame_bytes",
+    "max_in_flight",
+    "max_in_flight_bytes",
+    "max_term_depth",
+    "max_term_elements",
+    "shutdown_grace_ms",
+    "max_worker_memory_mb",
+    "log_level",
+    "idle_spin_us",
+    "reload",
+)
+WORKER_KEYS = frozenset(
+    ("timeout_ms", "functions", "max_frame_bytes", "max_term_depth", "max_term_elements", "max_worker_memory_mb")
+    + ("log_level", "idle_spin_us")
+)
+
+
+def apply_live(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """``(config, applied, needs_restart)``: ``old`` with the live keys ``new`` changes,
+    the names of those, and the names of changed keys that need a restart."""
+    changed = [k for k in Config.__struct_fields__ if getattr(old, k) != getattr(new, k)]
+    applied = [k for k in changed if k in LIVE_KEYS]
+    config = msgspec.structs.replace(old, **{k: getattr(new, k) for k in applied})
+    return config, applied, [k for k in changed if k not in LIVE_KEYS]
 
 
 def smallest_timeout(*timeouts_ms: int | None) -> int:

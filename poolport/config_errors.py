@@ -28,7 +28,10 @@ def explain(raw: dict[str, Any], schema: type[msgspec.Struct], path: str = "") -
         where = f"{path}{key}"
         if key not in hints:
             near = difflib.get_close_matches(str(key), list(hints), n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"known keys: {', '.join(hints)}"
+            known = ", ".join(hints)
+            hint = (
+                f"did you mean {near[0]!r}?" if near else f"expected one of {known}" if path else f"known keys: {known}"
+            )
             return f"{path}unknown key {key!r} ({hint})"
         problem = _fault(where, value, hints[key], infos[key])
         if problem:
@@ -43,6 +46,10 @@ def _fault(where: str, value: Any, hint: Any, info: msgspec.inspect.Type) -> str
     except msgspec.ValidationError:
         pass
     inner = info.type if isinstance(info, msgspec.inspect.Metadata) else info
+    if isinstance(inner, msgspec.inspect.StructType) and isinstance(value, dict):
+        problem = explain(value, inner.cls, f"{where}: ")
+        if problem:
+            return problem
     if isinstance(inner, msgspec.inspect.ListType) and isinstance(value, list):
         (item_hint,) = typing.get_args(_bare(hint))
         for i, item in enumerate(value):

@@ -35,10 +35,17 @@
   those), and a call whose worker dies a second time is answered with an
   error (the ledger's poison-pill rule).
 * A call past its timeout has its worker killed and replaced the same way.
+* The pool changes while it serves (``'$poolport'`` requests, see
+  :mod:`poolport.control`): ``resize`` adds slots or *retires* some (no new
+  runs; removed once they owe nothing), and a reload first imports the
+  handlers in a probe process (a failure leaves every worker as it was), then
+  replaces the slots one at a time: a new slot starts, and once it serves an
+  old one is retired. No call is lost or failed by either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -49,19 +56,24 @@ import signal
 import socket
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import loky
 
-from . import bert, etf
-from .config import Config
-from .framing import MAX_ATTACHED, FrameBuffer, Oversized, frame
+from . import bert, control, etf
+from .config import WORKER_KEYS, Config, apply_live
+from .control import Tickets
+from .errors import ConfigError
+from .framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
 from .ledger import Ledger, Run
 from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
 from .progress import Counters, Progress
 from .spin import spin
-from .worker import worker_main
+from .stats import StatsTable, request_name
+from .terms import Atom
+from .watch import Watcher
+from .worker import probe_handlers, worker_main
 
 log = logging.getLogger("poolport")
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
@@ -82,6 +94,8 @@ HELLO_WAIT_S = 5.0  # a link connection that has not said hello by then is dropp
 STALL_S = 5.0  # a worker owing replies that runs no call and sends nothing this long is stuck
 STALL_CHECK_S = 0.1  # how often workers owing replies are checked for that
 MAX_WAIT_S = 3600.0  # the longest single wait in poll (a far deadline is simply waited for again)
+MAX_WORKERS = 1024  # the most '$poolport':resize(N) accepts
+RESTART_CAUSES = ("crash", "timeout", "memory", "reload")
 
 
 class Poller:
@@ -140,6 +154,8 @@ class Slot:
         "heard",
         "stall_mark",
         "stall_since",
+        "retiring",
+        "strict",
     )
 
     def __init__(self, index: int, progress_path: str) -> None:
@@ -163,10 +179,24 @@ class Slot:
         self.heard = 0  # reads that brought data from the worker
         self.stall_mark: tuple[int, ...] | None = None  # see Dispatcher._check_stall
         self.stall_since = 0.0  # ... since then
+        self.retiring: str | None = None  # why it gets no new runs and goes once it owes nothing
+        self.strict = False  # started by a reload: a failure to start fails the reload
 
     @property
     def ready(self) -> bool:
         return self.sock is not None and self.killed is None
+
+
+class Rolling:
+    """A reload in progress: the probe, then the old slots still to replace, one at a time."""
+
+    __slots__ = ("generation", "executor", "probe", "old", "surge")
+
+    def __init__(self, generation: int, executor: Any, probe: Any) -> None:
+        self.generation = generation
+        self.executor, self.probe = executor, probe  # the probe process and its future
+        self.old: list[int] = []  # slots still running the code from before (ids)
+        self.surge: int | None = None  # the new slot started to replace the next old one
 
 
 class Hello:
@@ -181,8 +211,9 @@ class Hello:
 class Dispatcher:
     """Owns the port's file descriptors and the pool; :meth:`run` returns the exit code."""
 
-    def __init__(self, config: Config, in_fd: int, out_fd: int) -> None:
+    def __init__(self, config: Config, in_fd: int, out_fd: int, reread: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reread = reread  # the configuration file read again ('$poolport':reload_config())
         self.in_fd, self.out_fd = in_fd, out_fd
         os.set_blocking(out_fd, False)
         self.packet = config.packet
@@ -209,6 +240,16 @@ class Dispatcher:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.slots = [Slot(i, os.path.join(self.tmpdir, f"progress-{i}")) for i in range(config.worker_count)]
+        self.by_id = {slot.index: slot for slot in self.slots}
+        self.next_id = len(self.slots)  # slot ids are never reused
+        self.target = len(self.slots)  # workers wanted (resize); slots being retired are extra
+        self.table = StatsTable()
+        self.restarts = dict.fromkeys(RESTART_CAUSES, 0)
+        self.tickets = Tickets()
+        self.rolling: Rolling | None = None
+        self.hangup = False  # SIGHUP: reload
+        self.retired: list[Slot] = []  # slots that get no new runs, until they owe nothing
+        self.watcher: Watcher | None = None
         self.counters_path = os.path.join(self.tmpdir, "counters")
         self.counters = Counters(self.counters_path, create=True)
         self.info = {
@@ -232,10 +273,12 @@ class Dispatcher:
         self.poller.watch(self.wake_r, POLLIN, "wake")
         self.poller.watch(self.out_fd, 0, "stdout")  # no event asked: still told if the reader is gone
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         old_wakeup = signal.set_wakeup_fd(self.wake_w)
         try:
             for slot in self.slots:
                 self._start(slot)
+            self._watch_files()
             self._set_reading(True)
             return self._loop()
         finally:
@@ -296,6 +339,9 @@ class Dispatcher:
         held = ledger.held_bytes + self.stdout.size
         return held + self.frames.held < self.config.max_in_flight_bytes or (held == 0 and ledger.in_flight == 0)
 
+    def _on_hangup(self, _signum: int, _frame: Any) -> None:
+        self.hangup = True  # handled in _operate: a signal handler must not start processes
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("received %s: finishing in-flight calls", signal.Signals(signum).name)
         self._close_input()
@@ -311,6 +357,10 @@ class Dispatcher:
 
     def _shutdown(self) -> None:
         log.debug("dispatcher stats: %s", self.stats)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.rolling is not None and self.rolling.probe is not None:
+            self.rolling.executor.shutdown(wait=False, kill_workers=True)
         for slot in self.slots:
             if slot.sock is not None:
                 slot.sock.close()
@@ -368,8 +418,10 @@ class Dispatcher:
                         ),
                     )
                 )
-            else:
+            elif self.bare:
                 self.ledger.admit(segment)  # type: ignore[arg-type]
+            else:
+                self._admit(segment)  # type: ignore[arg-type]
         if self.frames.dropped != self.info_dropped and time.monotonic() - self.info_logged_at > 1.0:
             log.warning(
                 "dropped %d bytes of {info, ...} packets: more than %d KiB of them waited for "
@@ -378,6 +430,18 @@ class Dispatcher:
                 MAX_ATTACHED >> 10,
             )
             self.info_dropped, self.info_logged_at = self.frames.dropped, time.monotonic()
+
+    def _admit(self, segment: Segment) -> None:
+        """Queue a segment's requests; answer the ``'$poolport'`` operations in it in place."""
+        hits = control.find(segment, self.packet)
+        if not hits:
+            self.ledger.admit(segment, time.monotonic())
+            return
+        for piece in control.split(segment, hits):
+            if isinstance(piece, Segment):
+                self.ledger.admit(piece, time.monotonic())
+            else:
+                self.ledger.answer_now(self._reply_frame(self.ledger.next_seq, self._operation(piece)))
 
     def _reply_frame(self, seq: int, term: Any) -> bytes:
         """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""
@@ -431,12 +495,12 @@ class Dispatcher:
         ranked = sorted(
             (_load(s, ledger, now), s.index)
             for s in self.slots
-            if s.sock is not None and s.killed is None and len(runs[s.index]) < MAX_QUEUED_RUNS
+            if s.sock is not None and s.killed is None and not s.retiring and len(runs[s.index]) < MAX_QUEUED_RUNS
         )
         if not ranked:
             return
         by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
-        share = -(-ledger.queued // len(self.slots))  # starting slots get their share later
+        share = -(-ledger.queued // max(1, self.target))  # starting slots get their share later
         size = min(by_cost, share, MAX_RUN_FRAMES)
         pipeline = self.cost < PIPELINE_COST_S
         for (busy, _), index in ranked:
@@ -446,7 +510,9 @@ class Dispatcher:
                 continue
             run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy > 0)
             if run is not None:
-                self._send_run(self.slots[index], run)
+                if run.waited:
+                    self.table.queue_wait.add(run.waited * 1e6, run.count)
+                self._send_run(self.by_id[index], run)
 
     def _send_run(self, slot: Slot, run: Run) -> None:
         slot.stall_mark = None  # the worker has a new reason to make progress
@@ -493,7 +559,14 @@ class Dispatcher:
         slot.progress = slot.progress or Progress(slot.progress_path, create=True)
         slot.executor = loky.ProcessPoolExecutor(max_workers=1)
         slot.future = slot.executor.submit(
-            worker_main, self.address, slot.progress_path, self.counters_path, slot.index, self.config, self.info
+            worker_main,
+            self.address,
+            slot.progress_path,
+            self.counters_path,
+            slot.index,
+            self.config,
+            self.info,
+            slot.strict,
         )
         slot.future.add_done_callback(self._wake)
         slot.restart_at = 0.0
@@ -530,12 +603,20 @@ class Dispatcher:
             hello.sock.close()
             return
         index, pid = HEADER.unpack(hello.data)
+        slot = self.by_id.get(index)
+        if slot is None:  # removed meanwhile (resized away, or a reload's worker that failed)
+            log.debug("link connection of a slot that is gone (slot %d, pid %d)", index, pid)
+            hello.sock.close()
+            return
+        if pid == 0 and slot.strict:  # a worker started by a reload cannot serve
+            hello.sock.close()
+            self._reload_failed(slot, "a new worker could not start: its handlers did not import or worker_init failed")
+            return
         if pid == 0:  # -- the worker's worker_init raised (poolport.handler): stop serving at once
             hello.sock.close()
             log.critical("worker_init failed in worker %d (traceback above)", index)
             raise SystemExit(3)
-        slot = self.slots[index] if 0 <= index < len(self.slots) else None
-        if slot is None or slot.sock is not None or slot.future is None or slot.dying_since:
+        if slot.sock is not None or slot.future is None or slot.dying_since:
             log.warning("unexpected link connection (slot %d, pid %d)", index, pid)
             hello.sock.close()
             return
@@ -544,6 +625,7 @@ class Dispatcher:
         slot.reader = MessageReader()
         slot.events = POLLIN
         self.poller.watch(hello.sock.fileno(), POLLIN, slot)
+        slot.strict = False  # it imported its handlers: from now on it is a worker like the others
         log.debug("worker %d ready (pid %d)", index, pid)
 
     def _expire_hellos(self, now: float) -> None:
@@ -585,6 +667,9 @@ class Dispatcher:
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         self.stats["chunks"] += 1
         try:
+            if count == 0:  # the statistics of the calls the next chunk answers
+                self.table.merge(bytes(data))
+                return
             run = self.ledger.answered(slot.index, count, data)
         except ValueError as exc:  # a worker that breaks the link protocol is replaced
             log.error("worker %d (pid %d): %s", slot.index, slot.pid, exc)
@@ -618,6 +703,7 @@ class Dispatcher:
                 self._check_death(slot, now)
             elif slot.restart_at and now >= slot.restart_at and (self.ledger.queued or not self.closing):
                 self._start(slot)
+        self._operate()
 
     def _check_timeout(self, slot: Slot, now: float) -> None:
         snap = slot.progress.read()  # type: ignore[union-attr]
@@ -717,7 +803,16 @@ class Dispatcher:
             return self._reply_frame(seq, self._crash_error(slot, snap, reason, why))
 
         served = self.ledger.sent[slot.index] > 0
+        timed_out = slot.killed is not None and slot.killed.startswith("timeout")
+        if running is not None:  # a call no worker could count: count it here
+            item = self.ledger.item(slot.index, running)
+            name = request_name(item, self.packet) if item is not None else None  # a rare copy
+            if name is not None:
+                self.table.failed(name, timeout=timed_out)
         requeued = self.ledger.lost(slot.index, running, blame)
+        if slot.retiring is None:
+            cause = "timeout" if timed_out else "memory" if "MemoryError" in reason else "crash"
+            self.restarts[cause] += 1
         self.counters.add("worker_deaths")
         self.counters.set("reruns", self.ledger.reruns)
         self.counters.set("abandoned", self.ledger.abandoned)
@@ -731,6 +826,12 @@ class Dispatcher:
         if slot.progress is not None:
             slot.progress.close()
             slot.progress = None
+        if slot.retiring is not None:  # it was going anyway: what it held runs elsewhere
+            self._remove(slot)
+            return
+        if slot.strict and not served:
+            self._reload_failed(slot, f"a new worker died before serving: {reason}")
+            return
         if slot.failures >= MAX_STARTUP_FAILURES:
             raise SystemExit(f"worker {slot.index} died {slot.failures} times before serving: {reason}")
         if self.closing and not self.ledger.queued:
@@ -762,6 +863,241 @@ class Dispatcher:
             f"worker process {slot.pid} died during this call: {reason}",
             bare=self.bare,
         )
+
+    # ------------------------------------------------------------------ operations ('$poolport')
+
+    def _operation(self, item: bytes) -> Any:
+        """The reply term to a ``'$poolport'`` operation (see poolport.control)."""
+        request = control.parse(item, self.packet)
+        args, name = request.args, request.function
+        if args is None:
+            return bert.error(bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", f"unreadable '$poolport':{name} request")
+        if name == "stats" and not args:
+            result: Any = self._stats_term()
+        elif name == "resize" and len(args) == 1 and type(args[0]) is int and 1 <= args[0] <= MAX_WORKERS:
+            self._resize(args[0])
+            result = Atom("ok")
+        elif name == "reload" and not args:
+            result = self.tickets.request()
+            log.info("reload requested (ticket %d)", result)
+        elif name == "reload_status" and len(args) == 1 and type(args[0]) is int:
+            status = self.tickets.status(args[0])
+            result = (Atom("error"), status[1]) if type(status) is tuple else Atom(status)
+        elif name == "reload_config" and not args:
+            result = self._reload_config()
+        else:
+            return bert.error(
+                bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", f"bad arguments for '$poolport':{name}: {args!r:.200}"
+            )
+        return bert.noreply() if request.kind == "cast" else bert.reply(result)
+
+    def _stats_term(self) -> dict[Atom, Any]:
+        return {
+            Atom("workers"): self.target,
+            Atom("processes"): len(self.slots),
+            Atom("ready"): sum(1 for s in self.slots if s.sock is not None and not s.retiring),
+            Atom("queue_depth"): self.ledger.queued,
+            Atom("in_flight"): self.ledger.in_flight,
+            Atom("queue_wait"): self.table.queue_wait.summary(),
+            Atom("functions"): self.table.functions_term(),
+            Atom("worker_restarts"): {Atom(k): v for k, v in self.restarts.items()},
+            Atom("reloads"): self.tickets.started,
+            Atom("reloading"): self.tickets.running or self.tickets.due(),
+        }
+
+    def _reload_config(self) -> Any:
+        """Read the configuration file again and apply what can change live (config.LIVE_KEYS)."""
+        if self.reread is None:
+            return (Atom("error"), "this server was not started from a configuration it can read again")
+        try:
+            new = self.reread()
+        except ConfigError as exc:
+            return (Atom("error"), str(exc))
+        old = self.config
+        self.config, applied, restart = apply_live(old, new)
+        config = self.config
+        self.frames.max_frame = config.max_frame_bytes
+        self.spin_s = config.idle_spin_us / 1e6
+        logging.getLogger().setLevel(config.log_level)
+        if "workers" in applied and config.worker_count != self.target:
+            self._resize(config.worker_count)
+        if config.reload != old.reload:
+            self._watch_files()
+        ticket = self.tickets.request() if any(k in WORKER_KEYS for k in applied) else None
+        log.info(
+            "configuration read again: applied %s%s; needs a restart: %s",
+            applied or "nothing",
+            f" (workers reload: ticket {ticket})" if ticket else "",
+            restart or "nothing",
+        )
+        return {
+            Atom("applied"): [Atom(k) for k in applied],
+            Atom("needs_restart"): [Atom(k) for k in restart],
+            Atom("reload"): ticket,
+        }
+
+    def _watch_files(self) -> None:
+        """Start (or stop) polling the handler files, as ``reload: {watch: ...}`` says."""
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.config.reload.watch:
+            self.watcher = Watcher(
+                self.config.modules, self.config.python_path, self.config.reload.poll_ms / 1000, self.wake_w
+            )
+            self.watcher.start()
+
+    def _operate(self) -> None:
+        """Once per loop: reloads asked for (request, SIGHUP, file change), their progress,
+        and the removal of retired slots that owe nothing any more."""
+        tickets = self.tickets
+        if not (
+            self.hangup
+            or self.rolling
+            or self.retired
+            or tickets.wanted > tickets.started
+            or (self.watcher is not None and self.watcher.changed)
+        ):
+            return  # the usual case: this runs on every loop
+        if self.hangup:
+            self.hangup = False
+            log.info("SIGHUP: reloading the workers (ticket %d)", self.tickets.request())
+        if self.watcher is not None and self.watcher.changed:
+            self.watcher.changed = False
+            log.info("a handler file changed: reloading the workers (ticket %d)", self.tickets.request())
+        if self.closing:
+            if self.rolling is not None:
+                self._finish_reload("the server is shutting down")
+        elif self.rolling is None and self.tickets.due():
+            self._start_reload()
+        if self.rolling is not None:
+            self._roll()
+        runs = self.ledger.runs
+        for slot in [s for s in self.retired if not s.dying_since and not runs[s.index]]:
+            self._remove(slot)
+
+    def _start_reload(self) -> None:
+        generation = self.tickets.start()
+        executor = loky.ProcessPoolExecutor(max_workers=1)
+        probe = executor.submit(probe_handlers, self.config)
+        probe.add_done_callback(self._wake)
+        self.rolling = Rolling(generation, executor, probe)
+        log.info("reload %d: importing the handler modules in a new process first", generation)
+
+    def _roll(self) -> None:
+        """One step of the reload: the probe's verdict, then one old slot at a time replaced by a
+        new one (started first, so the pool never has fewer workers than it had)."""
+        rolling = self.rolling
+        assert rolling is not None
+        if rolling.probe is not None:
+            if not rolling.probe.done():
+                return
+            try:
+                error = rolling.probe.result()
+            except BaseException as exc:  # noqa: BLE001 - the probe process died, say how
+                error = f"the process importing the new code died: {type(exc).__name__}: {exc}"
+            rolling.executor.shutdown(wait=False, kill_workers=True)
+            rolling.probe = None
+            if error:
+                self._finish_reload(error)
+                return
+            rolling.old = [s.index for s in self.slots if not s.retiring]
+            log.info("reload %d: the new code imports; replacing %d worker(s)", rolling.generation, len(rolling.old))
+        if rolling.surge is not None:
+            surge = self.by_id.get(rolling.surge)
+            if surge is not None and not surge.ready:
+                return  # still starting
+            rolling.surge = None
+            for index in rolling.old:
+                old = self.by_id.get(index)
+                if old is not None and not old.retiring:
+                    rolling.old.remove(index)
+                    self._retire(old, "reload")
+                    break
+        rolling.old = [i for i in rolling.old if i in self.by_id and not self.by_id[i].retiring]
+        if not rolling.old:
+            self._finish_reload(None)
+        elif rolling.surge is None:
+            rolling.surge = self._add_slot(strict=True).index
+
+    def _finish_reload(self, error: str | None) -> None:
+        rolling = self.rolling
+        assert rolling is not None
+        if rolling.probe is not None:
+            rolling.executor.shutdown(wait=False, kill_workers=True)
+        self.rolling = None
+        self.tickets.finish(error)
+        if error is None:
+            log.info("reload %d done: every worker runs the new code", rolling.generation)
+        else:
+            log.error("reload %d failed; the workers that were serving go on:\n%s", rolling.generation, error)
+
+    def _reload_failed(self, slot: Slot, why: str) -> None:
+        """A new slot of a reload could not start: drop it; the old slots go on serving."""
+        log.error("worker %d: %s", slot.index, why)
+        if self.rolling is not None and self.rolling.surge == slot.index:
+            self._finish_reload(f"{why} (see the log of poolport serve)")
+        self._retire(slot, "failed to start")
+        if not slot.dying_since and not self.ledger.runs[slot.index]:
+            self._remove(slot)
+
+    def _add_slot(self, strict: bool = False) -> Slot:
+        slot = Slot(self.next_id, os.path.join(self.tmpdir, f"progress-{self.next_id}"))
+        self.next_id += 1
+        slot.strict = strict
+        self.slots.append(slot)
+        self.by_id[slot.index] = slot
+        self.ledger.add_slot(slot.index)
+        self._start(slot)
+        return slot
+
+    def _retire(self, slot: Slot, why: str) -> None:
+        """No new runs for this slot; :meth:`_operate` removes it once it owes nothing."""
+        if slot.retiring is None:
+            self.retired.append(slot)
+        slot.retiring = why
+        log.debug("worker %d (pid %d) retired (%s)", slot.index, slot.pid, why)
+
+    def _remove(self, slot: Slot) -> None:
+        """End a slot that owes nothing: its process, its link, its bookkeeping."""
+        self.slots.remove(slot)
+        del self.by_id[slot.index]
+        if slot.retiring is not None:
+            self.retired.remove(slot)
+        if slot.sock is not None:
+            self.poller.forget(slot.sock.fileno())
+            slot.sock.close()
+            slot.sock = None
+        if slot.executor is not None:
+            slot.executor.shutdown(wait=False, kill_workers=True)
+            slot.executor = slot.future = None
+        if slot.progress is not None:
+            slot.progress.close()
+            slot.progress = None
+        with contextlib.suppress(OSError):
+            os.unlink(slot.progress_path)
+        self.ledger.remove_slot(slot.index)
+        if slot.retiring == "reload":
+            self.restarts["reload"] += 1
+
+    def _resize(self, workers: int) -> None:
+        """Grow at once; shrink by retiring slots (idle ones, and those a reload would replace,
+        first): a busy one finishes the calls it was sent."""
+        self.target = workers
+        self.info["workers"] = workers
+        active = [s for s in self.slots if not s.retiring]
+        if self.rolling is not None and self.rolling.surge is not None:
+            active = [s for s in active if s.index != self.rolling.surge]  # counted among the old
+        old = set(self.rolling.old) if self.rolling is not None else set()
+        if workers > len(active):
+            for _ in range(workers - len(active)):
+                self._add_slot()
+        else:
+            runs = self.ledger.runs
+            active.sort(key=lambda s: (s.index not in old, len(runs[s.index]), -s.index))
+            for slot in active[: len(active) - workers]:
+                self._retire(slot, "resize")
+        log.info("resized to %d worker(s)", workers)
 
 
 def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:

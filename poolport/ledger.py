@@ -47,9 +47,11 @@ class Run:
     included); ``base`` is how many requests the slot's process had been sent before.
     """
 
-    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes")
+    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes", "waited")
 
-    def __init__(self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float, strikes: int) -> None:
+    def __init__(
+        self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float, strikes: int, waited: float = 0.0
+    ) -> None:
         self.start, self.data, self.bounds = start, data, bounds
         self.count = len(bounds) - 1
         self.size = len(data)
@@ -57,6 +59,7 @@ class Run:
         self.base = base
         self.sent_at = sent_at
         self.strikes = strikes  # from the worker deaths these requests have been through
+        self.waited = waited  # seconds its first request waited between admission and this run
 
 
 Blame = Callable[[int, str], bytes]
@@ -66,14 +69,17 @@ Blame = Callable[[int, str], bytes]
 
 
 class Ledger:
-    """Where every admitted request is, and the replies waiting for their turn."""
+    """Where every admitted request is, and the replies waiting for their turn.
+
+    Slots are named by ids that are never reused (slots ``0 .. slots - 1`` at first);
+    :meth:`add_slot` and :meth:`remove_slot` change the pool's size."""
 
     def __init__(self, slots: int) -> None:
         self.pending: deque[Pending] = deque()
         self.queued = 0  # requests in pending
         self.queued_bytes = 0
-        self.runs: list[deque[Run]] = [deque() for _ in range(slots)]
-        self.sent = [0] * slots  # requests sent to each slot's current process
+        self.runs: dict[int, deque[Run]] = {i: deque() for i in range(slots)}
+        self.sent = dict.fromkeys(range(slots), 0)  # requests sent to each slot's current process
         self.run_bytes = 0
         self.reorder = ReorderBuffer()
         self.reply_bytes = 0
@@ -91,12 +97,26 @@ class Ledger:
         """Request and reply bytes held: what ``max_in_flight_bytes`` bounds."""
         return self.queued_bytes + self.run_bytes + self.reply_bytes
 
+    # ------------------------------------------------------------------ slots
+
+    def add_slot(self, slot: int) -> None:
+        if slot in self.runs:
+            raise ValueError(f"slot {slot} exists already")
+        self.runs[slot] = deque()
+        self.sent[slot] = 0
+
+    def remove_slot(self, slot: int) -> None:
+        """Forget a slot that owes nothing (its runs answered, or handed back by :meth:`lost`)."""
+        if self.runs[slot]:
+            raise ValueError(f"slot {slot} still owes {len(self.runs[slot])} run(s)")
+        del self.runs[slot], self.sent[slot]
+
     # ------------------------------------------------------------------ in
 
-    def admit(self, segment: Segment) -> None:
-        """Number the requests of a segment and queue them."""
+    def admit(self, segment: Segment, now: float = 0.0) -> None:
+        """Number the requests of a segment and queue them (``now``: when, for the queue wait)."""
         count = len(segment)
-        self.pending.append(Pending(segment, self.next_seq))
+        self.pending.append(Pending(segment, self.next_seq, since=now))
         self.next_seq += count
         self.queued += count
         self.queued_bytes += segment.bounds[-1] - segment.bounds[0]
@@ -132,6 +152,7 @@ class Ledger:
             self.sent[slot],
             now,
             head.strikes,
+            now - head.since if head.since else 0.0,
         )
         head.pos, head.seq = j, head.seq + run.count
         if j == last:
@@ -176,6 +197,14 @@ class Ledger:
         for run in self.runs[slot]:
             if run.base <= index < run.base + run.count:
                 return run.start + index - run.base
+        return None
+
+    def item(self, slot: int, index: int) -> bytes | None:
+        """The bytes (frames with headers) of the ``index``-th request sent to the slot's process."""
+        for run in self.runs[slot]:
+            if run.base <= index < run.base + run.count:
+                k = index - run.base
+                return run.data[run.bounds[k] : run.bounds[k + 1]]
         return None
 
     def lost(self, slot: int, running: int | None, blame: Blame) -> int:

@@ -9,9 +9,10 @@ bytes of ``{packet,N}`` frames, exactly as they travel on the Erlang port:
   requests of the runs it was given, in order (a run may be answered in
   several chunks so slow calls report progress); an *empty* chunk means the
   worker wrote those ``count`` replies to the port itself (its turn had come);
-* worker -> dispatcher, once on connect: ``HEADER(slot, pid)`` as a hello;
-  dispatcher -> worker in return: one byte carrying the port's stdout
-  descriptor (``SCM_RIGHTS``).
+* worker -> dispatcher: a message with a count of 0 is a statistics report
+  (``poolport.stats``), sent just before the chunk whose calls it counts;
+* worker -> dispatcher, once on connect: ``HEADER(slot, pid)`` as a hello
+  (pid 0: the worker cannot serve, its handlers did not import or ``worker_init`` failed).
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ def tune(sock: socket.socket) -> None:
             pass
 
 
-def send_message(sock: socket.socket, count: int, payload: Buffer | Sequence[Buffer]) -> None:
-    """Send one message; ``payload`` may be a list of parts, sent without joining big ones."""
+def send_message(
+    sock: socket.socket, count: int, payload: Buffer | Sequence[Buffer], report: bytes | None = None
+) -> None:
+    """Send one message; ``payload`` may be a list of parts, sent without joining big ones.
+    A ``report`` goes first, as a message of its own with a count of 0 (in the same send)."""
     parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
     size = sum(len(p) for p in parts)
     header = HEADER.pack(size, count)
+    lead = [HEADER.pack(len(report), 0), report] if report else []
     if size < SMALL_MESSAGE:
-        sock.sendall(b"".join([header, *parts]))  # one syscall; the copy is cheap
+        sock.sendall(b"".join([*lead, header, *parts]))  # one syscall; the copy is cheap
         return
-    sock.sendall(header)
+    sock.sendall(b"".join([*lead, header]))
     for part in parts:
         sock.sendall(part)  # no copy of a big payload
 

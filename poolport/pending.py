@@ -15,12 +15,13 @@ from .framing import Segment
 
 class Pending:
     """Items not yet sent: ``segment`` items from index ``pos`` on, the first numbered ``seq``;
-    ``strikes``: what the worker deaths they went through count against them (see ledger)."""
+    ``strikes``: what the worker deaths they went through count against them (see ledger);
+    ``since``: when they were admitted (0: not known, e.g. re-queued after a worker died)."""
 
-    __slots__ = ("segment", "pos", "seq", "strikes")
+    __slots__ = ("segment", "pos", "seq", "strikes", "since")
 
-    def __init__(self, segment: Segment, seq: int, pos: int = 0, strikes: int = 0) -> None:
-        self.segment, self.seq, self.pos, self.strikes = segment, seq, pos, strikes
+    def __init__(self, segment: Segment, seq: int, pos: int = 0, strikes: int = 0, since: float = 0.0) -> None:
+        self.segment, self.seq, self.pos, self.strikes, self.since = segment, seq, pos, strikes, since
 
     def __len__(self) -> int:
         return len(self.segment.bounds) - 1 - self.pos
@@ -53,6 +54,6 @@ def take_head(queue: deque[Pending], size: int) -> Pending:
         shift = bounds[-1] - nb[nxt.pos]
         bounds.extend([b + shift for b in nb[nxt.pos + 1 :]])
         parts.append(nxt.segment.data[nb[nxt.pos] : nb[-1]])
-    merged = Pending(Segment(b"".join(parts), bounds), head.seq, strikes=head.strikes)
+    merged = Pending(Segment(b"".join(parts), bounds), head.seq, strikes=head.strikes, since=head.since)
     queue.appendleft(merged)
     return merged

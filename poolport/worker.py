@@ -33,6 +33,7 @@ from .link import HEADER, SEQ, MessageReader, send_message, tune
 from .memory import keep_freed_memory
 from .progress import Counters, Progress
 from .spin import spin
+from .stats import CallRecorder
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
@@ -45,6 +46,7 @@ BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itsel
 _REPLY_PREFIX = {e: etf.encode((bert.REPLY, 0), atom_encoding=e)[:-2] for e in etf.ATOM_ENCODINGS}
 
 log = logging.getLogger("poolport.worker")
+_clock = time.perf_counter
 
 
 class _NoProgress:
@@ -145,6 +147,7 @@ class Worker:
         self._caller_ms: int | None = config.caller_timeout_ms or None
         self._next_timeout = self._caller_ms
         self.handlers = Handlers(config)
+        self.recorder = CallRecorder()  # per-function counts and handler times (poolport.stats)
         self.bare = config.protocol == "bare"
         info = dict(info or {}, worker_pid=os.getpid())
         self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
@@ -310,11 +313,14 @@ class Worker:
         return self.config.timeout_for(module, function, handler_ms)
 
     def _invoke(self, fn: Callable[..., Any], cast: bool, module: str, function: str, args: list[Any]) -> bytes:
-        """Call the handler and encode what comes of it."""
+        """Call the handler (timed, for poolport.stats) and encode what comes of it."""
+        began = _clock()
         try:
             result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt, SystemExit too: a handler's end
+            self.recorder.record(module, function, _clock() - began, True)
             return self._failure(exc, cast, module, function)
+        self.recorder.record(module, function, _clock() - began, False)
         if cast:
             return self._noreply
         if self.bare:
@@ -469,15 +475,50 @@ def import_handlers(config: Config) -> list[tuple[str, str]]:
     for module in config.modules:
         try:
             importlib.import_module(module)
-        except BaseException:  # noqa: BLE001 - SystemExit at import time too: report, go on
-            failed.append((module, traceback.format_exc()))
+        except BaseException as exc:  # noqa: BLE001 - SystemExit at import time too: report, go on
+            failed.append((module, _import_traceback(exc)))
     return failed
 
 
+def _import_traceback(exc: BaseException) -> str:
+    """The traceback of a failed import without the frames of importlib and poolport: what is
+    left is the user's code (and the syntax error's line)."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not (f.filename.startswith("<frozen importlib") or f.filename in (__file__, importlib.__file__))
+    ]
+    return "".join(
+        ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+        + traceback.format_exception_only(type(exc), exc)
+    )
+
+
+def probe_handlers(config: Config) -> str | None:
+    """Run in a fresh process before a reload touches any worker: import the handler modules
+    and run ``worker_init`` as a new worker will. ``None``, or what failed with its traceback."""
+    _isolate_stdout()
+    _limit_memory(config.max_worker_memory_mb)
+    problems = [f"cannot import allowlisted module {m!r}:\n{tb}" for m, tb in import_handlers(config)]
+    if config.worker_init and not problems:
+        try:
+            run_worker_init(config.worker_init, config.worker_init_args)
+        except BaseException:  # noqa: BLE001 - report whatever worker_init raises
+            problems.append(f"worker_init {config.worker_init!r} failed:\n{traceback.format_exc()}")
+    return "\n".join(problems) or None
+
+
 def worker_main(
-    address: str, progress_path: str, counters_path: str, slot: int, config: Config, info: dict[str, Any]
+    address: str,
+    progress_path: str,
+    counters_path: str,
+    slot: int,
+    config: Config,
+    info: dict[str, Any],
+    strict: bool = False,
 ) -> None:
-    """Entry point of a pool process (submitted once to its loky executor)."""
+    """Entry point of a pool process (submitted once to its loky executor). A ``strict`` worker
+    (one started by a reload) refuses to serve if a handler module does not import."""
     _isolate_stdout()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the dispatcher's to handle
     keep_freed_memory()
@@ -489,9 +530,11 @@ def worker_main(
         f"pid {os.getpid()}] %(levelname)s %(message)s",
     )
     worker = Worker(config, info, Progress(progress_path), Counters(counters_path))
+    init_failed = False
     for module, error in import_handlers(config):  # warm up; failures are reported per call
         log.warning("cannot import allowlisted module %r: %s", module, error.splitlines()[-1])
-    init_failed = False  # -- worker_init (poolport.handler): once per worker, before serving
+        init_failed = strict
+    # -- worker_init (poolport.handler): once per worker, before serving
     if config.worker_init:
         try:
             run_worker_init(config.worker_init, config.worker_init_args)
@@ -503,11 +546,17 @@ def worker_main(
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(address)
         tune(sock)
-        if init_failed:  # hello with pid 0: the dispatcher stops `poolport serve` (exit status 3)
-            sock.sendall(HEADER.pack(slot, 0))
+        if init_failed:  # hello with pid 0: the dispatcher stops `poolport serve` (exit status 3),
+            sock.sendall(HEADER.pack(slot, 0))  # or fails the reload that started this worker
             os._exit(78)
         sock.sendall(HEADER.pack(slot, os.getpid()))
-        send = functools.partial(send_message, sock)
+        recorder = worker.recorder
+
+        def send(count: int, replies: list[bytes]) -> None:
+            """The replies, after the report counting their calls (so a reply is never out
+            before its call is counted)."""
+            send_message(sock, count, replies, recorder.take() if recorder else None)
+
         reader = MessageReader()
         poller = select.poll()
         poller.register(sock, select.POLLIN)

@@ -156,3 +156,17 @@ def test_serve_exits_at_start_with_a_message(tmp_path, content, flags, message):
     assert proc.returncode == 2
     assert proc.stdout == b""  # stdout is the port: never text
     assert message in proc.stderr.decode()
+
+
+def test_reload_config_applies_live_keys_and_names_the_others():
+    from poolport.config import LIVE_KEYS, WORKER_KEYS, apply_live
+
+    old = load_config(b"workers: 2\ntimeout_ms: 0\nmodules: [a]\n")
+    new = load_config(b"workers: 3\ntimeout_ms: 50\nmodules: [a, b]\npacket: 2\nlog_level: DEBUG\n")
+    config, applied, restart = apply_live(old, new)
+    assert sorted(applied) == ["log_level", "timeout_ms", "workers"]
+    assert sorted(restart) == ["modules", "packet"]
+    assert (config.workers, config.timeout_ms, config.log_level) == (3, 50, "DEBUG")
+    assert (config.modules, config.packet) == (["a"], 4)  # kept until a restart
+    assert apply_live(old, old) == (old, [], [])
+    assert WORKER_KEYS <= set(LIVE_KEYS) <= set(Config.__struct_fields__)

@@ -1,13 +1,15 @@
 """The ledger's promises, attacked by a model: fake workers take runs, answer them in chunks of
-any size, and die at any instant (running a call or between calls), in every order hypothesis
-finds. Whatever happens, every request gets exactly one reply, released in request order, no
-request is handed to workers more than MAX_STRIKES times, and nothing is held once all is done.
+any size, and die at any instant (running a call or between calls), and slots come and go
+(resize, reload), in every order hypothesis finds. Whatever happens, every request gets exactly
+one reply, released in request order, no request is handed to workers more than MAX_STRIKES
+times, and nothing is held once all is done.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -39,6 +41,30 @@ class LedgerMachine(RuleBasedStateMachine):
         self.out = bytearray()
         self.handed = Counter()  # seq -> times sent to a worker
         self.running_at_death: set[int] = set()
+        self.next_slot = SLOTS
+
+    def slot(self, pick: int) -> int:
+        ids = sorted(self.ledger.runs)
+        return ids[pick % len(ids)]
+
+    @rule()
+    def add_slot(self) -> None:
+        self.ledger.add_slot(self.next_slot)
+        assert not self.ledger.runs[self.next_slot] and self.ledger.sent[self.next_slot] == 0
+        self.next_slot += 1
+
+    @rule(pick=st.integers(0, 99))
+    def remove_slot(self, pick: int) -> None:
+        """A retired slot goes once it owes nothing; one that owes runs is refused."""
+        slot = self.slot(pick)
+        if len(self.ledger.runs) == 1:
+            return
+        if self.ledger.runs[slot]:
+            with pytest.raises(ValueError):
+                self.ledger.remove_slot(slot)
+        else:
+            self.ledger.remove_slot(slot)
+            assert slot not in self.ledger.runs and slot not in self.ledger.sent
 
     @rule(count=st.integers(1, 6))
     def admit(self, count: int) -> None:
@@ -49,8 +75,9 @@ class LedgerMachine(RuleBasedStateMachine):
         seq = self.ledger.next_seq
         assert self.ledger.answer_now(b"o%d;" % seq) == seq
 
-    @rule(slot=st.integers(0, SLOTS - 1), size=st.integers(1, 8), max_bytes=st.integers(1, 64), strict=st.booleans())
-    def take_run(self, slot: int, size: int, max_bytes: int, strict: bool) -> None:
+    @rule(pick=st.integers(0, 99), size=st.integers(1, 8), max_bytes=st.integers(1, 64), strict=st.booleans())
+    def take_run(self, pick: int, size: int, max_bytes: int, strict: bool) -> None:
+        slot = self.slot(pick)
         if len(self.ledger.runs[slot]) >= 2:
             return
         run = self.ledger.take_run(slot, size, max_bytes, 0.0, strict)
@@ -64,8 +91,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.handed[seq] <= MAX_STRIKES, f"request {seq} handed out {self.handed[seq]} times"
             assert self.ledger.index_of(slot, run.base + seq - run.start) == seq
 
-    @rule(slot=st.integers(0, SLOTS - 1), data=st.data())
-    def answer(self, slot: int, data: st.DataObject) -> None:
+    @rule(pick=st.integers(0, 99), data=st.data())
+    def answer(self, pick: int, data: st.DataObject) -> None:
+        slot = self.slot(pick)
         runs = self.ledger.runs[slot]
         if not runs:
             return
@@ -74,8 +102,9 @@ class LedgerMachine(RuleBasedStateMachine):
         seqs = requests_of(run)[run.done : run.done + count]
         self.ledger.answered(slot, count, b"".join(b"r%d;" % s for s in seqs))
 
-    @rule(slot=st.integers(0, SLOTS - 1), while_running=st.booleans())
-    def die(self, slot: int, while_running: bool) -> None:
+    @rule(pick=st.integers(0, 99), while_running=st.booleans())
+    def die(self, pick: int, while_running: bool) -> None:
+        slot = self.slot(pick)
         runs = self.ledger.runs[slot]
         running = None
         if while_running and runs:  # the call it was running: the first one not answered
@@ -103,20 +132,20 @@ class LedgerMachine(RuleBasedStateMachine):
     def every_request_is_in_exactly_one_place(self) -> None:
         ledger = self.ledger
         queued = sum(len(p) for p in ledger.pending)
-        in_runs = sum(r.count - r.done for runs in ledger.runs for r in runs)
+        in_runs = sum(r.count - r.done for runs in ledger.runs.values() for r in runs)
         answered = sum(count for count, _ in ledger.reorder._chunks.values())
         assert queued == ledger.queued
         assert queued + in_runs + answered == ledger.in_flight
         assert ledger.queued_bytes == sum(p.segment.bounds[-1] - p.segment.bounds[p.pos] for p in ledger.pending)
-        assert ledger.run_bytes == sum(r.size for runs in ledger.runs for r in runs)
+        assert ledger.run_bytes == sum(r.size for runs in ledger.runs.values() for r in runs)
         assert ledger.reply_bytes == sum(len(d) for _, d in ledger.reorder._chunks.values())
 
     @rule()
     def drain(self) -> None:
         """Healthy workers finish everything: all admitted requests are answered, nothing held."""
         ledger = self.ledger
-        while ledger.pending or any(ledger.runs):
-            for slot in range(SLOTS):
+        while ledger.pending or any(ledger.runs.values()):
+            for slot in list(ledger.runs):
                 if ledger.pending and len(ledger.runs[slot]) < 2:
                     ledger.take_run(slot, 4, 1 << 20, 0.0)
                 if ledger.runs[slot]:
@@ -204,3 +233,30 @@ def test_holds_head_names_the_worker_owing_the_next_reply():
     assert ledger.release() == []  # held behind the slow call
     ledger.answered(0, 1, b"r0;")
     assert b"".join(ledger.release()) == b"r0;r1;r2;r3;"
+
+
+def test_a_slot_is_added_empty_and_removed_only_once_it_owes_nothing():
+    ledger = Ledger(1)
+    ledger.add_slot(7)
+    with pytest.raises(ValueError):
+        ledger.add_slot(7)
+    ledger.admit(segment(0, 3))
+    run = ledger.take_run(7, 3, 1 << 20, 0.0)
+    assert run is not None and run.count == 3
+    with pytest.raises(ValueError, match="owes 1 run"):
+        ledger.remove_slot(7)
+    assert ledger.item(7, 1) == frame(b"q1")
+    ledger.answered(7, 3, b"r0;r1;r2;")
+    ledger.remove_slot(7)
+    assert list(ledger.runs) == [0] and list(ledger.sent) == [0]
+    assert ledger.release() == [b"r0;r1;r2;"]
+
+
+def test_a_run_knows_how_long_its_first_request_waited():
+    ledger = Ledger(1)
+    ledger.admit(segment(0, 2), now=10.0)
+    ledger.admit(segment(2, 1), now=11.0)
+    run = ledger.take_run(0, 3, 1 << 20, 12.5)
+    assert run is not None and run.count == 3 and run.waited == 2.5  # merged: the oldest counts
+    ledger.lost(0, None, blame)  # re-queued: how long it waited before is not known any more
+    assert ledger.take_run(0, 3, 1 << 20, 20.0).waited == 0.0

@@ -34,6 +34,11 @@
 -export([cast/4]).
 -export([info/1]).
 -export([members/1]).
+-export([reload/1]).
+-export([reload/2]).
+-export([resize/2]).
+-export([reload_config/1]).
+-export([reload_config/2]).
 -export([stop/1]).
 
 -type opts() :: #{
@@ -307,6 +312,17 @@ cast(Pool, Module, Function, Args) ->
 %% `members' lists `#{pool, node, workers, in_flight, calls, status}' for
 %% each member (asked from all at once, 5 s at most; one that did not answer
 %% has `status => {error, Reason}'), and `workers' and `in_flight' are sums.
+%%
+%% Python's statistics, since Python (re)started: `functions' is
+%% `#{{Module, Function} => #{calls, errors, timeouts, crashes, p50_us,
+%% p99_us, max_us}}' (latency measured in the worker around the handler, in
+%% fixed buckets at most 25 % wide: a percentile is its bucket's upper bound),
+%% `queue_depth' (requests waiting for a worker), `queue_wait' (`#{p50_us,
+%% p99_us, max_us}' from a request's arrival in Python to a worker),
+%% `worker_restarts' (`#{crash, timeout, memory, reload}') and `reloads'.
+%% Python is asked for them first, for at most 1 s: its answer takes its
+%% turn in reply order, behind calls still running. If it does not come in
+%% time the latest ones are shown; `stats_age_ms' says how old they are.
 -spec info(target()) -> map() | {error, absent() | timeout}.
 info({group, Group}) when is_atom(Group) ->
     ensure_started(),
@@ -319,6 +335,63 @@ info(Pool) ->
 members(Group) when is_atom(Group) ->
     ensure_started(),
     poolport_group:members(Group).
+
+%% @doc {@link reload/2} with a timeout of 5 minutes.
+-spec reload(pool()) -> ok | {error, poolport_ops:failure()}.
+reload(Pool) ->
+    reload(Pool, 300000).
+
+%% @doc Reload the Python code of a running pool without failing a call.
+%%
+%% A new process first imports the handler modules and runs `worker_init';
+%% if that fails, nothing else changes and the result is
+%% `{error, {reload_failed, Text}}', `Text' holding the Python traceback.
+%% Then the workers are replaced one at a time: a new worker starts (and
+%% imports the code afresh), then an old one gets no new calls and ends once
+%% it has answered those it has. Calls keep flowing all along. `ok' means
+%% every call sent from then on runs the new code. Waits at most `Timeout'
+%% ms (`{error, timeout}'; the reload itself goes on). `SIGHUP' to
+%% `poolport serve' and `reload: {watch: true}' in the YAML do the same.
+-spec reload(pool(), timeout()) -> ok | {error, poolport_ops:failure()}.
+reload(Pool, Timeout)
+  when Timeout =:= infinity; is_integer(Timeout), Timeout >= 0 ->
+    poolport_ops:reload(Pool, Timeout);
+reload(Pool, Timeout) ->
+    erlang:error(badarg, [Pool, Timeout]).
+
+%% @doc Change the number of Python workers of a running pool.
+%%
+%% Growing starts the new workers at once; shrinking gives the workers that
+%% go no new calls and lets them finish those they have. {@link info/1}
+%% shows the new count at once. `N' from 1 to 1024.
+-spec resize(pool(), pos_integer()) -> ok | {error, poolport_ops:failure()}.
+resize(Pool, N) when is_integer(N), N >= 1, N =< 1024 ->
+    poolport_ops:resize(Pool, N);
+resize(Pool, N) ->
+    erlang:error(badarg, [Pool, N]).
+
+%% @doc {@link reload_config/2} with a timeout of 5 minutes.
+-spec reload_config(pool()) ->
+          {ok, #{applied := [atom()], needs_restart := [atom()]}} | {error, poolport_ops:failure()}.
+reload_config(Pool) ->
+    reload_config(Pool, 300000).
+
+%% @doc Read the pool's YAML again and apply what can change live.
+%%
+%% `applied' lists the keys that changed and now apply: `workers' (a
+%% {@link resize/2}), the timeouts, the limits, `log_level' and `reload';
+%% when one that workers read at start changed (timeouts, term limits,
+%% `log_level', ...) the workers are reloaded as by {@link reload/2}, and
+%% this returns once they are. `needs_restart' lists the keys that changed
+%% but take a restart of the pool (`modules', `packet', `worker_init', ...).
+%% A file that does not validate changes nothing: `{error, {config, Text}}'.
+-spec reload_config(pool(), timeout()) ->
+          {ok, #{applied := [atom()], needs_restart := [atom()]}} | {error, poolport_ops:failure()}.
+reload_config(Pool, Timeout)
+  when Timeout =:= infinity; is_integer(Timeout), Timeout >= 0 ->
+    poolport_ops:reload_config(Pool, Timeout);
+reload_config(Pool, Timeout) ->
+    erlang:error(badarg, [Pool, Timeout]).
 
 %% @doc Stop a pool: close the port and wait until the Python process exited.
 %%

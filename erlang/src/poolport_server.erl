@@ -27,6 +27,9 @@
 %% <li>`cast': the reply is `{noreply}' (or an error, which is logged).</li>
 %% <li>`sys_info': the pool's own `'$poolport':info()' call, sent after
 %%   each (re)opening of the port.</li>
+%% <li>`{sys_call, From, Function}': a `'$poolport':Function(...)' operation
+%%   ({@link sys_call/4}: statistics, resize, reload); not counted as a call.
+%%   The latest `stats' answer is kept for {@link poolport:info/1}.</li>
 %% </ul>
 %%
 %% <b>Tagged replies.</b> FIFO order alone cannot tell when the reply stream
@@ -64,6 +67,7 @@
 -export([member_call/3]).
 -export([cast/2]).
 -export([info/1]).
+-export([sys_call/4]).
 -export([clamp_timeout/1]).
 -ifdef(TEST).
 -export([gave_up_count/1]).
@@ -88,13 +92,16 @@
 -define(MAX_TIMEOUT, 4294967295).
 %% How long info/1 waits for the pool (gen_server:call/2's default).
 -define(INFO_TIMEOUT, 5000).
+%% How long info/1 waits for Python's fresh statistics before it shows the
+%% latest it has (a long call ahead of the request in reply order holds it up).
+-define(STATS_WAIT, 1000).
 %% First reopen delay after the Python process died, doubled on each
 %% further death within the restart period.
 -define(BACKOFF_MIN, 100).
 %% Ceiling of the reopen delay.
 -define(BACKOFF_MAX, 5000).
 
--type entry() :: {call, reference(), pid()} | cast | sys_info.
+-type entry() :: {call, reference(), pid()} | cast | sys_info | {sys_call, gen_server:from(), atom()}.
 
 -record(state, {
     cfg :: poolport_opts:cfg(),
@@ -128,7 +135,11 @@
     restarts = 0 :: non_neg_integer(),
     misaligned = 0 :: non_neg_integer(),
     %% In the pg group of the `group' option (see poolport_group).
-    joined = false :: boolean()
+    joined = false :: boolean(),
+    %% Python's latest answer to '$poolport':stats(), and when it came
+    %% (monotonic ms).
+    stats = #{} :: map(),
+    stats_at :: integer() | undefined
 }).
 
 -type state() :: #state{}.
@@ -245,11 +256,25 @@ server_call(Pool, Message, Timeout) ->
 cast(Pool, Request) ->
     gen_server:cast(Pool, {cast, Request}).
 
-%% @doc The pool's counters; `{error, noproc | {nodedown, Node} | timeout}'
-%% if there is no pool or it did not answer within 5 s.
+%% @doc The pool's counters and Python's statistics;
+%% `{error, noproc | {nodedown, Node} | timeout}' if there is no pool or it
+%% did not answer within 5 s.
+%%
+%% Python is asked for fresh statistics first (at most 1 s: its
+%% answer takes its turn in reply order, behind the calls sent before it);
+%% if they do not come in time, the latest the pool has are shown, and
+%% `stats_age_ms' says how old they are.
 -spec info(poolport:pool()) -> map() | {error, noproc | {nodedown, node()} | timeout}.
 info(Pool) ->
+    _ = sys_call(Pool, stats, [], ?STATS_WAIT),
     server_call(Pool, info, ?INFO_TIMEOUT).
+
+%% @doc Call `'$poolport':Function(Args...)', one of the operations Python's
+%% dispatcher answers itself (see the README's protocol section). Not counted
+%% in `calls'; `{error, port_closed}' while Python is restarting.
+-spec sys_call(poolport:pool(), atom(), list(), timeout()) -> {ok, term()} | {error, term()}.
+sys_call(Pool, Function, Args, Timeout) ->
+    server_call(Pool, {sys_call, Function, poolport_wire:encode_call('$poolport', Function, Args)}, Timeout).
 
 %% @doc A valid call timeout, clamped to the largest timer value.
 %%
@@ -293,6 +318,13 @@ init(Cfg) ->
     {reply, term(), state()} | {noreply, state()}.
 handle_call(info, _From, State) ->
     {reply, info_map(State), State};
+handle_call({sys_call, _Function, _Request}, _From, #state{port = undefined} = State) ->
+    {reply, {error, port_closed}, State};
+handle_call({sys_call, Function, Request}, From, #state{port = Port} = State) ->
+    case write(Port, [Request]) of
+        ok -> {noreply, enqueue({sys_call, From, Function}, State)};
+        error -> {reply, {error, port_closed}, State}
+    end;
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -316,6 +348,9 @@ handle_cast({cast, Request}, State0) ->
             ?LOG_WARNING("poolport ~p: cast not sent: ~p", [pool_id(State), Failed]),
             {noreply, count_error(State)}
     end;
+handle_cast({workers, N}, State) when is_integer(N), N >= 0 ->
+    %% A resize: the count the group's load publication reads at once.
+    {noreply, State#state{workers = N}};
 handle_cast(_Request, State) ->
     {noreply, State}.
 
@@ -349,6 +384,7 @@ terminate(_Reason, State0) ->
     ok = poolport_events:detach(self(), maps:get(name, State0#state.cfg)),
     State = leave_group(State0),
     cancel_timer(State#state.reopen_timer),
+    ok = fail_sys_calls(port_closed, State#state.queue),
     _ = fail_pending(State),
     case State#state.port of
         undefined -> ok;
@@ -525,11 +561,12 @@ misaligned(#{why := What, expected := Expected, got := Got} = Why,
           {noreply, state()} | {stop, term(), state()}.
 restart(Why, Error, #state{cfg = Cfg} = State0) ->
     #{max_restarts := MaxRestarts, restart_period := Period} = Cfg,
+    ok = fail_sys_calls(Error, State0#state.queue),
     State1 = fail_pending(Error, leave_group(State0)),
     Now = erlang:monotonic_time(millisecond),
     Deaths = recent([Now | State1#state.deaths], Now, Period * 1000),
     State = State1#state{port = undefined, os_pid = undefined, queue = queue:new(), seq = 0,
-                         deaths = Deaths},
+                         deaths = Deaths, stats = #{}, stats_at = undefined},
     case length(Deaths) > MaxRestarts of
         true ->
             ?LOG_ERROR("poolport ~p: Python ~s (~p), more than ~b times in ~b s; giving up",
@@ -645,7 +682,7 @@ deliver({call, _, _} = Entry, Reply, Queue, State) ->
 deliver(Entry, Reply, Queue, State) ->
     deliver(Entry, Reply, State#state{queue = Queue}).
 
--spec deliver(cast | sys_info, poolport_wire:reply(), state()) -> state().
+-spec deliver(cast | sys_info | {sys_call, gen_server:from(), atom()}, poolport_wire:reply(), state()) -> state().
 deliver(cast, noreply, State) ->
     State;
 deliver(cast, Reply, State) ->
@@ -657,6 +694,15 @@ deliver(sys_info, {reply, #{} = Info}, State) ->
                   _ -> undefined
               end,
     join_group(State#state{workers = Workers, server = Info});
+deliver({sys_call, From, Function}, Reply, State) ->
+    gen_server:reply(From, poolport_wire:call_result(Reply)),
+    case {Function, Reply} of
+        {stats, {reply, #{workers := Workers} = Stats}} when is_integer(Workers) ->
+            State#state{stats = Stats, stats_at = erlang:monotonic_time(millisecond),
+                        workers = Workers};
+        _ ->
+            State
+    end;
 deliver(sys_info, Reply, State) ->
     ?LOG_INFO("poolport ~p: '$poolport':info() answered ~0P", [pool_id(State), Reply, 30]),
     join_group(State).
@@ -697,6 +743,13 @@ fail_pending(Error, #state{queue = Queue, gave_up = GaveUp} = State) ->
     State#state{calls_queued = 0, gave_up = #{}, gave_up_at = queue:new(),
                 errors = State#state.errors + length(Waiting)}.
 
+%% Reply {error, Error} to the operations still waiting in the queue.
+-spec fail_sys_calls(port_closed | misaligned, queue:queue({poolport_wire:seq(), entry()})) -> ok.
+fail_sys_calls(Error, Queue) ->
+    lists:foreach(fun({_, {sys_call, From, _}}) -> gen_server:reply(From, {error, Error});
+                     (_) -> ok
+                  end, queue:to_list(Queue)).
+
 -spec count_error(state()) -> state().
 count_error(State) ->
     State#state{errors = State#state.errors + 1}.
@@ -732,7 +785,17 @@ info_map(#state{cfg = Cfg} = State) ->
       python => maps:get(python, Cfg),
       config => maps:get(config, Cfg),
       group => maps:get(group, Cfg),
-      server => State#state.server}.
+      server => State#state.server,
+      functions => maps:get(functions, State#state.stats, #{}),
+      queue_depth => maps:get(queue_depth, State#state.stats, 0),
+      queue_wait => maps:get(queue_wait, State#state.stats, #{p50_us => 0, p99_us => 0, max_us => 0}),
+      worker_restarts => maps:get(worker_restarts, State#state.stats,
+                                  #{crash => 0, timeout => 0, memory => 0, reload => 0}),
+      reloads => maps:get(reloads, State#state.stats, 0),
+      stats_age_ms => case State#state.stats_at of
+                          undefined -> undefined;
+                          At -> erlang:monotonic_time(millisecond) - At
+                      end}.
 
 -spec pool_id(state()) -> atom() | pid().
 pool_id(#state{cfg = #{name := undefined}}) -> self();

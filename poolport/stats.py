@@ -1,0 +1,257 @@
+"""Per-function call statistics in fixed buckets: recorded in workers, summed in the dispatcher.
+
+A worker times each handler call and keeps, per ``(module, function)``, the
+calls, the errors and a histogram of bucket counts since its last report
+(:class:`CallRecorder`). It sends that report on the link just before the
+chunk of replies it covers, so by the time a reply reaches the port its call
+is already counted: counts read through ``'$poolport':stats()`` are exact.
+The dispatcher adds the reports up (:class:`StatsTable`) and counts what no
+worker can report itself: the calls that crashed their worker or ran past
+their timeout.
+
+Histograms are four buckets per power of two of microseconds, splitting each
+doubling in four equal parts (a bucket is at most 25 % wide), so a percentile
+costs a fixed array, never a list of calls, and finding a bucket costs a few
+integer operations (no logarithm) in the worker.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import msgspec
+
+from . import bert
+from .framing import HEADERS
+from .terms import Atom
+
+PER_OCTAVE = 4  # buckets per doubling of the latency
+BUCKETS = PER_OCTAVE * 42 + 1  # bucket 0 is < 1 µs; the last one holds everything from ~50 days on
+MAX_FUNCTIONS = 10_000  # functions tracked; calls to more are counted under OTHER
+OTHER = ("$poolport", "other")
+HEAD_BYTES = 1024  # read of a request to find its module and function (atoms are at most 1020 bytes)
+
+
+def bucket(us: float) -> int:
+    """The bucket of a latency in µs: 0 below 1 µs, then four per doubling: ``n`` in
+    ``[2**o * (4 + k) / 4, 2**o * (5 + k) / 4)`` is bucket ``4 * o + k + 1``."""
+    n = int(us)
+    if n < 1:
+        return 0
+    bits = n.bit_length()  # n is in [2**(bits - 1), 2**bits)
+    quarter = (n >> (bits - 3) if bits >= 3 else n << (3 - bits)) & 3
+    return min(BUCKETS - 1, (bits - 1) * PER_OCTAVE + quarter + 1)
+
+
+def upper_us(index: int) -> int:
+    """The upper bound of a bucket in whole µs (what a percentile in it reports)."""
+    if index <= 0:
+        return 1
+    octave, quarter = divmod(index - 1, PER_OCTAVE)
+    return int(math.ceil(2**octave * (5 + quarter) / 4))
+
+
+class Histogram:
+    """Counts per fixed bucket, the exact maximum, and percentiles read from the buckets."""
+
+    __slots__ = ("counts", "total", "max_us")
+
+    def __init__(self) -> None:
+        self.counts = [0] * BUCKETS
+        self.total = 0
+        self.max_us = 0
+
+    def add(self, us: float, n: int = 1) -> None:
+        self.add_bucket(bucket(us), n, int(us))
+
+    def add_bucket(self, index: int, n: int, max_us: int = 0) -> None:
+        self.counts[min(max(index, 0), BUCKETS - 1)] += n
+        self.total += n
+        self.max_us = max(self.max_us, max_us)
+
+    def percentile(self, q: float) -> int:
+        """The upper bound of the bucket holding the ``q``-quantile (never above the maximum);
+        0 while empty."""
+        if not self.total:
+            return 0
+        rank = max(1, math.ceil(q * self.total))
+        seen = 0
+        for index, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                return min(upper_us(index), self.max_us) if self.max_us else upper_us(index)
+        return self.max_us  # not reached
+
+    def summary(self) -> dict[Atom, int]:
+        return {
+            Atom("p50_us"): self.percentile(0.5),
+            Atom("p99_us"): self.percentile(0.99),
+            Atom("max_us"): self.max_us,
+        }
+
+
+# -- worker side
+
+
+class CallRecorder:
+    """What a worker counted since its last report: ``(module, function) -> [calls, errors,
+    max_us, {bucket: n}]``. Cheap per call: a dict lookup and a logarithm."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, str], list[Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def record(self, module: str, function: str, seconds: float, error: bool) -> None:
+        entry = self._pending.get((module, function))
+        if entry is None:
+            entry = self._pending[(module, function)] = [0, 0, 0, {}]
+        n = int(seconds * 1e6)
+        entry[0] += 1
+        if error:
+            entry[1] += 1
+        if n > entry[2]:
+            entry[2] = n
+        if n < 1:
+            index = 0
+        else:  # bucket(n), inlined: this runs once per call (the table clamps the index)
+            bits = n.bit_length()
+            index = (bits - 1) * PER_OCTAVE + ((n >> (bits - 3) if bits >= 3 else n << (3 - bits)) & 3) + 1
+        histogram = entry[3]
+        histogram[index] = histogram.get(index, 0) + 1
+
+    def take(self) -> bytes:
+        """The report (msgpack) of everything recorded since the last one; empties the recorder."""
+        report = [(m, f, *counts) for (m, f), counts in self._pending.items()]
+        self._pending = {}
+        return _encoder.encode(report)
+
+
+Report = list[tuple[str, str, int, int, int, dict[int, int]]]
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Report)
+
+
+# -- dispatcher side
+
+
+class FunctionStats:
+    __slots__ = ("calls", "errors", "timeouts", "crashes", "latency")
+
+    def __init__(self) -> None:
+        self.calls = self.errors = self.timeouts = self.crashes = 0
+        self.latency = Histogram()
+
+
+class StatsTable:
+    """Pool-wide statistics per function, summed from the workers' reports."""
+
+    def __init__(self) -> None:
+        self.functions: dict[tuple[str, str], FunctionStats] = {}
+        self.queue_wait = Histogram()  # from admission to being sent to a worker
+
+    def _entry(self, key: tuple[str, str]) -> FunctionStats:
+        entry = self.functions.get(key)
+        if entry is None:
+            if len(self.functions) >= MAX_FUNCTIONS:
+                key = OTHER
+                entry = self.functions.get(key)
+            if entry is None:
+                entry = self.functions[key] = FunctionStats()
+        return entry
+
+    def merge(self, report: bytes) -> None:
+        """Add a worker's report; raises ``ValueError`` if it is not one."""
+        try:
+            rows = _decoder.decode(report)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"not a statistics report: {exc}") from None
+        for module, function, calls, errors, max_us, hist in rows:
+            entry = self._entry((module, function))
+            entry.calls += calls
+            entry.errors += errors
+            latency = entry.latency
+            for index, n in hist.items():
+                latency.add_bucket(index, n)
+            latency.max_us = max(latency.max_us, max_us)
+
+    def failed(self, key: tuple[str, str], timeout: bool) -> None:
+        """A call the worker could not report: it ran past its timeout, or its worker died."""
+        entry = self._entry(key)
+        entry.calls += 1
+        if timeout:
+            entry.timeouts += 1
+        else:
+            entry.crashes += 1
+
+    def functions_term(self) -> dict[tuple[Atom, Atom], dict[Atom, int]]:
+        """``#{{Module, Function} => #{calls, errors, timeouts, crashes, p50_us, p99_us, max_us}}``."""
+        out = {}
+        for (module, function), s in self.functions.items():
+            out[(Atom(module), Atom(function))] = {
+                Atom("calls"): s.calls,
+                Atom("errors"): s.errors,
+                Atom("timeouts"): s.timeouts,
+                Atom("crashes"): s.crashes,
+                **s.latency.summary(),
+            }
+        return out
+
+
+# -- which function a request calls (for a call the worker could not report)
+
+
+def request_name(data: bytes, packet: int, begin: int = 0, stop: int | None = None) -> tuple[str, str] | None:
+    """``(module, function)`` of the ``{call|cast, M, F, Args}`` in the item ``data[begin:stop]``
+    (its frames with their headers; ``{info, ...}`` frames first), read from the head bytes
+    only (nothing big is copied); ``None`` if it is not such a request."""
+    header = HEADERS[packet]
+    stop = len(data) if stop is None else stop
+    pos, last = begin, None
+    while pos + packet <= stop:
+        start = pos + packet
+        pos = start + header.unpack_from(data, pos)[0]
+        if not bert.is_info(data, start, pos):
+            last = (start, min(pos, stop))
+    if last is None:
+        return None
+    start, end = last
+    head = data[start : min(end, start + HEAD_BYTES)]
+    if head[:2] == b"\x83P" and len(head) > 6:  # compressed: inflate just the head
+        try:
+            stream = data[start + 6 : min(end, start + 6 + 64 * HEAD_BYTES)]
+            head = b"\x83" + zlib.decompressobj().decompress(stream, HEAD_BYTES)
+        except zlib.error:
+            return None
+    if head[1:3] != b"h\x04":
+        return None
+    atoms = _atoms(head, 3, 3)
+    if atoms is None or atoms[0] not in ("call", "cast"):
+        return None
+    return atoms[1], atoms[2]
+
+
+def _atoms(data: bytes, pos: int, count: int) -> list[str] | None:
+    """``count`` atoms in a row from ``pos``, or ``None`` if something else is there."""
+    out = []
+    for _ in range(count):
+        if pos + 2 > len(data):
+            return None
+        tag = data[pos]
+        if tag in (115, 119):  # SMALL_ATOM, SMALL_ATOM_UTF8
+            size, pos = data[pos + 1], pos + 2
+        elif tag in (100, 118) and pos + 3 <= len(data):  # ATOM, ATOM_UTF8
+            size, pos = data[pos + 1] << 8 | data[pos + 2], pos + 3
+        else:
+            return None
+        if pos + size > len(data):
+            return None
+        raw = data[pos : pos + size]
+        out.append(raw.decode("utf-8" if tag in (118, 119) else "latin-1", errors="replace"))
+        pos += size
+    return out
