@@ -55,12 +55,24 @@ import loky
 
 from . import bert, etf
 from .config import Config
-from .framing import MAX_ATTACHED, FrameBuffer, Oversized, frame
+from .framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
 from .ledger import Ledger, Run
 from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
 from .progress import Counters, Progress
 from .spin import spin
+from .stream_worker import start_reply
+from .streams import (
+    CONTROL,
+    FAIL,
+    STREAM_HEAD,
+    Held,
+    is_control,
+    is_stream_request,
+    item_kinds,
+    may_hold_streams,
+    parse_control,
+)
 from .worker import worker_main
 
 log = logging.getLogger("poolport")
@@ -140,6 +152,8 @@ class Slot:
         "heard",
         "stall_mark",
         "stall_since",
+        "stream",
+        "stream_open",
     )
 
     def __init__(self, index: int, progress_path: str) -> None:
@@ -163,6 +177,8 @@ class Slot:
         self.heard = 0  # reads that brought data from the worker
         self.stall_mark: tuple[int, ...] | None = None  # see Dispatcher._check_stall
         self.stall_since = 0.0  # ... since then
+        self.stream: int | None = None  # the stream request it was sent: it gets nothing else meanwhile
+        self.stream_open = False  # ... whose start reply came: its items follow, outside the reply order
 
     @property
     def ready(self) -> bool:
@@ -224,6 +240,9 @@ class Dispatcher:
         self.stdout_watched = False
         self.spin_s = config.idle_spin_us / 1e6
         self.stats = dict.fromkeys(("loops", "reads", "runs", "run_items", "chunks"), 0)  # for DEBUG
+        self.held = Held()  # stream frames waiting for their stream's start reply to be released
+        self.streaming: dict[int, Slot] = {}  # stream id -> the slot serving it
+        self._find_stream = None if self.bare else functools.partial(_find_stream, config.packet)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,7 +312,7 @@ class Dispatcher:
         ledger = self.ledger
         if ledger.in_flight >= self.config.max_in_flight:
             return False
-        held = ledger.held_bytes + self.stdout.size
+        held = ledger.held_bytes + self.stdout.size + self.held.size
         return held + self.frames.held < self.config.max_in_flight_bytes or (held == 0 and ledger.in_flight == 0)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -368,8 +387,14 @@ class Dispatcher:
                         ),
                     )
                 )
-            else:
+            elif self._find_stream is None or not may_hold_streams(
+                segment.data,  # type: ignore[union-attr]
+                segment.bounds[0],  # type: ignore[union-attr]
+                segment.bounds[-1],  # type: ignore[union-attr]
+            ):
                 self.ledger.admit(segment)  # type: ignore[arg-type]
+            else:
+                self._admit_with_controls(segment)  # type: ignore[arg-type]
         if self.frames.dropped != self.info_dropped and time.monotonic() - self.info_logged_at > 1.0:
             log.warning(
                 "dropped %d bytes of {info, ...} packets: more than %d KiB of them waited for "
@@ -378,6 +403,32 @@ class Dispatcher:
                 MAX_ATTACHED >> 10,
             )
             self.info_dropped, self.info_logged_at = self.frames.dropped, time.monotonic()
+
+    def _admit_with_controls(self, segment: Segment) -> None:
+        """Admit a segment's requests; its stream control frames (credit, cancel) are no
+        requests: they go to the worker serving their stream, and take no sequence number."""
+        data, bounds, packet = segment.data, segment.bounds, self.packet
+        controls = item_kinds(data, bounds, 0, len(bounds) - 1, packet, is_control)
+        first = 0
+        for k in controls + [len(bounds) - 1]:
+            if k > first:
+                self.ledger.admit(Segment(data, bounds[first : k + 1]))
+            first = k + 1
+        for k in controls:
+            end = bounds[k + 1]
+            start = bounds[k]
+            while start + packet + int.from_bytes(data[start : start + packet], "big") < end:
+                start += packet + int.from_bytes(data[start : start + packet], "big")  # past info frames
+            try:
+                control = parse_control(etf.decode(data[start + packet : end], max_depth=2, max_elements=8))
+            except Exception:  # noqa: BLE001 - not a term after all: ignored like an unknown info packet
+                control = None
+            slot = self.streaming.get(control[0]) if control is not None else None
+            if control is None or slot is None or not slot.stream_open or slot.sock is None:
+                log.debug("stream control frame for no open stream ignored: %r", control)
+                continue
+            slot.outbox.push(HEADER.pack(CONTROL.size, 0) + CONTROL.pack(*control))
+            self._flush_slot(slot)
 
     def _reply_frame(self, seq: int, term: Any) -> bytes:
         """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""
@@ -390,6 +441,12 @@ class Dispatcher:
 
     def _release(self) -> None:
         ready = self.ledger.release()
+        if self.held:
+            ready += self.held.ready(self.ledger.reorder.next_seq)
+        self._emit(ready)
+
+    def _emit(self, ready: list[Any]) -> None:
+        """Write frames to stdout, after those already waiting."""
         if not ready:
             return
         if len(ready) == 1:  # the usual case: one chunk
@@ -431,7 +488,7 @@ class Dispatcher:
         ranked = sorted(
             (_load(s, ledger, now), s.index)
             for s in self.slots
-            if s.sock is not None and s.killed is None and len(runs[s.index]) < MAX_QUEUED_RUNS
+            if s.sock is not None and s.killed is None and len(runs[s.index]) < MAX_QUEUED_RUNS and s.stream is None
         )
         if not ranked:
             return
@@ -444,8 +501,13 @@ class Dispatcher:
                 break
             if busy and not pipeline:
                 continue
-            run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy)
+            run = ledger.take_run(
+                index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy, find_stream=self._find_stream
+            )
             if run is not None:
+                if run.stream:
+                    self.slots[index].stream = run.start
+                    self.streaming[run.start] = self.slots[index]
                 self._send_run(self.slots[index], run)
 
     def _send_run(self, slot: Slot, run: Run) -> None:
@@ -584,6 +646,9 @@ class Dispatcher:
 
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         self.stats["chunks"] += 1
+        if count == 0:
+            self._on_stream_message(slot, data)
+            return
         try:
             run = self.ledger.answered(slot.index, count, data)
         except ValueError as exc:  # a worker that breaks the link protocol is replaced
@@ -592,12 +657,51 @@ class Dispatcher:
             self._link_lost(slot, "link protocol violation")
             return
         slot.failures = 0
+        if run is not None and run.stream:
+            expected = start_reply(run.start, self.config.atom_encoding)
+            if (
+                len(data) == self.packet + (SEQ.size if self.config.reply_tags else 0) + len(expected)
+                and bytes(data[-len(expected) :]) == expected
+            ):
+                slot.stream_open = True  # the stream's items follow
+            else:
+                self._stream_over(slot)  # it did not start: its reply says why
         if run is not None:
             now = time.monotonic()
             elapsed = now - max(run.sent_at, slot.idle_since)  # not the time spent queued behind a run
             slot.idle_since = now
             per_call = elapsed / run.count
             self.cost = per_call if self.cost <= 0 else (COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
+
+    def _on_stream_message(self, slot: Slot, data: Buffer) -> None:
+        """Frames of the stream this worker serves: out now if its start has left, else held."""
+        if len(data) < STREAM_HEAD.size:
+            sid, last = None, 0
+        else:
+            sid, last = STREAM_HEAD.unpack_from(data)
+        if sid is None or sid != slot.stream or not slot.stream_open:
+            log.error("worker %d (pid %d): a stream message for no stream it serves", slot.index, slot.pid)
+            self._kill(slot, "link protocol violation")
+            self._link_lost(slot, "link protocol violation")
+            return
+        frames = memoryview(data)[STREAM_HEAD.size :]
+        if len(frames):
+            self._stream_frames(sid, frames)
+        if last:
+            self._stream_over(slot)
+
+    def _stream_frames(self, sid: int, frames: Buffer) -> None:
+        if sid < self.ledger.reorder.next_seq and not self.held:
+            self._emit([frames])
+        else:
+            self.held.add(sid, frames)
+            self._release()
+
+    def _stream_over(self, slot: Slot) -> None:
+        """The slot's stream ended (or never started): the worker is free for runs again."""
+        if slot.stream is not None:
+            self.streaming.pop(slot.stream, None)
+        slot.stream, slot.stream_open = None, False
 
     def _chores(self, now: float) -> None:
         """Once per loop, one pass over the slots: timeouts, deaths to account, restarts due."""
@@ -609,7 +713,7 @@ class Dispatcher:
             self.stall_check_at = now + STALL_CHECK_S
         for slot in self.slots:
             if slot.sock is not None:
-                if slot.killed is None and runs[slot.index]:
+                if slot.killed is None and (runs[slot.index] or slot.stream_open):
                     if slot.progress.wake_at(now) <= now:  # type: ignore[union-attr]
                         self._check_timeout(slot, now)
                     elif watch:
@@ -624,6 +728,16 @@ class Dispatcher:
         if snap.running and snap.timeout_ms and now - snap.started_at > snap.timeout_ms / 1000:
             seq = self.ledger.index_of(slot.index, snap.started - 1)
             if seq is None:
+                if slot.stream_open and snap.started == self.ledger.sent[slot.index]:  # the stream's item
+                    log.warning(
+                        "stream #%d: an item took more than %d ms on worker %d (pid %d): replacing the worker",
+                        slot.stream,
+                        snap.timeout_ms,
+                        slot.index,
+                        slot.pid,
+                    )
+                    self._kill(slot, f"timeout of stream #{slot.stream}")
+                    self.counters.add("timeouts")
                 return
             log.warning(
                 "call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
@@ -670,7 +784,7 @@ class Dispatcher:
                 soonest = min(soonest, slot.restart_at)
             elif slot.dying_since:
                 soonest = min(soonest, slot.dying_since + DEATH_WAIT_S)
-            elif self.ledger.runs[slot.index] and slot.ready:
+            elif (self.ledger.runs[slot.index] or slot.stream_open) and slot.ready:
                 soonest = min(soonest, slot.progress.wake_at(now))  # type: ignore[union-attr]
         if self.hellos:
             soonest = min(soonest, min(h.since for h in self.hellos) + HELLO_WAIT_S)
@@ -718,6 +832,12 @@ class Dispatcher:
 
         served = self.ledger.sent[slot.index] > 0
         requeued = self.ledger.lost(slot.index, running, blame)
+        if slot.stream_open:  # its consumer learns it from the stream's last frame
+            sid = slot.stream
+            error = self._crash_error(slot, snap, reason, "stream")[1]
+            payload = etf.encode((FAIL, sid, error), atom_encoding=self.config.atom_encoding)
+            self._stream_frames(sid, frame(SEQ.pack(sid) + payload if self.config.reply_tags else payload, self.packet))  # type: ignore[arg-type]
+        self._stream_over(slot)
         self.counters.add("worker_deaths")
         self.counters.set("reruns", self.ledger.reruns)
         self.counters.set("abandoned", self.ledger.abandoned)
@@ -748,11 +868,12 @@ class Dispatcher:
             )
             return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed", detail, bare=self.bare)
         if slot.killed is not None and slot.killed.startswith("timeout") and snap is not None:
+            what = "a stream item took longer than" if why == "stream" else "call exceeded"
             return bert.error(
                 bert.SERVER,
                 bert.TIMEOUT,
                 "Timeout",
-                f"call exceeded its timeout of {snap.timeout_ms} ms; worker replaced",
+                f"{what} its timeout of {snap.timeout_ms} ms; worker replaced",
                 bare=self.bare,
             )
         return bert.error(
@@ -762,6 +883,14 @@ class Dispatcher:
             f"worker process {slot.pid} died during this call: {reason}",
             bare=self.bare,
         )
+
+
+def _find_stream(packet: int, data: bytes, bounds: list[int], i: int, j: int) -> int | None:
+    """The index of the first stream request among items ``i .. j - 1`` (``Ledger.take_run``)."""
+    if not may_hold_streams(data, bounds[i], bounds[j]):
+        return None
+    found = item_kinds(data, bounds, i, j, packet, is_stream_request)
+    return found[0] if found else None
 
 
 def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:
