@@ -51,6 +51,9 @@
 %% API.
 -export([start_link/1]).
 -export([call/3]).
+-export([stream/4]).
+-export([next/3]).
+-export([cancel/2]).
 -export([member_call/3]).
 -export([cast/2]).
 -export([info/1]).
@@ -113,10 +116,10 @@
 }.
 %% Validated, normalised options (see {@link poolport:opts()}).
 
--type entry() :: {call, reference()} | cast | sys_info.
+-type entry() :: {call, reference()} | {stream, reference(), pos_integer()} | cast | sys_info.
 -type seq() :: 0..16#FFFFFFFFFFFFFFFF.
 %% Number of a request on the current port, as in Python's reply tags.
--type misalignment() :: #{why := seq_mismatch | empty_queue | short_frame | bad_term,
+-type misalignment() :: #{why := seq_mismatch | empty_queue | short_frame | bad_term | unknown_stream,
                           expected := seq() | none,
                           got := seq() | none}.
 %% What was wrong with a reply frame: `expected' is the head entry's number
@@ -151,7 +154,12 @@
     restarts = 0 :: non_neg_integer(),
     misaligned = 0 :: non_neg_integer(),
     %% In the pg group of the `group' option (see poolport_group).
-    joined = false :: boolean()
+    joined = false :: boolean(),
+    %% Open streams by their consumer's monitor, and their numbers on the
+    %% current port (a cancelled stream keeps its number, mapped to
+    %% `cancelled', until Python's last frame for it).
+    streams = #{} :: #{reference() => poolport_stream:stream()},
+    stream_ids = #{} :: #{seq() => reference() | cancelled}
 }).
 
 -type state() :: #state{}.
@@ -179,6 +187,35 @@ start_link(#{name := Name} = Cfg) ->
 -spec call(poolport:pool(), binary(), timeout()) -> {ok, term()} | {error, poolport:reason()}.
 call(Pool, Request, Timeout) ->
     request(Pool, call, Request, Timeout).
+
+%% @doc Start a stream: an encoded `{stream, M, F, Args, Opts}' request,
+%% `Window' the items Python may send ahead, `Timeout' for its start (and,
+%% in Python, for each item). `{ok, {poolport_stream, Pool, Ref}}'.
+-spec stream(poolport:pool(), binary(), pos_integer(), timeout()) ->
+          {ok, poolport:stream()} | {error, poolport:reason()}.
+stream(Pool, Request, Window, Timeout0) ->
+    Timeout = clamp_timeout(Timeout0),
+    Wait = case Timeout of
+               infinity -> infinity;
+               _ -> min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)
+           end,
+    server_call(Pool, {stream, Request, Window, Timeout}, Wait).
+
+%% @doc The next item of a stream (see {@link poolport:next/2}).
+-spec next(pid(), reference(), timeout()) -> poolport_stream:result().
+next(Pool, Ref, Timeout0) ->
+    Timeout = clamp_timeout(Timeout0),
+    Wait = case Timeout of
+               infinity -> infinity;
+               _ -> min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)
+           end,
+    server_call(Pool, {next, Ref, Timeout}, Wait).
+
+%% @doc Close a stream (see {@link poolport:cancel/1}).
+-spec cancel(pid(), reference()) -> ok.
+cancel(Pool, Ref) ->
+    _ = server_call(Pool, {cancel, Ref}, ?INFO_TIMEOUT),
+    ok.
 
 %% @doc {@link call/3} for a member of a group ({@link poolport_group}):
 %% `{error, not_member}' if the pool is not in its group (its Python is
@@ -372,6 +409,49 @@ handle_call({call, Request, Timeout0}, {Pid, _} = From, State0) ->
                     {reply, {error, port_closed}, count_error(State)}
             end
     end;
+handle_call({stream, _Request, _Window, _Timeout}, _From, #state{port = undefined} = State) ->
+    {reply, {error, port_closed}, count_error(State)};
+handle_call({stream, Request, Window, Timeout}, {Pid, _} = From, State) ->
+    #state{cfg = #{packet := Packet}, port = Port} = State,
+    Frames = case Timeout of
+                 infinity -> [Request];
+                 _ -> [encode_timeout(Timeout), Request]
+             end,
+    case check_frame(Request, Packet) =:= ok andalso write(Port, Frames) of
+        ok ->
+            MRef = erlang:monitor(process, Pid),
+            TRef = case Timeout of
+                       infinity -> undefined;
+                       _ -> erlang:send_after(Timeout, self(), {call_timeout, MRef})
+                   end,
+            {noreply, enqueue({stream, MRef, Window}, State#state{
+                pending = maps:put(MRef, {From, TRef}, State#state.pending)})};
+        false ->
+            {reply, check_frame(Request, Packet), count_error(State)};
+        error ->
+            {reply, {error, port_closed}, count_error(State)}
+    end;
+handle_call({next, Ref, Timeout}, From, State) ->
+    case maps:find(Ref, State#state.streams) of
+        {ok, Stream} ->
+            TRef = case Timeout of
+                       infinity -> undefined;
+                       _ -> erlang:send_after(Timeout, self(), {next_timeout, Ref})
+                   end,
+            case poolport_stream:next({From, TRef}, Stream) of
+                {wait, Stream1} ->
+                    {noreply, State#state{streams = maps:put(Ref, Stream1, State#state.streams)}};
+                {busy, _} ->
+                    cancel_timer(TRef),
+                    {reply, {error, busy}, State};
+                {Effects, Stream1} ->
+                    {noreply, stream_effects(Ref, Effects, Stream1, State)}
+            end;
+        error ->
+            {reply, {error, no_stream}, State}
+    end;
+handle_call({cancel, Ref}, _From, State) ->
+    {reply, ok, cancel_stream(Ref, State)};
 handle_call(info, _From, State) ->
     {reply, info_map(State), State};
 handle_call({member_call, _Request, _Timeout}, _From, #state{joined = false} = State) ->
@@ -425,13 +505,22 @@ handle_info({call_timeout, MRef}, State) ->
         error ->
             {noreply, State}
     end;
+handle_info({next_timeout, Ref}, State) ->
+    case maps:find(Ref, State#state.streams) of
+        {ok, Stream} ->
+            {Effects, Stream1} = poolport_stream:timed_out(Stream),
+            {noreply, stream_effects(Ref, Effects, Stream1, State)};
+        error ->
+            {noreply, State}
+    end;
 handle_info({'DOWN', MRef, process, _Pid, _Reason}, State) ->
     case maps:take(MRef, State#state.pending) of
         {{_From, TRef}, Pending} ->
             cancel_timer(TRef),
             {noreply, State#state{pending = Pending}};
         error ->
-            {noreply, State}
+            %% A stream's consumer died: the stream is closed in Python.
+            {noreply, cancel_stream(MRef, State)}
     end;
 handle_info(reopen, #state{port = undefined} = State) ->
     reopen(State#state{reopen_timer = undefined});
@@ -445,7 +534,7 @@ terminate(_Reason, State0) ->
     ok = poolport_events:detach(self(), maps:get(name, State0#state.cfg)),
     State = leave_group(State0),
     cancel_timer(State#state.reopen_timer),
-    _ = fail_pending(State),
+    _ = fail_streams(port_closed, fail_pending(State)),
     case State#state.port of
         undefined -> ok;
         Port -> close(Port, State#state.os_pid, maps:get(stop_timeout, State#state.cfg))
@@ -802,7 +891,7 @@ misaligned(#{why := What, expected := Expected, got := Got} = Why,
           {noreply, state()} | {stop, term(), state()}.
 restart(Why, Error, #state{cfg = Cfg} = State0) ->
     #{max_restarts := MaxRestarts, restart_period := Period} = Cfg,
-    State1 = fail_pending(Error, leave_group(State0)),
+    State1 = fail_streams(Error, fail_pending(Error, leave_group(State0))),
     Now = erlang:monotonic_time(millisecond),
     Deaths = recent([Now | State1#state.deaths], Now, Period * 1000),
     State = State1#state{port = undefined, os_pid = undefined, queue = queue:new(), seq = 0,
@@ -1015,11 +1104,133 @@ call_result({bad_reply, Term}) ->
 %% A reply frame from the port: delivered to the head of the queue if it
 %% is the head's, else the misalignment (the state is left as it was).
 -spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, misalignment()}.
+handle_data(<<Id:64/big-unsigned, 131, 104, _, Atom, Rest/binary>> = Data, State)
+  when Atom =:= 100; Atom =:= 115; Atom =:= 118; Atom =:= 119 ->
+    case stream_frame(Atom, Rest) of
+        true -> stream_data(Id, Data, State);
+        false -> handle_reply(Data, State)
+    end;
 handle_data(Data, State) ->
+    handle_reply(Data, State).
+
+-spec handle_reply(binary(), state()) -> {ok, state()} | {misaligned, misalignment()}.
+handle_reply(<<Got:64/big-unsigned, _/binary>> = Data, State) ->
     case match_reply(Data, State#state.queue) of
+        {ok, {stream, _, _}, {bad_reply, {stream, Id}}, _} when Id =/= Got ->
+            {misaligned, #{why => seq_mismatch, expected => Got, got => Id}};
         {ok, Entry, Reply, Queue} -> {ok, deliver(Entry, Reply, State#state{queue = Queue})};
         {misaligned, _} = Misaligned -> Misaligned
+    end;
+handle_reply(Data, State) ->
+    {misaligned, _} = match_reply(Data, State#state.queue).
+
+%% Whether the ETF after `{' names a stream frame's atom (`stream_item',
+%% `stream_end', `stream_error'): replies are `reply', `noreply', `error'
+%% and `stream' (a stream's start), so the `_' tells them apart.
+-spec stream_frame(100 | 115 | 118 | 119, binary()) -> boolean().
+stream_frame(Short, <<_Len, "stream_", _/binary>>) when Short =:= 115; Short =:= 119 -> true;
+stream_frame(Long, <<_:16, "stream_", _/binary>>) when Long =:= 100; Long =:= 118 -> true;
+stream_frame(_, _) -> false.
+
+%% A frame of a stream, tagged with the stream's number: to its stream, or
+%% dropped if the stream was cancelled; a number that is no stream's is a
+%% misalignment like a reply with a wrong number.
+-spec stream_data(seq(), binary(), state()) -> {ok, state()} | {misaligned, misalignment()}.
+stream_data(Id, <<_:64, Etf/binary>>, #state{stream_ids = Ids} = State) ->
+    Event = try binary_to_term(Etf) of
+                {stream_item, Id, Item} -> {item, Item};
+                {stream_end, Id} -> done;
+                {stream_error, Id, Error} -> {error, Error};
+                _ -> bad
+            catch
+                error:badarg -> bad
+            end,
+    Last = Event =:= done orelse element(1, Event) =:= error,
+    case {maps:find(Id, Ids), Event} of
+        {_, bad} ->
+            {misaligned, #{why => bad_term, expected => Id, got => Id}};
+        {error, _} ->
+            {misaligned, #{why => unknown_stream, expected => none, got => Id}};
+        {{ok, cancelled}, _} when Last ->
+            {ok, State#state{stream_ids = maps:remove(Id, Ids)}};
+        {{ok, cancelled}, _} ->
+            {ok, State};
+        {{ok, Ref}, _} ->
+            State1 = case Last of
+                         true -> State#state{stream_ids = maps:remove(Id, Ids)};
+                         false -> State
+                     end,
+            case maps:find(Ref, State1#state.streams) of
+                {ok, Stream} ->
+                    {Effects, Stream1} = poolport_stream:event(Event, Stream),
+                    {ok, stream_effects(Ref, Effects, Stream1, State1)};
+                error ->
+                    {ok, State1}
+            end
     end.
+
+%% Apply what poolport_stream asked for: answer the waiting consumer, hand
+%% credit back to Python, forget a stream whose last result was taken.
+-spec stream_effects(reference(), map(), poolport_stream:stream(), state()) -> state().
+stream_effects(Ref, Effects, Stream, State) ->
+    case Effects of
+        #{reply := {{From, TRef}, Result}} ->
+            cancel_timer(TRef),
+            gen_server:reply(From, Result);
+        #{} ->
+            ok
+    end,
+    case Effects of
+        #{credit := N} -> write_control({stream_credit, poolport_stream:id(Stream), N}, State);
+        #{} -> ok
+    end,
+    case Effects of
+        #{finished := true} ->
+            erlang:demonitor(Ref, [flush]),
+            State#state{streams = maps:remove(Ref, State#state.streams)};
+        #{} ->
+            State#state{streams = maps:put(Ref, Stream, State#state.streams)}
+    end.
+
+%% Close a stream for its consumer (cancel/1, or the consumer died): Python
+%% closes the generator; its frames until the last one are dropped.
+-spec cancel_stream(reference(), state()) -> state().
+cancel_stream(Ref, #state{streams = Streams, stream_ids = Ids} = State) ->
+    case maps:take(Ref, Streams) of
+        {Stream, Rest} ->
+            erlang:demonitor(Ref, [flush]),
+            Id = poolport_stream:id(Stream),
+            case poolport_stream:timed_out(Stream) of  % a next/2 waiting in another process
+                {#{reply := {{From, _}, _}}, _} -> gen_server:reply(From, {error, cancelled});
+                {#{}, _} -> ok
+            end,
+            case maps:find(Id, Ids) of
+                {ok, Ref} ->
+                    write_control({stream_cancel, Id}, State),
+                    State#state{streams = Rest, stream_ids = maps:put(Id, cancelled, Ids)};
+                _ ->
+                    State#state{streams = Rest}  % ended already, or on a previous port
+            end;
+        error ->
+            State
+    end.
+
+%% A stream control frame: no reply comes for it, so it takes no number.
+-spec write_control(tuple(), state()) -> ok.
+write_control(_Control, #state{port = undefined}) ->
+    ok;
+write_control(Control, #state{port = Port}) ->
+    _ = write(Port, [term_to_binary(Control)]),
+    ok.
+
+%% The port is gone: every open stream ends with `{error, Error}' after the
+%% items it holds.
+-spec fail_streams(port_closed | misaligned, state()) -> state().
+fail_streams(Error, #state{streams = Streams} = State0) ->
+    maps:fold(fun(Ref, Stream, State) ->
+                      {Effects, Stream1} = poolport_stream:fail(Error, Stream),
+                      stream_effects(Ref, maps:remove(credit, Effects), Stream1, State)
+              end, State0#state{stream_ids = #{}}, Streams).
 
 -spec deliver(entry(), reply(), state()) -> state().
 deliver({call, MRef}, Reply, State) ->
@@ -1037,6 +1248,25 @@ deliver({call, MRef}, Reply, State) ->
             end;
         error ->
             %% The caller timed out or died: drop the late reply.
+            State#state{dropped = State#state.dropped + 1}
+    end;
+deliver({stream, MRef, Window}, Reply, #state{seq = _} = State) ->
+    case {maps:take(MRef, State#state.pending), Reply} of
+        {{{From, TRef}, Pending}, {bad_reply, {stream, Id}}} when is_integer(Id) ->
+            cancel_timer(TRef),
+            gen_server:reply(From, {ok, {poolport_stream, self(), MRef}}),
+            %% The caller's monitor stays: it is the stream's consumer.
+            State#state{pending = Pending,
+                        streams = maps:put(MRef, poolport_stream:new(Id, Window), State#state.streams),
+                        stream_ids = maps:put(Id, MRef, State#state.stream_ids)};
+        {error, {bad_reply, {stream, Id}}} when is_integer(Id) ->
+            %% The caller gave up or died before the stream started.
+            write_control({stream_cancel, Id}, State),
+            State#state{dropped = State#state.dropped + 1,
+                        stream_ids = maps:put(Id, cancelled, State#state.stream_ids)};
+        {{{_From, _TRef}, _}, _} ->
+            deliver({call, MRef}, Reply, State);
+        {error, _} ->
             State#state{dropped = State#state.dropped + 1}
     end;
 deliver(cast, noreply, State) ->
@@ -1116,6 +1346,7 @@ info_map(#state{cfg = Cfg} = State) ->
       dropped => State#state.dropped,
       restarts => State#state.restarts,
       misaligned => State#state.misaligned,
+      streams => map_size(State#state.streams),
       os_pid => State#state.os_pid,
       status => case State#state.port of undefined -> restarting; _ -> running end,
       packet => maps:get(packet, Cfg),
