@@ -61,6 +61,7 @@ from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
 from .progress import Counters, Progress
 from .spin import spin
+from .callbacks import CALLBACK_COUNT, HINT, is_reply, reply_target
 from .stream_worker import start_reply
 from .streams import (
     CONTROL,
@@ -387,11 +388,7 @@ class Dispatcher:
                         ),
                     )
                 )
-            elif self._find_stream is None or not may_hold_streams(
-                segment.data,  # type: ignore[union-attr]
-                segment.bounds[0],  # type: ignore[union-attr]
-                segment.bounds[-1],  # type: ignore[union-attr]
-            ):
+            elif self._find_stream is None or not _may_hold_controls(segment):  # type: ignore[arg-type]
                 self.ledger.admit(segment)  # type: ignore[arg-type]
             else:
                 self._admit_with_controls(segment)  # type: ignore[arg-type]
@@ -405,10 +402,10 @@ class Dispatcher:
             self.info_dropped, self.info_logged_at = self.frames.dropped, time.monotonic()
 
     def _admit_with_controls(self, segment: Segment) -> None:
-        """Admit a segment's requests; its stream control frames (credit, cancel) are no
-        requests: they go to the worker serving their stream, and take no sequence number."""
+        """Admit a segment's requests; its control frames (stream credit and cancel, callback
+        replies) are no requests: they go to the worker they are for, and take no number."""
         data, bounds, packet = segment.data, segment.bounds, self.packet
-        controls = item_kinds(data, bounds, 0, len(bounds) - 1, packet, is_control)
+        controls = item_kinds(data, bounds, 0, len(bounds) - 1, packet, _is_control)
         first = 0
         for k in controls + [len(bounds) - 1]:
             if k > first:
@@ -419,6 +416,9 @@ class Dispatcher:
             start = bounds[k]
             while start + packet + int.from_bytes(data[start : start + packet], "big") < end:
                 start += packet + int.from_bytes(data[start : start + packet], "big")  # past info frames
+            if is_reply(data, start + packet, end):
+                self._callback_reply(data[start + packet : end])
+                continue
             try:
                 control = parse_control(etf.decode(data[start + packet : end], max_depth=2, max_elements=8))
             except Exception:  # noqa: BLE001 - not a term after all: ignored like an unknown info packet
@@ -429,6 +429,16 @@ class Dispatcher:
                 continue
             slot.outbox.push(HEADER.pack(CONTROL.size, 0) + CONTROL.pack(*control))
             self._flush_slot(slot)
+
+    def _callback_reply(self, payload: bytes) -> None:
+        """To the worker process that made the callback; dropped if that process is gone."""
+        target = reply_target(payload, 0, len(payload))
+        slot = next((s for s in self.slots if target and s.pid == target[0] and s.ready), None)
+        if slot is None:
+            log.debug("callback reply for no live worker dropped: %r", target)
+            return
+        slot.outbox.push(HEADER.pack(len(payload), CALLBACK_COUNT), payload)
+        self._flush_slot(slot)
 
     def _reply_frame(self, seq: int, term: Any) -> bytes:
         """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""
@@ -648,6 +658,9 @@ class Dispatcher:
         self.stats["chunks"] += 1
         if count == 0:
             self._on_stream_message(slot, data)
+            return
+        if count == CALLBACK_COUNT:  # a frame for the Erlang side, outside the reply order
+            self._emit([data])
             return
         try:
             run = self.ledger.answered(slot.index, count, data)
@@ -883,6 +896,15 @@ class Dispatcher:
             f"worker process {slot.pid} died during this call: {reason}",
             bare=self.bare,
         )
+
+
+def _may_hold_controls(segment: Segment) -> bool:
+    data, start, end = segment.data, segment.bounds[0], segment.bounds[-1]
+    return may_hold_streams(data, start, end) or data.find(HINT, start, end) != -1
+
+
+def _is_control(data: bytes, start: int, end: int) -> bool:
+    return is_control(data, start, end) or is_reply(data, start, end)
 
 
 def _find_stream(packet: int, data: bytes, bounds: list[int], i: int, j: int) -> int | None:

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any, Callable
 
 from . import bert, etf
@@ -36,6 +37,8 @@ from .progress import Counters, Progress
 from .spin import spin
 from .stream_worker import OpenStream, Receive, pump, start_reply
 from .streams import CONTROL, ITEM, STREAM, parse_stream_request
+from .callbacks import CALLBACK_COUNT, reply_target
+from . import erlang
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
@@ -617,41 +620,88 @@ def worker_main(
         poller.register(sock, select.POLLIN)
         spin_s = config.idle_spin_us / 1e6
         poll_now = functools.partial(poller.poll, 0)
-        runs: list[bytes] = []  # what the dispatcher sent, not served yet
-
-        def receive(timeout_s: float) -> list[tuple[int, int]] | None:
-            """Control messages for a stream (credit, cancel) within ``timeout_s``."""
-            controls: list[tuple[int, int]] = []
-            while poller.poll(0 if controls else math.ceil(timeout_s * 1000)):
-                messages = reader.read_from(sock)
-                if messages is None:
-                    return None
-                for count, data in messages:
-                    if count:  # never sent during a stream: kept for after it
-                        runs.append(data if type(data) is bytes else bytes(data))
-                    else:
-                        controls.append(CONTROL.unpack_from(data))
-                timeout_s = 0
-            return controls
-
+        inbox = Inbox(sock, reader)
+        erlang.install(
+            erlang.Link(
+                os.getpid(),
+                send,
+                inbox.read,
+                inbox.replies,
+                config.packet,
+                config.reply_tags,
+                worker.encode_term,
+                erlang.decoder(config.none_atom, config.max_frame_bytes),
+            )
+        )
+        runs = inbox.runs
         while True:
             if spin_s:
                 spin(poll_now, spin_s)
             messages = reader.read_from(sock)
             if messages is None:
                 break
-            runs.extend(data if type(data) is bytes else bytes(data) for count, data in messages if count)
+            inbox.sort(messages)
             while runs:
-                run = runs.pop(0)
+                run = runs.popleft()
                 base = SEQ.unpack_from(run)[0]
                 first = base if config.reply_tags else None
-                serve_run(worker, run, config.packet, send, SEQ.size, first, base, receive)
+                serve_run(worker, run, config.packet, send, SEQ.size, first, base, inbox.controls_within)
     except OSError as exc:
         log.info("link to the dispatcher lost: %s", exc)
     finally:
         # Never return to loky: the dispatcher is gone or done with us, and a
         # worker idling on loky's task queue would outlive it.
         os._exit(0)
+
+
+class Inbox:
+    """What the dispatcher sent this worker, sorted as it is read: runs, stream controls
+    (credit, cancel) and callback replies. Read in the serving loop, and within a stream or
+    a callback, which wait for their own messages and keep the others for later."""
+
+    def __init__(self, sock: socket.socket, reader: MessageReader) -> None:
+        self.sock, self.reader = sock, reader
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.runs: deque[bytes] = deque()
+        self.controls: list[tuple[int, int]] = []
+        self.replies: dict[int, bytes] = {}  # callback counter -> reply payload
+
+    def sort(self, messages: list[tuple[int, Any]]) -> None:
+        for count, data in messages:
+            if count == 0:
+                self.controls.append(CONTROL.unpack_from(data))
+            elif count == CALLBACK_COUNT:
+                data = bytes(data)
+                target = reply_target(data, 0, len(data))
+                if target is not None:
+                    self.replies[target[1]] = data
+            else:
+                self.runs.append(data if type(data) is bytes else bytes(data))
+
+    def read(self, timeout_s: float | None) -> bool:
+        """Take what arrives within ``timeout_s`` (None: wait for something); False once the
+        dispatcher is gone."""
+        wait = None if timeout_s is None else math.ceil(max(0.0, timeout_s) * 1000)
+        while self.poller.poll(wait):
+            messages = self.reader.read_from(self.sock)
+            if messages is None:
+                return False
+            self.sort(messages)
+            wait = 0
+        return True
+
+    def controls_within(self, timeout_s: float) -> list[tuple[int, int]] | None:
+        """A stream's ``receive``: the controls that arrived within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.controls:
+            left = deadline - time.monotonic()
+            if not self.read(left):
+                return None
+            if left <= 0:
+                break
+        controls, self.controls = self.controls, []
+        return controls
 
 
 def _exit_with_parent(parent: int) -> None:

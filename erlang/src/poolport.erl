@@ -54,7 +54,8 @@
     start_timeout => pos_integer(),
     stop_timeout => non_neg_integer(),
     group => atom(),
-    events => module()
+    events => module(),
+    callbacks => [module() | {module(), atom()}]
 }.
 %% Pool options; every key is optional.
 %% <dl>
@@ -91,6 +92,10 @@
 %% <dt>`events'</dt><dd>A module whose `handle_event(Event, Measurements,
 %%   Metadata)' gets the pool's call and restart events, in the shape of
 %%   Elixir's `telemetry' (see {@link poolport_events}). Default none.</dd>
+%% <dt>`callbacks'</dt><dd>What Python handlers may call on this node with
+%%   `poolport.erlang.call/cast': a module (any of its functions) or
+%%   `{Module, Function}'. Each callback runs in a process of its own, killed
+%%   after its timeout. Default `[]': every callback is refused.</dd>
 %% </dl>
 
 -type pool() :: pid() | atom() | {atom(), node()} | {global, term()}

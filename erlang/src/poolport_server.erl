@@ -112,7 +112,8 @@
     start_timeout := pos_integer(),
     stop_timeout := non_neg_integer(),
     group := atom() | undefined,
-    events := module() | undefined
+    events := module() | undefined,
+    callbacks := [module() | {module(), atom()}]
 }.
 %% Validated, normalised options (see {@link poolport:opts()}).
 
@@ -310,7 +311,8 @@ check_opts(Opts) when is_map(Opts) ->
         start_timeout => 15000,
         stop_timeout => 10000,
         group => undefined,
-        events => undefined
+        events => undefined,
+        callbacks => []
     },
     case [K || K <- maps:keys(Opts), not maps:is_key(K, Defaults)] of
         [Key | _] ->
@@ -579,6 +581,14 @@ check_opt(start_timeout, N) when is_integer(N), N > 0 -> {ok, N};
 check_opt(stop_timeout, N) when is_integer(N), N >= 0 -> {ok, N};
 check_opt(group, Group) when is_atom(Group) -> {ok, Group};
 check_opt(events, Module) when is_atom(Module) -> {ok, Module};
+check_opt(callbacks, List) when is_list(List) ->
+    case lists:all(fun(M) when is_atom(M) -> true;
+                      ({M, F}) -> is_atom(M) andalso is_atom(F);
+                      (_) -> false
+                   end, List) of
+        true -> {ok, List};
+        false -> error
+    end;
 check_opt(_, _) -> error.
 
 -spec env_var(term()) -> {ok, {string(), string() | false}} | error.
@@ -1108,7 +1118,11 @@ handle_data(<<Id:64/big-unsigned, 131, 104, _, Atom, Rest/binary>> = Data, State
   when Atom =:= 100; Atom =:= 115; Atom =:= 118; Atom =:= 119 ->
     case stream_frame(Atom, Rest) of
         true -> stream_data(Id, Data, State);
-        false -> handle_reply(Data, State)
+        false ->
+            case callback_frame(Atom, Rest) of
+                true -> callback_data(Data, State);
+                false -> handle_reply(Data, State)
+            end
     end;
 handle_data(Data, State) ->
     handle_reply(Data, State).
@@ -1132,6 +1146,99 @@ stream_frame(Short, <<_Len, "stream_", _/binary>>) when Short =:= 115; Short =:=
 stream_frame(Long, <<_:16, "stream_", _/binary>>) when Long =:= 100; Long =:= 118 -> true;
 stream_frame(_, _) -> false.
 
+%% Whether the ETF after `{' is the atom `callback': a handler calling back.
+-spec callback_frame(100 | 115 | 118 | 119, binary()) -> boolean().
+callback_frame(Short, <<8, "callback", _/binary>>) when Short =:= 115; Short =:= 119 -> true;
+callback_frame(Long, <<0, 8, "callback", _/binary>>) when Long =:= 100; Long =:= 118 -> true;
+callback_frame(_, _) -> false.
+
+%% A handler calls `Module:Function(Args...)' on this node: run it in a
+%% process of its own if the `callbacks' option allows it (the pool server
+%% never waits for it), and send Python the result, or the error, as
+%% `{callback_reply, Pid, N, Reply}'. A cast is acknowledged at once (`ok')
+%% and runs on its own. Callback frames carry no request number (their tag
+%% is 0): they are matched by Python's worker pid and counter.
+-spec callback_data(binary(), state()) -> {ok, state()} | {misaligned, misalignment()}.
+callback_data(<<Tag:64, Etf/binary>>, #state{port = Port, cfg = #{callbacks := Allowed}} = State) ->
+    try binary_to_term(Etf) of
+        {callback, Pid, N, Kind, M, F, Args, Timeout}
+          when is_integer(Pid), is_integer(N), (Kind =:= call orelse Kind =:= cast), is_atom(M),
+               is_atom(F), is_list(Args), is_integer(Timeout), Timeout > 0 ->
+            case allowed(M, F, Allowed) of
+                false ->
+                    Reason = io_lib:format("~ts:~ts/~b is not in the pool's callbacks option",
+                                           [M, F, length(Args)]),
+                    send_callback_reply(Port, Pid, N, {error, error, Reason, ""});
+                true when Kind =:= call ->
+                    _ = proc_lib:spawn(fun() ->
+                        send_callback_reply(Port, Pid, N, apply_within(M, F, Args, Timeout))
+                    end),
+                    ok;
+                true ->
+                    send_callback_reply(Port, Pid, N, ok),
+                    Id = pool_id(State),
+                    _ = proc_lib:spawn(fun() ->
+                        case apply_within(M, F, Args, Timeout) of
+                            {ok, _} -> ok;
+                            {error, Class, Reason, _} ->
+                                ?LOG_WARNING("poolport ~p: callback cast ~p:~p failed: ~p:~ts",
+                                             [Id, M, F, Class, Reason])
+                        end
+                    end),
+                    ok
+            end,
+            {ok, State};
+        _ ->
+            {misaligned, #{why => bad_term, expected => none, got => Tag}}
+    catch
+        error:badarg -> {misaligned, #{why => bad_term, expected => none, got => Tag}}
+    end.
+
+-spec allowed(atom(), atom(), [module() | {module(), atom()}]) -> boolean().
+allowed(M, F, Allowed) ->
+    lists:member(M, Allowed) orelse lists:member({M, F}, Allowed).
+
+%% Run `M:F(Args...)' in a process of its own, killed after `Timeout' ms.
+-spec apply_within(atom(), atom(), list(), pos_integer()) ->
+          {ok, term()} | {error, atom(), iodata(), iodata()}.
+apply_within(M, F, Args, Timeout) ->
+    Parent = self(),
+    {Pid, MRef} = spawn_monitor(fun() ->
+        Parent ! {self(), try {ok, apply(M, F, Args)}
+                          catch Class:Reason:Stack ->
+                              {error, Class, io_lib:format("~0tP", [Reason, 30]),
+                               io_lib:format("~0tP", [Stack, 30])}
+                          end}
+    end),
+    receive
+        {Pid, Result} ->
+            erlang:demonitor(MRef, [flush]),
+            Result;
+        {'DOWN', MRef, process, Pid, Reason} ->
+            {error, exit, io_lib:format("~0tP", [Reason, 30]), ""}
+    after min(Timeout, ?MAX_TIMEOUT) ->
+        exit(Pid, kill),
+        erlang:demonitor(MRef, [flush]),
+        {error, exit, io_lib:format("timeout: the callback ran past its ~b ms", [Timeout]), ""}
+    end.
+
+%% Send a callback's answer to Python on the port it came from (nothing if
+%% that port has closed since: the worker that asked is gone with it).
+-spec send_callback_reply(port() | undefined, integer(), integer(),
+                          ok | {ok, term()} | {error, atom(), iodata(), iodata()}) -> ok.
+send_callback_reply(undefined, _Pid, _N, _Reply) ->
+    ok;
+send_callback_reply(Port, Pid, N, Reply) ->
+    Term = case Reply of
+               {error, Class, Reason, Stack} ->
+                   {error, Class, unicode:characters_to_binary(Reason),
+                    unicode:characters_to_binary(Stack)};
+               _ -> Reply
+           end,
+    Frame = term_to_binary({callback_reply, Pid, N, Term}),
+    _ = write(Port, [Frame]),
+    ok.
+
 %% A frame of a stream, tagged with the stream's number: to its stream, or
 %% dropped if the stream was cancelled; a number that is no stream's is a
 %% misalignment like a reply with a wrong number.
@@ -1145,7 +1252,11 @@ stream_data(Id, <<_:64, Etf/binary>>, #state{stream_ids = Ids} = State) ->
             catch
                 error:badarg -> bad
             end,
-    Last = Event =:= done orelse element(1, Event) =:= error,
+    Last = case Event of
+               done -> true;
+               {error, _} -> true;
+               _ -> false
+           end,
     case {maps:find(Id, Ids), Event} of
         {_, bad} ->
             {misaligned, #{why => bad_term, expected => Id, got => Id}};
@@ -1678,6 +1789,38 @@ misaligned_intensity_test() ->
                                               max_restarts := 0}}, _},
                  handle_info({Port, {data, <<1, 2>>}}, State)),
     ?assert(wait_exit(OsPid, 10000)).
+
+%% Stream frames go to the stream their tag names: a start naming another
+%% number, a tag that is no open stream's, or a frame whose stream number is
+%% not its tag, is a misalignment.
+stream_frames_test() ->
+    Tag = make_ref(),
+    MRef = erlang:monitor(process, self()),
+    State = #state{cfg = cfg(#{}), queue = queue:from_list([{3, {stream, MRef, 4}}]), seq = 4,
+                   pending = #{MRef => {{self(), Tag}, undefined}}},
+    ?assertMatch({misaligned, #{why := seq_mismatch, expected := 3, got := 2}},
+                 handle_data(tagged(3, {stream, 2}), State)),
+    {ok, S1} = handle_data(tagged(3, {stream, 3}), State),
+    Self = self(),
+    receive {Tag, R} -> ?assertEqual({ok, {poolport_stream, Self, MRef}}, R) after 0 -> ?assert(false) end,
+    {ok, S2} = handle_data(tagged(3, {stream_item, 3, a}), S1),
+    ?assertMatch({misaligned, #{why := unknown_stream, got := 9}},
+                 handle_data(tagged(9, {stream_item, 9, a}), S2)),
+    ?assertMatch({misaligned, #{why := bad_term}}, handle_data(tagged(3, {stream_item, 4, a}), S2)),
+    %% A reply frame still goes to the head of the queue (empty here).
+    ?assertMatch({misaligned, #{why := empty_queue}}, handle_data(tagged(3, {reply, a}), S2)),
+    {ok, S3} = handle_data(tagged(3, {stream_end, 3}), S2),
+    ?assertEqual(#{}, S3#state.stream_ids),
+    Next = fun(St) ->
+               T = make_ref(),
+               {noreply, St1} = handle_call({next, MRef, infinity}, {self(), T}, St),
+               receive {T, Reply} -> {Reply, St1} after 0 -> {none, St1} end
+           end,
+    {{ok, a}, S4} = Next(S3),
+    {done, S5} = Next(S4),
+    ?assertEqual(#{}, S5#state.streams),
+    ?assertEqual({reply, {error, no_stream}, S5},
+                 handle_call({next, MRef, infinity}, {self(), make_ref()}, S5)).
 
 flush_timeouts() ->
     receive {call_timeout, _} -> flush_timeouts() after 0 -> ok end.
