@@ -37,11 +37,12 @@ class Link:
         tags: bool,
         encode: Callable[[Any], bytes],
         decode: Callable[[bytes], Any],
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
         self.pid, self.send, self.read, self.replies = pid, send, read, replies
         self.header, self.tag = HEADERS[packet], SEQ.pack(0) if tags else b""
         self.limit = (1 << (8 * packet)) - len(self.tag)
-        self.encode, self.decode = encode, decode
+        self.encode, self.decode, self.flush = encode, decode, flush
         self.counter = 0
 
     def callback(self, kind: Any, module: str, function: str, args: Any, timeout: float | None) -> Any:
@@ -52,6 +53,7 @@ class Link:
         if len(payload) >= self.limit:
             raise ErlangError("error", f"the callback's arguments take {len(payload)} bytes: too big for a frame")
         self.replies.clear()  # late replies of callbacks given up on
+        self.flush()  # the replies (or stream items) ready so far must not wait for this callback
         self.send(callbacks.CALLBACK_COUNT, [self.header.pack(len(payload) + len(self.tag)) + self.tag + payload])
         deadline = time.monotonic() + timeout_ms / 1000 + callbacks.REPLY_GRACE_S
         while n not in self.replies:

@@ -65,6 +65,12 @@ def pump(worker: Any, stream: OpenStream, sid: int, packet: int, tags: bool, sen
         payload = worker.encode_term(term)
         return header.pack(len(payload) + len(tag)) + tag + payload
 
+    def flush() -> None:
+        if out:
+            send(0, [head, *out])
+            out.clear()
+
+    worker.flush = flush
     progress.resume(stream.timeout_ms)
     try:
         while terminal is None:
@@ -72,7 +78,8 @@ def pump(worker: Any, stream: OpenStream, sid: int, packet: int, tags: bool, sen
             if credit <= 0 and controls == []:
                 if out:
                     send(0, [head, *out])
-                    out, size = [], 0
+                    out.clear()
+                    size = 0
                 progress.clock(stream.idle_ms + IDLE_MARGIN_MS)
                 controls = receive(stream.idle_ms / 1000)
                 if controls == []:
@@ -121,7 +128,8 @@ def pump(worker: Any, stream: OpenStream, sid: int, packet: int, tags: bool, sen
             now = time.perf_counter()
             if now - last >= FLUSH_AFTER_S or size >= FLUSH_BYTES:
                 send(0, [head, *out])
-                out, size, last = [], 0, now
+                out.clear()
+                size, last = 0, now
     finally:
         _close(stream)
         progress.end()

@@ -167,6 +167,7 @@ class Worker:
         self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
         self._noreply = self._encode(bert.noreply())
         self.opened: OpenStream | None = None  # a stream request just answered: serve_run pumps it
+        self.flush: Callable[[], None] = _nothing  # sends what is ready before a callback waits
         # made now, while memory is plentiful: the reply when even an error reply cannot be made
         self._out_of_memory = self._error(
             bert.SERVER, bert.INTERNAL, "MemoryError", "the worker ran out of memory while answering this request"
@@ -465,6 +466,14 @@ def serve_run(
     (without it, a stream is closed once started)."""
     out: list[bytes] = []
     size = 0
+
+    def flush() -> None:
+        """Send the replies made so far (before a handler waits for a callback's answer)."""
+        if out:
+            send(len(out) // 2, out)
+            out.clear()
+
+    worker.flush = flush
     header = HEADERS[packet]
     tag = SEQ.pack if first is not None else None
     limit = (1 << (8 * packet)) - (SEQ.size if tag else 0)
@@ -492,16 +501,23 @@ def serve_run(
         if opened is not None:
             worker.opened = None
             send(len(out) // 2, out)
-            out, size = [], 0
+            out.clear()
+            size = 0
             pump(worker, opened, seq - 1, packet, tag is not None, send, receive or _no_credit)
+            worker.flush = flush
             last = time.perf_counter()
             continue
         now = time.perf_counter()
         if now - last >= FLUSH_AFTER_S or size >= FLUSH_BYTES:
             send(len(out) // 2, out)
-            out, size, last = [], 0, now
+            out.clear()
+            size, last = 0, now
     if out:
         send(len(out) // 2, out)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _no_credit(_timeout_s: float) -> None:
@@ -631,6 +647,7 @@ def worker_main(
                 config.reply_tags,
                 worker.encode_term,
                 erlang.decoder(config.none_atom, config.max_frame_bytes),
+                lambda: worker.flush(),
             )
         )
         runs = inbox.runs
