@@ -371,9 +371,11 @@ stream(Pool, Module, Function, Args) ->
 %% ends; while it waits for its consumer, the worker runs nothing else.
 %% Errors before the stream starts are those of {@link call/5};
 %% `{error, {server, 6, <<"NotAStream">>, _, _}}' if the function's result
-%% is not iterable. Not for `{group, Name}'.
+%% is not iterable. Not for `{group, Name}' (`badarg').
 -spec stream(pool(), atom(), atom(), list(), stream_opts()) ->
           {ok, stream()} | {error, reason()}.
+stream({group, _} = Group, Module, Function, Args, Opts) ->
+    erlang:error(badarg, [Group, Module, Function, Args, Opts]);
 stream(Pool, Module, Function, Args, Opts)
   when is_atom(Module), is_atom(Function), is_list(Args), is_map(Opts) ->
     case stream_options(Opts) of

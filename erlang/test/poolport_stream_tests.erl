@@ -186,7 +186,8 @@ wrong_kind(Pool) ->
     ?assertMatch({error, {server, 6, <<"NotAStream">>, _, _}},
                  poolport:stream(Pool, ?S, not_a_stream, [])),
     ?assertError(badarg, poolport:stream(Pool, ?S, count, [1], #{window => 0})),
-    ?assertError(badarg, poolport:stream(Pool, ?S, count, [1], #{colour => blue})).
+    ?assertError(badarg, poolport:stream(Pool, ?S, count, [1], #{colour => blue})),
+    ?assertError(badarg, poolport:stream({group, g}, ?S, count, [1], #{})).
 
 none_left(Pool) ->
     ok = poolport_e2e_tests:wait_until(fun() -> maps:get(streams, poolport:info(Pool)) =:= 0 end,
