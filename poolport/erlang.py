@@ -13,6 +13,7 @@ Erlang node to call: :class:`~poolport.callbacks.ErlangError` is raised.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
@@ -44,8 +45,13 @@ class Link:
         self.limit = (1 << (8 * packet)) - len(self.tag)
         self.encode, self.decode, self.flush = encode, decode, flush
         self.counter = 0
+        self.lock = threading.Lock()  # one callback at a time per worker, whatever thread asks
 
     def callback(self, kind: Any, module: str, function: str, args: Any, timeout: float | None) -> Any:
+        with self.lock:
+            return self._callback(kind, module, function, args, timeout)
+
+    def _callback(self, kind: Any, module: str, function: str, args: Any, timeout: float | None) -> Any:
         timeout_ms = callbacks.DEFAULT_TIMEOUT_MS if timeout is None else max(1, round(timeout * 1000))
         self.counter = self.counter % callbacks.MAX_COUNTER + 1
         n = self.counter
