@@ -143,7 +143,7 @@ def test_excerpt_and_except_are_checked(tmp_path: Path) -> None:
     doc.write_text(
         "<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Changelog\n```\n"
         "<!-- doc-test: excerpt=CHANGELOG.md -->\n```text\n# Change log\n```\n"
-        "<!-- doc-test: sh except=rm -->\n```sh\nrm\n```\n"
+        "<!-- doc-test: sh except=no-such-command -->\n```sh\nno-such-command\n```\n"
     )
     good, bad, sh = blocks_of(doc)
     check_excerpt(good)
