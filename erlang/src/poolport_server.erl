@@ -1361,7 +1361,7 @@ deliver({call, MRef}, Reply, State) ->
             %% The caller timed out or died: drop the late reply.
             State#state{dropped = State#state.dropped + 1}
     end;
-deliver({stream, MRef, Window}, Reply, #state{seq = _} = State) ->
+deliver({stream, MRef, Window}, Reply, State) ->
     case {maps:take(MRef, State#state.pending), Reply} of
         {{{From, TRef}, Pending}, {bad_reply, {stream, Id}}} when is_integer(Id) ->
             cancel_timer(TRef),
