@@ -17,6 +17,7 @@ stream_test_() ->
              {"a slow consumer: Python never runs more than a window ahead", fun window/1},
              {"cancel runs the generator's finally", fun cancel_finally/1},
              {"the consumer dying cancels the stream", fun consumer_dies/1},
+             {"cancel at once, twice, and while another process waits in next", fun cancel_points/1},
              {"an error mid-stream ends it with the user error", fun error_mid_stream/1},
              {"a worker crash mid-stream is WorkerCrashed; the pool heals", fun crash_mid_stream/1},
              {"the timeout applies per item", fun item_timeout/1},
@@ -138,6 +139,26 @@ consumer_dies(Pool) ->
     receive {'DOWN', MRef, process, Pid, gone} -> ok after 60000 -> error(consumer_stuck) end,
     ok = poolport_e2e_tests:wait_until(fun() -> file:read_file(Path) =:= {ok, <<"closed">>} end,
                                         60000).
+
+cancel_points(Pool) ->
+    %% Right after the start, before any item was asked for; then again.
+    Path = tmp("at_once"),
+    {ok, S} = poolport:stream(Pool, ?S, guarded, [1000000, list_to_binary(Path)]),
+    ok = poolport:cancel(S),
+    ok = poolport:cancel(S),
+    ok = poolport_e2e_tests:wait_until(fun() -> file:read_file(Path) =:= {ok, <<"closed">>} end,
+                                        60000),
+    %% A next waiting in another process gets {error, cancelled}.
+    {ok, T} = poolport:stream(Pool, ?S, slow, [1, 30000]),
+    Self = self(),
+    Waiter = spawn_link(fun() -> Self ! {waited, poolport:next(T, 60000)} end),
+    ok = poolport_e2e_tests:wait_until(
+           fun() -> {status, waiting} =:= erlang:process_info(Waiter, status) end, 60000),
+    ok = poolport:cancel(T),
+    receive {waited, R} -> ?assertEqual({error, cancelled}, R) after 60000 -> error(no_answer) end,
+    %% The pool serves on: both workers are free again.
+    ?assertEqual({[0, 1], done}, drain(element(2, poolport:stream(Pool, ?S, count, [2])))),
+    ?assertEqual({[0], done}, drain(element(2, poolport:stream(Pool, ?S, count, [1])))).
 
 error_mid_stream(Pool) ->
     {ok, S} = poolport:stream(Pool, ?S, fail_after, [2]),
