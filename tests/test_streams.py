@@ -240,3 +240,33 @@ def test_held_frames_leave_once_their_start_has(tmp_path: Path):
     held.add(5, b"c")
     assert held.ready(4) == [b"b"] and held.size == 2
     assert held.ready(6) == [b"a", b"c"] and not held and held.size == 0
+
+
+def test_cancel_at_any_point_ends_the_stream_once_and_in_order(server):
+    """Cancel after 0..n items taken, with credit sent or not: the items before the end are a
+    prefix of the stream, the end comes once, and the next request is answered in its place."""
+    sid = 0
+    for taken in (0, 1, 2, 3, 5, 8, 13):
+        for grant in (False, True):
+            server.send(stream("count", 20, window=4))
+            assert server.recv() == (STREAM, sid)
+            items = [server.recv()[2] for _ in range(min(taken, 4))]
+            if grant:
+                server.send(credit(sid, 2))
+            server.send(cancel(sid), call("pp_handlers", "echo", sid))
+            rest, last = [], None
+            reply = None
+            while last is None or reply is None:
+                term = server.recv()
+                if term[0] == REPLY:
+                    reply = term
+                elif term[0] == END:
+                    assert last is None
+                    last = term
+                else:
+                    assert term[:2] == (ITEM, sid) and last is None
+                    rest.append(term[2])
+            assert last == (END, sid) and reply == (REPLY, sid)
+            assert items + rest == list(range(len(items) + len(rest)))
+            assert len(items) + len(rest) <= 4 + (2 if grant else 0)
+            sid += 2
