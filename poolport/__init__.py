@@ -10,6 +10,8 @@ from .errors import (
     ProtocolError,
 )
 from . import etf  # noqa: F401 - the codec; importing it registers how MapKey compares keys
+from . import erlang  # noqa: F401 - poolport.erlang.call/cast: callbacks from a handler
+from .callbacks import ErlangError
 from .handler import handler, worker_state  # `poolport.handler` is the decorator, not the module
 from .terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Ref, Reference
 
@@ -22,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "EncodeError",
+    "ErlangError",
     "FrameError",
     "Fun",
     "ImproperList",

@@ -72,7 +72,7 @@ from .etf import codec_name
 from .config import Config
 
 DRIVER = Path(__file__).with_name("bench_driver.escript")
-WORKLOADS = ("cpu", "tiny", "big", "codec", "cluster", "client")
+WORKLOADS = ("cpu", "tiny", "big", "stream", "codec", "cluster", "client")
 CLUSTER_DRIVER = Path(__file__).with_name("bench_cluster.escript")
 CLIENT_DRIVER = Path(__file__).with_name("bench_client.escript")
 CLUSTER_NODES = 3
@@ -81,6 +81,8 @@ CALLERS = 50
 BURST_CALLS = 16  # the cold burst: this many burn calls sent at once to a fresh pool
 WINDOW = 512
 BIG_SIZES = (1_000_000, 10_000_000)
+STREAM_SMALL = (16, 256)  # bytes per item, window of the stream of small items
+STREAM_BIG = (1_000_000, 8)  # ... of the stream of 1 MB items
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class Plan:
     cluster_rounds: int
     client_calls: int  # tiny calls per client phase (lock-step phases: a tenth)
     client_rounds: int
+    stream_items: tuple[int, int] = (100_000, 200)  # items of the small and the 1 MB stream
 
 
 FULL = Plan(
@@ -129,6 +132,7 @@ QUICK = Plan(
     cluster_rounds=1,
     client_calls=10_000,
     client_rounds=1,
+    stream_items=(10_000, 20),
 )
 
 
@@ -558,6 +562,42 @@ def run_endtoend(plan: Plan, workers: int, tiny: bool, big: bool, report: Report
             )
 
 
+def run_stream(plan: Plan, workers: int, report: Report) -> None:
+    """Streams beside calls, on the same pool: items/s and MB/s of a stream against calls/s
+    and MB/s of calls with the same payloads; tiny calls' latency during a stream against
+    without one. The reference server has no streams: every figure is poolport's."""
+    (small_n, big_n), (small_b, small_w), (big_b, big_w) = plan.stream_items, STREAM_SMALL, STREAM_BIG
+    small, big = f"stream:{small_n}:{small_b}:{small_w}", f"stream:{big_n}:{big_b}:{big_w}"
+    pipe, lock = f"pipe:echo:{WINDOW}:{small_n}", f"lock:echo:{plan.lock_calls}"
+    echo = f"big:{big_b}:{plan.big_calls[0]}"
+    runs = []
+    for r in range(plan.rounds):
+        log(f"stream round {r + 1}/{plan.rounds}: poolport")
+        runs.append(drive([pipe, small, lock, echo, big], poolport_cmd(workers)))
+
+    def best(spec: str, get: Callable[[Phase], float | None], low: bool = False) -> float | None:
+        return _best([get(res[spec]) for res in runs], low)
+
+    def rate(ph: Phase) -> float:
+        return ph.calls / ph.seconds
+
+    def p50(ph: Phase) -> float | None:
+        return ph.p50_us
+
+    w = f"stream of {small_n:,} × {small_b} B items, window {small_w}"
+    pp, ref = best(small, rate), best(pipe, rate)
+    report.add(Row(w, "items/s (reference: pipelined tiny calls/s)", pp, ref, _ratio(pp, ref)))
+    pp, ref = best(small, p50, low=True), best(lock, p50, low=True)
+    report.add(
+        Row(w, "tiny call latency p50 µs during it (reference: no stream)", pp, ref, _ratio(pp, ref), fmt="{:,.1f}")
+    )
+    w = f"stream of {big_n} × {big_b // 1_000_000} MB items, window {big_w}"
+    pp, ref = best(big, lambda p: rate(p) * big_b / 1e6), best(echo, lambda p: rate(p) * big_b / 1e6)
+    report.add(Row(w, "MB/s (reference: 1 MB echo calls, lock-step)", pp, ref, _ratio(pp, ref), fmt="{:,.1f}"))
+    pp, ref = best(big, rate), best(echo, rate)
+    report.add(Row(w, "items/s (reference: 1 MB echo calls/s)", pp, ref, _ratio(pp, ref), fmt="{:,.1f}"))
+
+
 def compile_otp_app(dest: Path) -> Path:
     """Compile the poolport OTP application (``erlang/src``) into ``dest``; its ebin."""
     src = Path(__file__).resolve().parent.parent / "erlang" / "src"
@@ -854,6 +894,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         steps.append(("cpu", lambda: run_cpu(plan, workers, report)))
     if "tiny" in only or "big" in only:
         steps.append(("tiny/big", lambda: run_endtoend(plan, workers, "tiny" in only, "big" in only, report)))
+    if "stream" in only:
+        steps.append(("stream", lambda: run_stream(plan, workers, report)))
     if "codec" in only:
         steps.append(("codec", lambda: run_codec(plan, report)))
     if "cluster" in only:
@@ -877,7 +919,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         "Both driven by the same Erlang VM load generator (`poolport/bench_driver.escript`) "
         f"through a real `{{packet, 4}}` port; tiny/big: {rounds} "
         "(reference, poolport, ...), best figure of each side; cpu: reference, 1 worker and N "
-        f"workers in {plan.cpu_rounds} round(s), best of each.",
+        f"workers in {plan.cpu_rounds} round(s), best of each. stream rows: poolport only "
+        "(the reference has no streams), a stream against calls of the same payload on the "
+        "same pool, and tiny calls timed one at a time during the stream.",
         "ratio = poolport ÷ reference (for latency lower is better, elsewhere higher is "
         "better); codec rows: the reference is the library named in the workload, "
         f"best of {plan.codec_repeats} timeit-style loops each.",

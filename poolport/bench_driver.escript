@@ -30,6 +30,14 @@
 %%                               writes their requests and keeps a FIFO of
 %%                               callers to hand each reply to (replies come
 %%                               back in request order)
+%%   stream:Items:Bytes:Window   a stream of Items binaries of Bytes bytes
+%%                               (poolport.demo_handlers:chunks/2, window
+%%                               Window, credit handed back every half
+%%                               window); meanwhile one tiny echo call at a
+%%                               time (one per Items/200 items received),
+%%                               each timed: the latency of calls during a
+%%                               stream (poolport only: the reference has no
+%%                               streams). "calls" counts items.
 %%   burst:burn:Steps:Calls      Calls CPU-bound burn(Steps) sent at once to a
 %%                               pool that has never run burn: no warm-up, so
 %%                               how the first burst spreads is measured
@@ -118,6 +126,8 @@ phase_fun(Port, ["burst", "burn", S, C]) ->
 phase_fun(Port, ["callers", "burn", S, P, C]) ->
     {Make, Check} = burn(int(S)),
     {fun(N) -> callers(Port, Make, Check, int(P), N) end, int(C)};
+phase_fun(Port, ["stream", C, B, W]) ->
+    {fun(N) -> stream(Port, N, int(B), int(W)) end, int(C)};
 phase_fun(_Port, Other) ->
     fail("unknown phase ~p", [Other]).
 
@@ -215,6 +225,58 @@ owner(Port, Q) ->
             unlink(Port),
             To ! {self(), given_back}
     end.
+
+%% A stream of N items, with timed tiny calls in between; the calls' latencies.
+stream(Port, N, Size, Window) ->
+    port_command(Port, term_to_binary({stream, 'poolport.demo_handlers', chunks, [N, Size],
+                                       [{window, Window}]})),
+    Sid = case frame(Port) of
+              {stream, Id} -> Id;
+              Other -> fail("unexpected stream start ~P", [Other, 12])
+          end,
+    Every = max(1, N div 200),
+    stream_loop(Port, Sid, Size, max(1, Window div 2), Every, 0, 0, none, 0, []).
+
+stream_loop(Port, Sid, Size, Half, Every, Got, Owed, Probe, I, Lat) ->
+    case frame(Port) of
+        {stream_item, Sid, Item} when byte_size(Item) =:= Size ->
+            Owed1 = case Owed + 1 of
+                        Half -> port_command(Port, term_to_binary({stream_credit, Sid, Half})), 0;
+                        O -> O
+                    end,
+            Probe1 = case Probe =:= none andalso (Got + 1) rem Every =:= 0 of
+                         true ->
+                             port_command(Port, tiny(I)),
+                             {I, erlang:monotonic_time(nanosecond)};
+                         false -> Probe
+                     end,
+            stream_loop(Port, Sid, Size, Half, Every, Got + 1, Owed1, Probe1, I + 1, Lat);
+        {stream_end, Sid} ->
+            Lat1 = case Probe of
+                       none -> Lat;
+                       {J, T0} -> check(fun tiny_ok/2, J, unwrap_term(frame(Port))),
+                                  [erlang:monotonic_time(nanosecond) - T0 | Lat]
+                   end,
+            Lat1;
+        {reply, R} when Probe =/= none ->
+            {J, T0} = Probe,
+            check(fun tiny_ok/2, J, R),
+            Lat1 = [erlang:monotonic_time(nanosecond) - T0 | Lat],
+            stream_loop(Port, Sid, Size, Half, Every, Got, Owed, none, I, Lat1);
+        Other ->
+            fail("unexpected frame during a stream: ~P", [Other, 12])
+    end.
+
+frame(Port) ->
+    receive
+        {Port, {data, Data}} -> binary_to_term(Data);
+        {Port, {exit_status, S}} -> fail("server exited with status ~b", [S])
+    after 120000 ->
+        fail("no frame within 120 s", [])
+    end.
+
+unwrap_term({reply, R}) -> R;
+unwrap_term(Other) -> fail("unexpected reply ~P", [Other, 12]).
 
 %% ------------------------------------------------------------------ helpers
 

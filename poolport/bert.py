@@ -29,6 +29,7 @@ NO_SUCH_FUNCTION = 2  # missing, private (leading underscore) or not callable
 TIMEOUT = 3  # the call ran past its timeout; its worker was replaced
 WORKER_CRASHED = 4  # the worker process died while running this call (or twice while holding it)
 INTERNAL = 5  # poolport itself failed outside the handler (a bug, or out of memory): the worker goes on
+WRONG_KIND = 6  # a generator called with `call`, or `stream` of something that gives no items
 # user errors: the handler raised (or returned something unencodable)
 USER_ERROR = 0
 # made by the OTP client itself: a reply of the wrong shape for its request
@@ -46,6 +47,8 @@ ERRORS: dict[str, tuple[Atom, int]] = {
     "NoSuchFunction": (SERVER, NO_SUCH_FUNCTION),
     "Timeout": (SERVER, TIMEOUT),
     "WorkerCrashed": (SERVER, WORKER_CRASHED),
+    "IsStream": (SERVER, WRONG_KIND),
+    "NotAStream": (SERVER, WRONG_KIND),
     "ArgumentError": (USER, USER_ERROR),
     "EncodeError": (USER, USER_ERROR),
 }

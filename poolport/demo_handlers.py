@@ -22,3 +22,10 @@ def whoami(sleep_ms: int = 0) -> int:
 
 def echo(x: object) -> object:
     return x
+
+
+def chunks(count: int, size: int):  # noqa: ANN201 - a generator: the benchmark's stream
+    """``count`` binaries of ``size`` bytes, as a stream."""
+    blob = bytes(size)
+    for _ in range(count):
+        yield blob

@@ -70,6 +70,19 @@ from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
 from .progress import Counters, Progress
 from .spin import spin
+from .callbacks import CALLBACK_COUNT, HINT, is_reply, reply_target
+from .stream_worker import start_reply
+from .streams import (
+    CONTROL,
+    FAIL,
+    STREAM_HEAD,
+    Held,
+    is_control,
+    is_stream_request,
+    item_kinds,
+    may_hold_streams,
+    parse_control,
+)
 from .stats import StatsTable, request_name
 from .terms import Atom
 from .watch import Watcher
@@ -156,6 +169,8 @@ class Slot:
         "stall_since",
         "retiring",
         "strict",
+        "stream",
+        "stream_open",
     )
 
     def __init__(self, index: int, progress_path: str) -> None:
@@ -181,6 +196,8 @@ class Slot:
         self.stall_since = 0.0  # ... since then
         self.retiring: str | None = None  # why it gets no new runs and goes once it owes nothing
         self.strict = False  # started by a reload: a failure to start fails the reload
+        self.stream: int | None = None  # the stream request it was sent: it gets nothing else meanwhile
+        self.stream_open = False  # ... whose start reply came: its items follow, outside the reply order
 
     @property
     def ready(self) -> bool:
@@ -265,6 +282,9 @@ class Dispatcher:
         self.stdout_watched = False
         self.spin_s = config.idle_spin_us / 1e6
         self.stats = dict.fromkeys(("loops", "reads", "runs", "run_items", "chunks"), 0)  # for DEBUG
+        self.held = Held()  # stream frames waiting for their stream's start reply to be released
+        self.streaming: dict[int, Slot] = {}  # stream id -> the slot serving it
+        self._find_stream = None if self.bare else functools.partial(_find_stream, config.packet)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -336,7 +356,7 @@ class Dispatcher:
         ledger = self.ledger
         if ledger.in_flight >= self.config.max_in_flight:
             return False
-        held = ledger.held_bytes + self.stdout.size
+        held = ledger.held_bytes + self.stdout.size + self.held.size
         return held + self.frames.held < self.config.max_in_flight_bytes or (held == 0 and ledger.in_flight == 0)
 
     def _on_hangup(self, _signum: int, _frame: Any) -> None:
@@ -420,8 +440,10 @@ class Dispatcher:
                 )
             elif self.bare:
                 self.ledger.admit(segment)  # type: ignore[arg-type]
-            else:
+            elif not _may_hold_controls(segment):  # type: ignore[arg-type]
                 self._admit(segment)  # type: ignore[arg-type]
+            else:
+                self._admit_with_controls(segment)  # type: ignore[arg-type]
         if self.frames.dropped != self.info_dropped and time.monotonic() - self.info_logged_at > 1.0:
             log.warning(
                 "dropped %d bytes of {info, ...} packets: more than %d KiB of them waited for "
@@ -443,6 +465,45 @@ class Dispatcher:
             else:
                 self.ledger.answer_now(self._reply_frame(self.ledger.next_seq, self._operation(piece)))
 
+    def _admit_with_controls(self, segment: Segment) -> None:
+        """Admit a segment's requests; its control frames (stream credit and cancel, callback
+        replies) are no requests: they go to the worker they are for, and take no number."""
+        data, bounds, packet = segment.data, segment.bounds, self.packet
+        controls = item_kinds(data, bounds, 0, len(bounds) - 1, packet, _is_control)
+        first = 0
+        for k in controls + [len(bounds) - 1]:
+            if k > first:
+                self._admit(Segment(data, bounds[first : k + 1]))
+            first = k + 1
+        for k in controls:
+            end = bounds[k + 1]
+            start = bounds[k]
+            while start + packet + int.from_bytes(data[start : start + packet], "big") < end:
+                start += packet + int.from_bytes(data[start : start + packet], "big")  # past info frames
+            if is_reply(data, start + packet, end):
+                self._callback_reply(data[start + packet : end])
+                continue
+            try:
+                control = parse_control(etf.decode(data[start + packet : end], max_depth=2, max_elements=8))
+            except Exception:  # noqa: BLE001 - not a term after all: ignored like an unknown info packet
+                control = None
+            slot = self.streaming.get(control[0]) if control is not None else None
+            if control is None or slot is None or not slot.stream_open or slot.sock is None:
+                log.debug("stream control frame for no open stream ignored: %r", control)
+                continue
+            slot.outbox.push(HEADER.pack(CONTROL.size, 0) + CONTROL.pack(*control))
+            self._flush_slot(slot)
+
+    def _callback_reply(self, payload: bytes) -> None:
+        """To the worker process that made the callback; dropped if that process is gone."""
+        target = reply_target(payload, 0, len(payload))
+        slot = next((s for s in self.slots if target and s.pid == target[0] and s.ready), None)
+        if slot is None:
+            log.debug("callback reply for no live worker dropped: %r", target)
+            return
+        slot.outbox.push(HEADER.pack(len(payload), CALLBACK_COUNT), payload)
+        self._flush_slot(slot)
+
     def _reply_frame(self, seq: int, term: Any) -> bytes:
         """A reply made by the dispatcher itself, framed (and tagged) like a worker's."""
         payload = etf.encode(term, atom_encoding=self.config.atom_encoding)
@@ -454,6 +515,12 @@ class Dispatcher:
 
     def _release(self) -> None:
         ready = self.ledger.release()
+        if self.held:
+            ready += self.held.ready(self.ledger.reorder.next_seq)
+        self._emit(ready)
+
+    def _emit(self, ready: list[Any]) -> None:
+        """Write frames to stdout, after those already waiting."""
         if not ready:
             return
         if len(ready) == 1:  # the usual case: one chunk
@@ -495,7 +562,11 @@ class Dispatcher:
         ranked = sorted(
             (_load(s, ledger, now), s.index)
             for s in self.slots
-            if s.sock is not None and s.killed is None and not s.retiring and len(runs[s.index]) < MAX_QUEUED_RUNS
+            if s.sock is not None
+            and s.killed is None
+            and not s.retiring
+            and len(runs[s.index]) < MAX_QUEUED_RUNS
+            and s.stream is None
         )
         if not ranked:
             return
@@ -508,11 +579,22 @@ class Dispatcher:
                 break
             if busy and not pipeline:
                 continue
-            run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy > 0)
+            run = ledger.take_run(
+                index,
+                size,
+                PIPELINE_BYTES if busy else MAX_RUN_BYTES,
+                now,
+                strict=busy > 0,
+                find_stream=self._find_stream,
+            )
             if run is not None:
                 if run.waited:
                     self.table.queue_wait.add(run.waited * 1e6, run.count)
-                self._send_run(self.by_id[index], run)
+                slot = self.by_id[index]
+                if run.stream:
+                    slot.stream = run.start
+                    self.streaming[run.start] = slot
+                self._send_run(slot, run)
 
     def _send_run(self, slot: Slot, run: Run) -> None:
         slot.stall_mark = None  # the worker has a new reason to make progress
@@ -666,6 +748,12 @@ class Dispatcher:
 
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         self.stats["chunks"] += 1
+        if count == 0:
+            self._on_stream_message(slot, data)
+            return
+        if count == CALLBACK_COUNT:  # a frame for the Erlang side, outside the reply order
+            self._emit([data])
+            return
         try:
             if count == 0:  # the statistics of the calls the next chunk answers
                 self.table.merge(bytes(data))
@@ -677,12 +765,51 @@ class Dispatcher:
             self._link_lost(slot, "link protocol violation")
             return
         slot.failures = 0
+        if run is not None and run.stream:
+            expected = start_reply(run.start, self.config.atom_encoding)
+            if (
+                len(data) == self.packet + (SEQ.size if self.config.reply_tags else 0) + len(expected)
+                and bytes(data[-len(expected) :]) == expected
+            ):
+                slot.stream_open = True  # the stream's items follow
+            else:
+                self._stream_over(slot)  # it did not start: its reply says why
         if run is not None:
             now = time.monotonic()
             elapsed = now - max(run.sent_at, slot.idle_since)  # not the time spent queued behind a run
             slot.idle_since = now
             per_call = elapsed / run.count
             self.cost = per_call if self.cost <= 0 else (COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
+
+    def _on_stream_message(self, slot: Slot, data: Buffer) -> None:
+        """Frames of the stream this worker serves: out now if its start has left, else held."""
+        if len(data) < STREAM_HEAD.size:
+            sid, last = None, 0
+        else:
+            sid, last = STREAM_HEAD.unpack_from(data)
+        if sid is None or sid != slot.stream or not slot.stream_open:
+            log.error("worker %d (pid %d): a stream message for no stream it serves", slot.index, slot.pid)
+            self._kill(slot, "link protocol violation")
+            self._link_lost(slot, "link protocol violation")
+            return
+        frames = memoryview(data)[STREAM_HEAD.size :]
+        if len(frames):
+            self._stream_frames(sid, frames)
+        if last:
+            self._stream_over(slot)
+
+    def _stream_frames(self, sid: int, frames: Buffer) -> None:
+        if sid < self.ledger.reorder.next_seq and not self.held:
+            self._emit([frames])
+        else:
+            self.held.add(sid, frames)
+            self._release()
+
+    def _stream_over(self, slot: Slot) -> None:
+        """The slot's stream ended (or never started): the worker is free for runs again."""
+        if slot.stream is not None:
+            self.streaming.pop(slot.stream, None)
+        slot.stream, slot.stream_open = None, False
 
     def _chores(self, now: float) -> None:
         """Once per loop, one pass over the slots: timeouts, deaths to account, restarts due."""
@@ -694,7 +821,7 @@ class Dispatcher:
             self.stall_check_at = now + STALL_CHECK_S
         for slot in self.slots:
             if slot.sock is not None:
-                if slot.killed is None and runs[slot.index]:
+                if slot.killed is None and (runs[slot.index] or slot.stream_open):
                     if slot.progress.wake_at(now) <= now:  # type: ignore[union-attr]
                         self._check_timeout(slot, now)
                     elif watch:
@@ -710,6 +837,16 @@ class Dispatcher:
         if snap.running and snap.timeout_ms and now - snap.started_at > snap.timeout_ms / 1000:
             seq = self.ledger.index_of(slot.index, snap.started - 1)
             if seq is None:
+                if slot.stream_open and snap.started == self.ledger.sent[slot.index]:  # the stream's item
+                    log.warning(
+                        "stream #%d: an item took more than %d ms on worker %d (pid %d): replacing the worker",
+                        slot.stream,
+                        snap.timeout_ms,
+                        slot.index,
+                        slot.pid,
+                    )
+                    self._kill(slot, f"timeout of stream #{slot.stream}")
+                    self.counters.add("timeouts")
                 return
             log.warning(
                 "call #%d exceeded %d ms on worker %d (pid %d): replacing the worker",
@@ -756,7 +893,7 @@ class Dispatcher:
                 soonest = min(soonest, slot.restart_at)
             elif slot.dying_since:
                 soonest = min(soonest, slot.dying_since + DEATH_WAIT_S)
-            elif self.ledger.runs[slot.index] and slot.ready:
+            elif (self.ledger.runs[slot.index] or slot.stream_open) and slot.ready:
                 soonest = min(soonest, slot.progress.wake_at(now))  # type: ignore[union-attr]
         if self.hellos:
             soonest = min(soonest, min(h.since for h in self.hellos) + HELLO_WAIT_S)
@@ -813,6 +950,12 @@ class Dispatcher:
         if slot.retiring is None:
             cause = "timeout" if timed_out else "memory" if "MemoryError" in reason else "crash"
             self.restarts[cause] += 1
+        if slot.stream_open:  # its consumer learns it from the stream's last frame
+            sid = slot.stream
+            error = self._crash_error(slot, snap, reason, "stream")[1]
+            payload = etf.encode((FAIL, sid, error), atom_encoding=self.config.atom_encoding)
+            self._stream_frames(sid, frame(SEQ.pack(sid) + payload if self.config.reply_tags else payload, self.packet))  # type: ignore[arg-type]
+        self._stream_over(slot)
         self.counters.add("worker_deaths")
         self.counters.set("reruns", self.ledger.reruns)
         self.counters.set("abandoned", self.ledger.abandoned)
@@ -849,11 +992,12 @@ class Dispatcher:
             )
             return bert.error(bert.SERVER, bert.WORKER_CRASHED, "WorkerCrashed", detail, bare=self.bare)
         if slot.killed is not None and slot.killed.startswith("timeout") and snap is not None:
+            what = "a stream item took longer than" if why == "stream" else "call exceeded"
             return bert.error(
                 bert.SERVER,
                 bert.TIMEOUT,
                 "Timeout",
-                f"call exceeded its timeout of {snap.timeout_ms} ms; worker replaced",
+                f"{what} its timeout of {snap.timeout_ms} ms; worker replaced",
                 bare=self.bare,
             )
         return bert.error(
@@ -1098,6 +1242,23 @@ class Dispatcher:
             for slot in active[: len(active) - workers]:
                 self._retire(slot, "resize")
         log.info("resized to %d worker(s)", workers)
+
+
+def _may_hold_controls(segment: Segment) -> bool:
+    data, start, end = segment.data, segment.bounds[0], segment.bounds[-1]
+    return may_hold_streams(data, start, end) or data.find(HINT, start, end) != -1
+
+
+def _is_control(data: bytes, start: int, end: int) -> bool:
+    return is_control(data, start, end) or is_reply(data, start, end)
+
+
+def _find_stream(packet: int, data: bytes, bounds: list[int], i: int, j: int) -> int | None:
+    """The index of the first stream request among items ``i .. j - 1`` (``Ledger.take_run``)."""
+    if not may_hold_streams(data, bounds[i], bounds[j]):
+        return None
+    found = item_kinds(data, bounds, i, j, packet, is_stream_request)
+    return found[0] if found else None
 
 
 def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:

@@ -47,7 +47,7 @@ class Run:
     included); ``base`` is how many requests the slot's process had been sent before.
     """
 
-    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes", "waited")
+    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes", "waited", "stream")
 
     def __init__(
         self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float, strikes: int, waited: float = 0.0
@@ -60,7 +60,12 @@ class Run:
         self.sent_at = sent_at
         self.strikes = strikes  # from the worker deaths these requests have been through
         self.waited = waited  # seconds its first request waited between admission and this run
+        self.stream = False  # a stream request, alone in its run
 
+
+FindStream = Callable[[bytes, list[int], int, int], "int | None"]
+"""``find_stream(data, bounds, i, j)``: the index of the first stream request among items
+``i .. j - 1``, or None."""
 
 Blame = Callable[[int, str], bytes]
 """``blame(seq, why)``: the framed error reply for a request lost with its worker;
@@ -130,9 +135,21 @@ class Ledger:
 
     # ------------------------------------------------------------------ to workers
 
-    def take_run(self, slot: int, size: int, max_bytes: int, now: float, strict: bool = False) -> Run | None:
+    def take_run(
+        self,
+        slot: int,
+        size: int,
+        max_bytes: int,
+        now: float,
+        strict: bool = False,
+        find_stream: FindStream | None = None,
+    ) -> Run | None:
         """Cut a run of up to ``size`` requests (at most ``max_bytes``, but always at least one,
-        unless ``strict``: then ``None`` if the first request alone is over ``max_bytes``)."""
+        unless ``strict``: then ``None`` if the first request alone is over ``max_bytes``).
+
+        With ``find_stream``, a stream request goes alone in its run (``Run.stream``), and only
+        to a slot that holds no run (``strict`` is False): the worker serves nothing else
+        while the stream is open, so nothing may wait behind it."""
         if not self.pending:
             return None
         head = take_head(self.pending, size)
@@ -140,6 +157,15 @@ class Ledger:
         bounds = seg.bounds
         last = len(bounds) - 1
         j = min(i + size, last)
+        stream = False
+        if find_stream is not None:
+            k = find_stream(seg.data, bounds, i, j)
+            if k == i:
+                if strict or self.runs[slot]:
+                    return None
+                j, stream = i + 1, True
+            elif k is not None:
+                j = k
         start = bounds[i]
         if bounds[j] - start > max_bytes:
             j = max(i + 1, bisect_right(bounds, start + max_bytes, i + 1, j) - 1)
@@ -154,6 +180,7 @@ class Ledger:
             head.strikes,
             now - head.since if head.since else 0.0,
         )
+        run.stream = stream
         head.pos, head.seq = j, head.seq + run.count
         if j == last:
             self.pending.popleft()

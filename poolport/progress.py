@@ -57,6 +57,22 @@ class Progress:
     def set_timeout(self, timeout_ms: int) -> None:
         self._ints[_TIMEOUT] = min(timeout_ms, MAX_TIMEOUT_MS)
 
+    def resume(self, timeout_ms: int) -> None:
+        """The call that just ended runs again (a stream serving its items after its start
+        reply): ``finished`` is written last, once the clock is set."""
+        self.clock(timeout_ms)
+        self._finished -= 1
+        self._ints[_FINISHED] = self._finished
+
+    def clock(self, timeout_ms: int) -> None:
+        """Restart the running call's clock with this timeout (a stream's next item). The
+        timeout is 0 (none) while the start moves, so no reader pairs the old start with the
+        new timeout, whatever order it reads them in."""
+        ints = self._ints
+        ints[_TIMEOUT] = 0
+        self._floats[_STARTED_AT] = time.monotonic()
+        ints[_TIMEOUT] = min(timeout_ms, MAX_TIMEOUT_MS)
+
     def end(self) -> None:
         self._finished += 1
         self._ints[_FINISHED] = self._finished

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 import select
 import signal
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any, Callable
 
 from . import bert, etf
@@ -34,6 +36,10 @@ from .memory import keep_freed_memory
 from .progress import Counters, Progress
 from .spin import spin
 from .stats import CallRecorder
+from .stream_worker import OpenStream, Receive, pump, start_reply
+from .streams import CONTROL, ITEM, STREAM, parse_stream_request
+from .callbacks import CALLBACK_COUNT, reply_target
+from . import erlang
 from .terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
@@ -57,6 +63,10 @@ class _NoProgress:
     def set_timeout(self, timeout_ms: int) -> None: ...
 
     def end(self) -> None: ...
+
+    def resume(self, timeout_ms: int) -> None: ...
+
+    def clock(self, timeout_ms: int) -> None: ...
 
 
 class Handlers:
@@ -161,6 +171,8 @@ class Worker:
         self._fast: dict[bytes, tuple[Any, ...]] = {}  # request head bytes -> resolved handler
         self._last: tuple[bytes, tuple[Any, ...] | None] = (b"\x00", None)  # the latest (no term starts 0)
         self._noreply = self._encode(bert.noreply())
+        self.opened: OpenStream | None = None  # a stream request just answered: serve_run pumps it
+        self.flush: Callable[[], None] = _nothing  # sends what is ready before a callback waits
         # made now, while memory is plentiful: the reply when even an error reply cannot be made
         self._out_of_memory = self._error(
             bert.SERVER, bert.INTERNAL, "MemoryError", "the worker ran out of memory while answering this request"
@@ -281,6 +293,8 @@ class Worker:
                 type(exc).__name__,
                 f"the request could not be decoded: {_safe_str(exc)}",
             )
+        if not self.bare and type(term) is tuple and term and term[0] == STREAM:
+            return self._open_stream(term, timeout)
         try:
             request = bert.parse_bare_request(term) if self.bare else bert.parse_request(term)
         except ProtocolError as exc:
@@ -305,6 +319,58 @@ class Worker:
             request.function,
             request.args,
         )
+
+    def _open_stream(self, term: Any, timeout: int | None) -> bytes:
+        """Call a stream's handler and keep its iterator in ``opened``; the start reply is
+        written by :func:`serve_run`, which knows the stream's number."""
+        try:
+            request = parse_stream_request(term)
+        except ProtocolError as exc:
+            return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", str(exc))
+        module, function = request.module, request.function
+        fn = self.handlers.resolve(module, function)
+        if type(fn) is tuple:
+            return self._error(bert.SERVER, *fn)
+        item_ms = smallest_timeout(timeout, self._timeout_for(module, function))
+        self.progress.set_timeout(item_ms)
+        try:
+            source = fn(*request.args)
+        except BaseException as exc:  # noqa: BLE001 - as for a call
+            return self._failure(exc, False, module, function)
+        try:
+            items = iter(source)
+        except Exception:  # noqa: BLE001 - no iterator: not a stream
+            return self._error(
+                bert.SERVER,
+                bert.WRONG_KIND,
+                "NotAStream",
+                f"{module}.{function} returned a {type(source).__name__}, which gives no items: "
+                "call it with call, or return an iterable",
+            )
+        self.opened = OpenStream(items, source, request.window, request.idle_ms, item_ms, module, function)
+        return b""
+
+    def encode_term(self, term: Any) -> bytes:
+        return self._encode(term)
+
+    def error_term(self, kind: Any, code: int, cls: str, detail: str) -> Any:
+        """``{Type, Code, Class, Detail, []}``: a stream's error, without the ``error`` wrapper."""
+        return bert.error(kind, code, cls, detail)[1]
+
+    def failure_term(self, exc: BaseException, module: str, function: str) -> Any:
+        """The error term of a handler's exception (as :meth:`_failure`), for a stream."""
+        return etf.decode(self._failure(exc, False, module, function), none_atom=self._none)[1]
+
+    def encode_item(self, tag: bytes, sid: int, item: Any, header: Any, limit: int) -> bytes:
+        """The frame of ``{stream_item, Sid, Item}``; raises with a readable message if it cannot be."""
+        term = (ITEM, sid, item)
+        try:
+            payload = self._encode(term)
+        except EncodeError:
+            payload = self._encode((ITEM, sid, typed.to_term(item)))  # Structs, dataclasses, Enums
+        if len(payload) >= limit:
+            raise EncodeError(f"a stream item of {len(payload)} bytes is too big for its {{packet, N}} frame")
+        return header.pack(len(payload) + len(tag)) + tag + payload
 
     def _timeout_for(self, module: str, function: str) -> int:
         """The config's entry, then the decorator's, then the global one."""
@@ -360,6 +426,14 @@ class Worker:
             return self._error(
                 bert.USER, bert.USER_ERROR, type(exc).__name__, f"the result could not be encoded: {_safe_str(exc)}"
             )
+        if not self.bare and _is_iterator(result):
+            _close_quietly(result)
+            return self._error(
+                bert.SERVER,
+                bert.WRONG_KIND,
+                "IsStream",
+                f"the handler returned a {type(result).__name__}: call it with stream to get its items",
+            )
         return self._error(bert.USER, bert.USER_ERROR, "EncodeError", f"the result cannot be sent: {error}")
 
     def _internal_error(self, exc: BaseException) -> bytes:
@@ -390,16 +464,29 @@ def serve_run(
     send: Callable[[int, list[bytes]], None],
     start: int = 0,
     first: int | None = None,
+    base: int | None = None,
+    receive: Receive | None = None,
 ) -> None:
     """Answer every frame of ``run[start:]``; ``send(count, framed_replies)`` is called as
     progress is made. With ``first`` (the sequence number of the run's first request) every
-    reply frame is tagged with its request's sequence number (``reply_tags``)."""
+    reply frame is tagged with its request's sequence number (``reply_tags``). ``base`` is
+    that number when replies are not tagged; a stream (see :mod:`poolport.streams`) is named
+    by it. A stream's items are sent after its start reply, taking credit from ``receive``
+    (without it, a stream is closed once started)."""
     out: list[bytes] = []
     size = 0
+
+    def flush() -> None:
+        """Send the replies made so far (before a handler waits for a callback's answer)."""
+        if out:
+            send(len(out) // 2, out)
+            out.clear()
+
+    worker.flush = flush
     header = HEADERS[packet]
     tag = SEQ.pack if first is not None else None
     limit = (1 << (8 * packet)) - (SEQ.size if tag else 0)
-    seq = first or 0
+    seq = first if first is not None else base or 0
     pos, n = start, len(run)
     last = time.perf_counter()
     while pos < n:
@@ -408,21 +495,60 @@ def serve_run(
         answer = worker.answer(run, begin, pos)
         if answer is None:
             continue
+        opened = worker.opened
+        if opened is not None:
+            answer = start_reply(seq, worker.config.atom_encoding)
         if len(answer) >= limit:
             answer = worker.too_big(len(answer), packet)
         if tag:
             out.append(header.pack(len(answer) + SEQ.size) + tag(seq))
-            seq += 1
         else:
             out.append(header.pack(len(answer)))
         out.append(answer)
         size += len(answer)
+        seq += 1
+        if opened is not None:
+            worker.opened = None
+            send(len(out) // 2, out)
+            out.clear()
+            size = 0
+            pump(worker, opened, seq - 1, packet, tag is not None, send, receive or _no_credit)
+            worker.flush = flush
+            last = time.perf_counter()
+            continue
         now = time.perf_counter()
         if now - last >= FLUSH_AFTER_S or size >= FLUSH_BYTES:
             send(len(out) // 2, out)
-            out, size, last = [], 0, now
+            out.clear()
+            size, last = 0, now
     if out:
         send(len(out) // 2, out)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _no_credit(_timeout_s: float) -> None:
+    """The ``receive`` of a worker with no link (in-process use): the stream ends at once."""
+    return None
+
+
+def _is_iterator(obj: Any) -> bool:
+    try:
+        return hasattr(type(obj), "__next__") and hasattr(type(obj), "__iter__")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _close_quietly(obj: Any) -> None:
+    """Close a generator a call returned (its ``finally`` blocks run), whatever that raises."""
+    try:
+        close = getattr(obj, "close", None)
+        if close is not None:
+            close()
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _safe_str(obj: Any) -> str:
@@ -562,22 +688,89 @@ def worker_main(
         poller.register(sock, select.POLLIN)
         spin_s = config.idle_spin_us / 1e6
         poll_now = functools.partial(poller.poll, 0)
+        inbox = Inbox(sock, reader)
+        erlang.install(
+            erlang.Link(
+                os.getpid(),
+                send,
+                inbox.read,
+                inbox.replies,
+                config.packet,
+                config.reply_tags,
+                worker.encode_term,
+                erlang.decoder(config.none_atom, config.max_frame_bytes),
+                lambda: worker.flush(),
+            )
+        )
+        runs = inbox.runs
         while True:
             if spin_s:
                 spin(poll_now, spin_s)
             messages = reader.read_from(sock)
             if messages is None:
                 break
-            for _count, run in messages:
-                run = run if type(run) is bytes else bytes(run)
-                first = SEQ.unpack_from(run)[0] if config.reply_tags else None
-                serve_run(worker, run, config.packet, send, SEQ.size, first)
+            inbox.sort(messages)
+            while runs:
+                run = runs.popleft()
+                base = SEQ.unpack_from(run)[0]
+                first = base if config.reply_tags else None
+                serve_run(worker, run, config.packet, send, SEQ.size, first, base, inbox.controls_within)
     except OSError as exc:
         log.info("link to the dispatcher lost: %s", exc)
     finally:
         # Never return to loky: the dispatcher is gone or done with us, and a
         # worker idling on loky's task queue would outlive it.
         os._exit(0)
+
+
+class Inbox:
+    """What the dispatcher sent this worker, sorted as it is read: runs, stream controls
+    (credit, cancel) and callback replies. Read in the serving loop, and within a stream or
+    a callback, which wait for their own messages and keep the others for later."""
+
+    def __init__(self, sock: socket.socket, reader: MessageReader) -> None:
+        self.sock, self.reader = sock, reader
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.runs: deque[bytes] = deque()
+        self.controls: list[tuple[int, int]] = []
+        self.replies: dict[int, bytes] = {}  # callback counter -> reply payload
+
+    def sort(self, messages: list[tuple[int, Any]]) -> None:
+        for count, data in messages:
+            if count == 0:
+                self.controls.append(CONTROL.unpack_from(data))
+            elif count == CALLBACK_COUNT:
+                data = bytes(data)
+                target = reply_target(data, 0, len(data))
+                if target is not None:
+                    self.replies[target[1]] = data
+            else:
+                self.runs.append(data if type(data) is bytes else bytes(data))
+
+    def read(self, timeout_s: float | None) -> bool:
+        """Take what arrives within ``timeout_s`` (None: wait for something); False once the
+        dispatcher is gone."""
+        wait = None if timeout_s is None else math.ceil(max(0.0, timeout_s) * 1000)
+        while self.poller.poll(wait):
+            messages = self.reader.read_from(self.sock)
+            if messages is None:
+                return False
+            self.sort(messages)
+            wait = 0
+        return True
+
+    def controls_within(self, timeout_s: float) -> list[tuple[int, int]] | None:
+        """A stream's ``receive``: the controls that arrived within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.controls:
+            left = deadline - time.monotonic()
+            if not self.read(left):
+                return None
+            if left <= 0:
+                break
+        controls, self.controls = self.controls, []
+        return controls
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -143,6 +143,13 @@ def test_bench_quick_prints_every_row(tmp_path):
         ("binary echo 1 MB, lock-step", "MB/s (payload, once per round trip)"),
         ("binary echo 10 MB, lock-step", "MB/s (payload, once per round trip)"),
     ]
+    small, big = "stream of 10,000 × 16 B items, window 256", "stream of 20 × 1 MB items, window 8"
+    expected += [
+        (small, "items/s (reference: pipelined tiny calls/s)"),
+        (small, "tiny call latency p50 µs during it (reference: no stream)"),
+        (big, "MB/s (reference: 1 MB echo calls, lock-step)"),
+        (big, "items/s (reference: 1 MB echo calls/s)"),
+    ]
     for case, unit in (("nested term", "terms/s"), ("1 MB binary", "MB/s")):
         for op in ("encode", "decode"):
             for lib in ("erlang_py", "erlpack"):

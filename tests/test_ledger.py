@@ -260,3 +260,27 @@ def test_a_run_knows_how_long_its_first_request_waited():
     assert run is not None and run.count == 3 and run.waited == 2.5  # merged: the oldest counts
     ledger.lost(0, None, blame)  # re-queued: how long it waited before is not known any more
     assert ledger.take_run(0, 3, 1 << 20, 20.0).waited == 0.0
+
+
+def test_a_stream_request_goes_alone_and_only_to_a_slot_holding_no_run():
+    """``find_stream`` marks stream requests: a run stops before one, and one is a run of its own,
+    never queued behind another run (its worker serves nothing else while it is open)."""
+    ledger = Ledger(2)
+    ledger.admit(segment(0, 6))
+    streams = {2, 3}
+
+    def find(data: bytes, bounds: list[int], i: int, j: int) -> int | None:
+        return next((k for k in range(i, j) if int(data[bounds[k] + 5 : bounds[k + 1]]) in streams), None)
+
+    first = ledger.take_run(0, 6, 1 << 20, 0.0, find_stream=find)
+    assert first is not None and requests_of(first) == [0, 1] and not first.stream
+    assert ledger.take_run(0, 6, 1 << 20, 0.0, find_stream=find) is None  # slot 0 holds a run
+    assert ledger.take_run(1, 6, 1 << 20, 0.0, strict=True, find_stream=find) is None  # a busy slot
+    alone = ledger.take_run(1, 6, 1 << 20, 0.0, find_stream=find)
+    assert alone is not None and requests_of(alone) == [2] and alone.stream
+    ledger.answered(0, 2, b"r0;r1;")
+    second = ledger.take_run(0, 6, 1 << 20, 0.0, find_stream=find)
+    assert second is not None and requests_of(second) == [3] and second.stream
+    ledger.answered(1, 1, b"s2;")
+    rest = ledger.take_run(1, 6, 1 << 20, 0.0, find_stream=find)
+    assert rest is not None and requests_of(rest) == [4, 5] and not rest.stream

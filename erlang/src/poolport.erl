@@ -32,6 +32,11 @@
 -export([call/5]).
 -export([call/6]).
 -export([cast/4]).
+-export([stream/4]).
+-export([stream/5]).
+-export([next/1]).
+-export([next/2]).
+-export([cancel/1]).
 -export([info/1]).
 -export([members/1]).
 -export([reload/1]).
@@ -54,7 +59,8 @@
     start_timeout => pos_integer(),
     stop_timeout => non_neg_integer(),
     group => atom(),
-    events => module()
+    events => module(),
+    callbacks => [module() | {module(), atom()}]
 }.
 %% Pool options; every key is optional.
 %% <dl>
@@ -91,6 +97,10 @@
 %% <dt>`events'</dt><dd>A module whose `handle_event(Event, Measurements,
 %%   Metadata)' gets the pool's call and restart events, in the shape of
 %%   Elixir's `telemetry' (see {@link poolport_events}). Default none.</dd>
+%% <dt>`callbacks'</dt><dd>What Python handlers may call on this node with
+%%   `poolport.erlang.call/cast': a module (any of its functions) or
+%%   `{Module, Function}'. Each callback runs in a process of its own, killed
+%%   after its timeout. Default `[]': every callback is refused.</dd>
 %% </dl>
 
 -type pool() :: pid() | atom() | {atom(), node()} | {global, term()}
@@ -137,6 +147,22 @@
 -export_type([bert_error/0]).
 -export_type([reason/0]).
 -export_type([absent/0]).
+-export_type([stream/0]).
+-export_type([stream_opts/0]).
+
+-opaque stream() :: {poolport_stream, pid(), reference()}.
+%% A stream started by {@link stream/5}: read it with {@link next/2}, close
+%% it with {@link cancel/1}.
+
+-type stream_opts() :: #{window => pos_integer(), timeout => timeout(),
+                         idle_timeout => pos_integer()}.
+%% Options of {@link stream/5}: `window', the items Python may produce
+%% ahead of the consumer (default 64, at most 1048576); `timeout' (ms), for
+%% the stream's start and, in Python, for each item (the pool's timeout
+%% rules apply per item; default: the `default_timeout' of the
+%% application environment, 5000); `idle_timeout' (ms), how long Python
+%% waits for the consumer to take an item when the window is full before
+%% it closes the stream with `{error, timeout}' (default 60000).
 
 %% API.
 
@@ -403,7 +429,77 @@ stop(Pool) ->
     %% A pool of poolport_sup leaves a stopped child specification behind.
     poolport_sup:purge().
 
+%% @doc {@link stream/5} with default options.
+-spec stream(pool(), atom(), atom(), list()) -> {ok, stream()} | {error, reason()}.
+stream(Pool, Module, Function, Args) ->
+    stream(Pool, Module, Function, Args, #{}).
+
+%% @doc Call `Module.Function(*Args)' in Python as a stream: the function
+%% returns an iterator (a generator function does) whose items are read
+%% with {@link next/2}.
+%%
+%% `{ok, Stream}' once the function has returned its iterator; the process
+%% that called `stream/5' is the stream's consumer: if it dies, the stream
+%% is cancelled. An open stream occupies one worker of the pool until it
+%% ends; while it waits for its consumer, the worker runs nothing else.
+%% Errors before the stream starts are those of {@link call/5};
+%% `{error, {server, 6, <<"NotAStream">>, _, _}}' if the function's result
+%% is not iterable. Not for `{group, Name}' (`badarg').
+-spec stream(pool(), atom(), atom(), list(), stream_opts()) ->
+          {ok, stream()} | {error, reason()}.
+stream({group, _} = Group, Module, Function, Args, Opts) ->
+    erlang:error(badarg, [Group, Module, Function, Args, Opts]);
+stream(Pool, Module, Function, Args, Opts)
+  when is_atom(Module), is_atom(Function), is_list(Args), is_map(Opts) ->
+    case stream_options(Opts) of
+        {ok, Window, Timeout, Idle} ->
+            Request = term_to_binary({stream, Module, Function, Args,
+                                      [{window, Window}, {idle_ms, Idle}]}),
+            poolport_server:stream(Pool, Request, Window, Timeout);
+        error ->
+            erlang:error(badarg, [Pool, Module, Function, Args, Opts])
+    end.
+
+%% @doc {@link next/2} with the default timeout (`default_timeout', 5000).
+-spec next(stream()) -> {ok, term()} | done | {error, term()}.
+next(Stream) ->
+    next(Stream, default_timeout()).
+
+%% @doc The stream's next item: `{ok, Item}', `done' after the last one,
+%% or `{error, Reason}': the handler raised (`{user, 0, Class, Detail,
+%% Backtrace}'), its worker died (`{server, 4, <<"WorkerCrashed">>, _, _}'),
+%% an item took longer than the stream's `timeout' or the consumer took none
+%% for `idle_timeout' (`timeout'), Python restarted (`port_closed'). After
+%% `done' or an error the stream is closed: a further `next' gives
+%% `{error, no_stream}'.
+%%
+%% `{error, timeout}' when no item came within `Timeout' ms: the stream
+%% stays open, ask again. One `next' at a time per stream (`{error, busy}').
+-spec next(stream(), timeout()) -> {ok, term()} | done | {error, term()}.
+next({poolport_stream, Pool, Ref}, Timeout) ->
+    poolport_server:next(Pool, Ref, Timeout).
+
+%% @doc Close a stream: Python closes the generator (its `finally' blocks
+%% run) and the items it had sent are dropped. Always `ok', also for a
+%% stream that has ended.
+-spec cancel(stream()) -> ok.
+cancel({poolport_stream, Pool, Ref}) ->
+    poolport_server:cancel(Pool, Ref).
+
 %% Internal.
+
+-spec stream_options(map()) -> {ok, pos_integer(), timeout(), pos_integer()} | error.
+stream_options(Opts) ->
+    Window = maps:get(window, Opts, 64),
+    Timeout = maps:get(timeout, Opts, default_timeout()),
+    Idle = maps:get(idle_timeout, Opts, 60000),
+    Known = maps:size(maps:without([window, timeout, idle_timeout], Opts)) =:= 0,
+    case Known andalso is_integer(Window) andalso Window >= 1 andalso Window =< 1048576
+        andalso (Timeout =:= infinity orelse (is_integer(Timeout) andalso Timeout >= 0))
+        andalso is_integer(Idle) andalso Idle >= 1 andalso Idle =< 4294967295 of
+        true -> {ok, Window, Timeout, Idle};
+        false -> error
+    end.
 
 -spec retries(map()) -> {ok, non_neg_integer()} | error.
 retries(Opts) ->

@@ -29,6 +29,7 @@
     stop_timeout := non_neg_integer(),
     group := atom() | undefined,
     events := module() | undefined,
+    callbacks := [module() | {module(), atom()}],
     %% Set by prepare/1: the default call timeout when the pool started.
     caller_timeout => timeout()
 }.
@@ -79,7 +80,8 @@ check_opts(Opts) when is_map(Opts) ->
         start_timeout => 15000,
         stop_timeout => 10000,
         group => undefined,
-        events => undefined
+        events => undefined,
+        callbacks => []
     },
     case [K || K <- maps:keys(Opts), not maps:is_key(K, Defaults)] of
         [Key | _] ->
@@ -134,6 +136,14 @@ check_opt(start_timeout, N) when is_integer(N), N > 0 -> {ok, N};
 check_opt(stop_timeout, N) when is_integer(N), N >= 0 -> {ok, N};
 check_opt(group, Group) when is_atom(Group) -> {ok, Group};
 check_opt(events, Module) when is_atom(Module) -> {ok, Module};
+check_opt(callbacks, List) when is_list(List) ->
+    case lists:all(fun(M) when is_atom(M) -> true;
+                      ({M, F}) -> is_atom(M) andalso is_atom(F);
+                      (_) -> false
+                   end, List) of
+        true -> {ok, List};
+        false -> error
+    end;
 check_opt(_, _) -> error.
 
 -spec env_var(term()) -> {ok, {string(), string() | false}} | error.

@@ -69,6 +69,9 @@
 -export([info/1]).
 -export([sys_call/4]).
 -export([clamp_timeout/1]).
+-export([stream/4]).
+-export([next/3]).
+-export([cancel/2]).
 -ifdef(TEST).
 -export([gave_up_count/1]).
 -endif.
@@ -86,6 +89,9 @@
 %% The messages of a call: a caller's request, and a caller that gave up.
 -define(CALL, '$poolport_call').
 -define(GAVE_UP, '$poolport_gave_up').
+%% Extra time a stream's consumer waits beyond its timeout for the server's
+%% own `{error, timeout}' before it gives up itself (only if the server is stuck).
+-define(CALLER_MARGIN, 1000).
 %% Largest call timeout (ms, about 49.7 days): the largest value every OTP
 %% release accepts in `erlang:send_after/3' and in `receive ... after'
 %% (which `gen_server:call/3' uses). Longer timeouts are clamped to it.
@@ -101,7 +107,8 @@
 %% Ceiling of the reopen delay.
 -define(BACKOFF_MAX, 5000).
 
--type entry() :: {call, reference(), pid()} | cast | sys_info | {sys_call, gen_server:from(), atom()}.
+-type entry() :: {call, reference(), pid()} | {stream, reference(), pos_integer()} | cast | sys_info
+               | {sys_call, gen_server:from(), atom()}.
 
 -record(state, {
     cfg :: poolport_opts:cfg(),
@@ -139,7 +146,15 @@
     %% Python's latest answer to '$poolport':stats(), and when it came
     %% (monotonic ms).
     stats = #{} :: map(),
-    stats_at :: integer() | undefined
+    stats_at :: integer() | undefined,
+    %% Callers waiting for a stream to start (its consumer's monitor =>
+    %% {From, start timeout timer}); plain calls are not kept here.
+    pending = #{} :: #{reference() => {gen_server:from(), reference() | undefined}},
+    %% Open streams by their consumer's monitor, and their numbers on the
+    %% current port (a cancelled stream keeps its number, mapped to
+    %% `cancelled', until Python's last frame for it).
+    streams = #{} :: #{reference() => poolport_stream:stream()},
+    stream_ids = #{} :: #{poolport_wire:seq() => reference() | cancelled}
 }).
 
 -type state() :: #state{}.
@@ -248,6 +263,35 @@ server_call(Pool, Message, Timeout) ->
         exit:{{nodedown, Node}, {gen_server, call, _}} -> {error, {nodedown, Node}}
     end.
 
+%% @doc Start a stream: an encoded `{stream, M, F, Args, Opts}' request,
+%% `Window' the items Python may send ahead, `Timeout' for its start (and,
+%% in Python, for each item). `{ok, {poolport_stream, Pool, Ref}}'.
+-spec stream(poolport:pool(), binary(), pos_integer(), timeout()) ->
+          {ok, poolport:stream()} | {error, poolport:reason()}.
+stream(Pool, Request, Window, Timeout0) ->
+    Timeout = clamp_timeout(Timeout0),
+    Wait = case Timeout of
+               infinity -> infinity;
+               _ -> min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)
+           end,
+    server_call(Pool, {stream, Request, Window, Timeout}, Wait).
+
+%% @doc The next item of a stream (see {@link poolport:next/2}).
+-spec next(pid(), reference(), timeout()) -> poolport_stream:result().
+next(Pool, Ref, Timeout0) ->
+    Timeout = clamp_timeout(Timeout0),
+    Wait = case Timeout of
+               infinity -> infinity;
+               _ -> min(Timeout + ?CALLER_MARGIN, ?MAX_TIMEOUT)
+           end,
+    server_call(Pool, {next, Ref, Timeout}, Wait).
+
+%% @doc Close a stream (see {@link poolport:cancel/1}).
+-spec cancel(pid(), reference()) -> ok.
+cancel(Pool, Ref) ->
+    _ = server_call(Pool, {cancel, Ref}, ?INFO_TIMEOUT),
+    ok.
+
 %% @doc Send an encoded cast to a pool.
 %%
 %% `gen_server:cast/2' never fails: a cast to a pool that does not exist or
@@ -325,6 +369,47 @@ handle_call({sys_call, Function, Request}, From, #state{port = Port} = State) ->
         ok -> {noreply, enqueue({sys_call, From, Function}, State)};
         error -> {reply, {error, port_closed}, State}
     end;
+handle_call({stream, _Request, _Window, _Timeout}, _From, #state{port = undefined} = State) ->
+    {reply, {error, port_closed}, count_error(State)};
+handle_call({stream, Request, Window, Timeout}, {Pid, _} = From, State0) ->
+    #state{cfg = #{packet := Packet}, port = Port} = State0,
+    %% The same timeout packet rule as a call's (see frames/3).
+    {Frames, State} = frames(Timeout, Request, State0),
+    case poolport_wire:check_frame(Request, Packet) =:= ok andalso write(Port, Frames) of
+        ok ->
+            MRef = erlang:monitor(process, Pid),
+            TRef = case Timeout of
+                       infinity -> undefined;
+                       _ -> erlang:send_after(Timeout, self(), {call_timeout, MRef})
+                   end,
+            {noreply, enqueue({stream, MRef, Window}, State#state{
+                pending = maps:put(MRef, {From, TRef}, State#state.pending)})};
+        false ->
+            {reply, poolport_wire:check_frame(Request, Packet), count_error(State)};
+        error ->
+            {reply, {error, port_closed}, count_error(State)}
+    end;
+handle_call({next, Ref, Timeout}, From, State) ->
+    case maps:find(Ref, State#state.streams) of
+        {ok, Stream} ->
+            TRef = case Timeout of
+                       infinity -> undefined;
+                       _ -> erlang:send_after(Timeout, self(), {next_timeout, Ref})
+                   end,
+            case poolport_stream:next({From, TRef}, Stream) of
+                {wait, Stream1} ->
+                    {noreply, State#state{streams = maps:put(Ref, Stream1, State#state.streams)}};
+                {busy, _} ->
+                    cancel_timer(TRef),
+                    {reply, {error, busy}, State};
+                {Effects, Stream1} ->
+                    {noreply, stream_effects(Ref, Effects, Stream1, State)}
+            end;
+        error ->
+            {reply, {error, no_stream}, State}
+    end;
+handle_call({cancel, Ref}, _From, State) ->
+    {reply, ok, cancel_stream(Ref, State)};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -371,6 +456,34 @@ handle_info({Port, {exit_status, Status}}, #state{port = Port} = State) ->
     port_down({exit_status, Status}, State);
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = State) ->
     port_down({port_exit, Reason}, State);
+%% A stream that did not start in time (plain calls have no timer here).
+handle_info({call_timeout, MRef}, State) ->
+    case maps:take(MRef, State#state.pending) of
+        {{From, _TRef}, Pending} ->
+            erlang:demonitor(MRef, [flush]),
+            gen_server:reply(From, {error, timeout}),
+            {noreply, count_error(State#state{pending = Pending,
+                                              timeouts = State#state.timeouts + 1})};
+        error ->
+            {noreply, State}
+    end;
+handle_info({next_timeout, Ref}, State) ->
+    case maps:find(Ref, State#state.streams) of
+        {ok, Stream} ->
+            {Effects, Stream1} = poolport_stream:timed_out(Stream),
+            {noreply, stream_effects(Ref, Effects, Stream1, State)};
+        error ->
+            {noreply, State}
+    end;
+handle_info({'DOWN', MRef, process, _Pid, _Reason}, State) ->
+    case maps:take(MRef, State#state.pending) of
+        {{_From, TRef}, Pending} ->
+            cancel_timer(TRef),
+            {noreply, State#state{pending = Pending}};
+        error ->
+            %% A stream's consumer died: the stream is closed in Python.
+            {noreply, cancel_stream(MRef, State)}
+    end;
 handle_info(reopen, #state{port = undefined} = State) ->
     reopen(State#state{reopen_timer = undefined});
 handle_info(_Info, State) ->
@@ -385,7 +498,7 @@ terminate(_Reason, State0) ->
     State = leave_group(State0),
     cancel_timer(State#state.reopen_timer),
     ok = fail_sys_calls(port_closed, State#state.queue),
-    _ = fail_pending(State),
+    _ = fail_streams(port_closed, fail_pending(State)),
     case State#state.port of
         undefined -> ok;
         Port -> poolport_os:close(Port, State#state.os_pid, maps:get(stop_timeout, State#state.cfg))
@@ -562,7 +675,7 @@ misaligned(#{why := What, expected := Expected, got := Got} = Why,
 restart(Why, Error, #state{cfg = Cfg} = State0) ->
     #{max_restarts := MaxRestarts, restart_period := Period} = Cfg,
     ok = fail_sys_calls(Error, State0#state.queue),
-    State1 = fail_pending(Error, leave_group(State0)),
+    State1 = fail_streams(Error, fail_pending(Error, leave_group(State0))),
     Now = erlang:monotonic_time(millisecond),
     Deaths = recent([Now | State1#state.deaths], Now, Period * 1000),
     State = State1#state{port = undefined, os_pid = undefined, queue = queue:new(), seq = 0,
@@ -601,13 +714,28 @@ backoff(N) ->
 %% A reply frame from the port: delivered to the head of the queue if it
 %% is the head's, else the misalignment (the state is left as it was).
 -spec handle_data(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
-handle_data(<<Seq:64/big-unsigned, _/binary>> = Data, #state{gave_up = GaveUp} = State)
+handle_data(<<Id:64/big-unsigned, 131, 104, _, Atom, Rest/binary>> = Data, State)
+  when Atom =:= 100; Atom =:= 115; Atom =:= 118; Atom =:= 119 ->
+    case stream_frame(Atom, Rest) of
+        true -> stream_data(Id, Data, State);
+        false ->
+            case callback_frame(Atom, Rest) of
+                true -> callback_data(Data, State);
+                false -> reply_data(Data, State)
+            end
+    end;
+handle_data(Data, State) ->
+    reply_data(Data, State).
+
+%% A reply frame (the answer to the request at the head of the queue).
+-spec reply_data(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
+reply_data(<<Seq:64/big-unsigned, _/binary>> = Data, #state{gave_up = GaveUp} = State)
   when map_size(GaveUp) > 0 ->
     case handle_reply(Data, State) of
         {ok, State1} -> {ok, forget_gave_up(Seq, State1)};
         Misaligned -> Misaligned
     end;
-handle_data(Data, State) ->
+reply_data(Data, State) ->
     handle_reply(Data, State).
 
 -spec handle_reply(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
@@ -628,11 +756,13 @@ handle_reply(Data, State) ->
 %% stream cannot be trusted (it is a misalignment).
 -spec decoded(entry(), binary(), binary(), queue:queue({poolport_wire:seq(), entry()}), state()) ->
           {ok, state()} | {misaligned, poolport_wire:misalignment()}.
-decoded(Entry, Etf, Data, Queue, State) ->
+decoded(Entry, Etf, <<Seq:64/big-unsigned, _/binary>>, Queue, State) ->
     case poolport_wire:decode_reply(Etf) of
         undecodable ->
-            <<Seq:64/big-unsigned, _/binary>> = Data,
             {misaligned, #{why => bad_term, expected => Seq, got => Seq}};
+        {bad_reply, {stream, Id}} when element(1, Entry) =:= stream, Id =/= Seq ->
+            %% A stream's start names its own number: another one is out of step.
+            {misaligned, #{why => seq_mismatch, expected => Seq, got => Id}};
         Reply ->
             {ok, deliver(Entry, Reply, Queue, State)}
     end.
@@ -682,7 +812,36 @@ deliver({call, _, _} = Entry, Reply, Queue, State) ->
 deliver(Entry, Reply, Queue, State) ->
     deliver(Entry, Reply, State#state{queue = Queue}).
 
--spec deliver(cast | sys_info | {sys_call, gen_server:from(), atom()}, poolport_wire:reply(), state()) -> state().
+-spec deliver(cast | sys_info | {sys_call, gen_server:from(), atom()} | {stream, reference(), pos_integer()},
+              poolport_wire:reply(), state()) -> state().
+deliver({stream, MRef, Window}, Reply, State) ->
+    case {maps:take(MRef, State#state.pending), Reply} of
+        {{{From, TRef}, Pending}, {bad_reply, {stream, Id}}} when is_integer(Id) ->
+            cancel_timer(TRef),
+            gen_server:reply(From, {ok, {poolport_stream, self(), MRef}}),
+            %% The caller's monitor stays: it is the stream's consumer.
+            State#state{pending = Pending,
+                        streams = maps:put(MRef, poolport_stream:new(Id, Window), State#state.streams),
+                        stream_ids = maps:put(Id, MRef, State#state.stream_ids)};
+        {error, {bad_reply, {stream, Id}}} when is_integer(Id) ->
+            %% The caller gave up or died before the stream started.
+            write_control({stream_cancel, Id}, State),
+            State#state{dropped = State#state.dropped + 1,
+                        stream_ids = maps:put(Id, cancelled, State#state.stream_ids)};
+        {{{From, TRef}, Pending}, _} ->
+            %% An error instead of a start (IsStream, NotAStream, WorkerCrashed, ...).
+            cancel_timer(TRef),
+            erlang:demonitor(MRef, [flush]),
+            Result = poolport_wire:call_result(Reply),
+            gen_server:reply(From, Result),
+            State1 = State#state{pending = Pending},
+            case Result of
+                {error, timeout} -> count_error(State1#state{timeouts = State1#state.timeouts + 1});
+                _ -> count_error(State1)
+            end;
+        {error, _} ->
+            State#state{dropped = State#state.dropped + 1}
+    end;
 deliver(cast, noreply, State) ->
     State;
 deliver(cast, Reply, State) ->
@@ -706,6 +865,211 @@ deliver({sys_call, From, Function}, Reply, State) ->
 deliver(sys_info, Reply, State) ->
     ?LOG_INFO("poolport ~p: '$poolport':info() answered ~0P", [pool_id(State), Reply, 30]),
     join_group(State).
+
+%% Whether the ETF after `{' names a stream frame's atom (`stream_item',
+%% `stream_end', `stream_error'): replies are `reply', `noreply', `error'
+%% and `stream' (a stream's start), so the `_' tells them apart.
+-spec stream_frame(100 | 115 | 118 | 119, binary()) -> boolean().
+stream_frame(Short, <<_Len, "stream_", _/binary>>) when Short =:= 115; Short =:= 119 -> true;
+stream_frame(Long, <<_:16, "stream_", _/binary>>) when Long =:= 100; Long =:= 118 -> true;
+stream_frame(_, _) -> false.
+
+%% Whether the ETF after `{' is the atom `callback': a handler calling back.
+-spec callback_frame(100 | 115 | 118 | 119, binary()) -> boolean().
+callback_frame(Short, <<8, "callback", _/binary>>) when Short =:= 115; Short =:= 119 -> true;
+callback_frame(Long, <<0, 8, "callback", _/binary>>) when Long =:= 100; Long =:= 118 -> true;
+callback_frame(_, _) -> false.
+
+%% A handler calls `Module:Function(Args...)' on this node: run it in a
+%% process of its own if the `callbacks' option allows it (the pool server
+%% never waits for it), and send Python the result, or the error, as
+%% `{callback_reply, Pid, N, Reply}'. A cast is acknowledged at once (`ok')
+%% and runs on its own. Callback frames carry no request number (their tag
+%% is 0): they are matched by Python's worker pid and counter.
+-spec callback_data(binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
+callback_data(<<Tag:64, Etf/binary>>, #state{port = Port, cfg = #{callbacks := Allowed}} = State) ->
+    try binary_to_term(Etf) of
+        {callback, Pid, N, Kind, M, F, Args, Timeout}
+          when is_integer(Pid), is_integer(N), (Kind =:= call orelse Kind =:= cast), is_atom(M),
+               is_atom(F), is_list(Args), is_integer(Timeout), Timeout > 0 ->
+            case allowed(M, F, Allowed) of
+                false ->
+                    Reason = io_lib:format("~ts:~ts/~b is not in the pool's callbacks option",
+                                           [M, F, length(Args)]),
+                    send_callback_reply(Port, Pid, N, {error, error, Reason, ""});
+                true when Kind =:= call ->
+                    _ = proc_lib:spawn(fun() ->
+                        send_callback_reply(Port, Pid, N, apply_within(M, F, Args, Timeout))
+                    end),
+                    ok;
+                true ->
+                    send_callback_reply(Port, Pid, N, ok),
+                    Id = pool_id(State),
+                    _ = proc_lib:spawn(fun() ->
+                        case apply_within(M, F, Args, Timeout) of
+                            {ok, _} -> ok;
+                            {error, Class, Reason, _} ->
+                                ?LOG_WARNING("poolport ~p: callback cast ~p:~p failed: ~p:~ts",
+                                             [Id, M, F, Class, Reason])
+                        end
+                    end),
+                    ok
+            end,
+            {ok, State};
+        _ ->
+            {misaligned, #{why => bad_term, expected => none, got => Tag}}
+    catch
+        error:badarg -> {misaligned, #{why => bad_term, expected => none, got => Tag}}
+    end.
+
+-spec allowed(atom(), atom(), [module() | {module(), atom()}]) -> boolean().
+allowed(M, F, Allowed) ->
+    lists:member(M, Allowed) orelse lists:member({M, F}, Allowed).
+
+%% Run `M:F(Args...)' in a process of its own, killed after `Timeout' ms.
+-spec apply_within(atom(), atom(), list(), pos_integer()) ->
+          {ok, term()} | {error, atom(), iodata(), iodata()}.
+apply_within(M, F, Args, Timeout) ->
+    Parent = self(),
+    {Pid, MRef} = spawn_monitor(fun() ->
+        Parent ! {self(), try {ok, apply(M, F, Args)}
+                          catch Class:Reason:Stack ->
+                              {error, Class, io_lib:format("~0tP", [Reason, 30]),
+                               io_lib:format("~0tP", [Stack, 30])}
+                          end}
+    end),
+    receive
+        {Pid, Result} ->
+            erlang:demonitor(MRef, [flush]),
+            Result;
+        {'DOWN', MRef, process, Pid, Reason} ->
+            {error, exit, io_lib:format("~0tP", [Reason, 30]), ""}
+    after min(Timeout, ?MAX_TIMEOUT) ->
+        exit(Pid, kill),
+        erlang:demonitor(MRef, [flush]),
+        {error, exit, io_lib:format("timeout: the callback ran past its ~b ms", [Timeout]), ""}
+    end.
+
+%% Send a callback's answer to Python on the port it came from (nothing if
+%% that port has closed since: the worker that asked is gone with it).
+-spec send_callback_reply(port() | undefined, integer(), integer(),
+                          ok | {ok, term()} | {error, atom(), iodata(), iodata()}) -> ok.
+send_callback_reply(undefined, _Pid, _N, _Reply) ->
+    ok;
+send_callback_reply(Port, Pid, N, Reply) ->
+    Term = case Reply of
+               {error, Class, Reason, Stack} ->
+                   {error, Class, unicode:characters_to_binary(Reason),
+                    unicode:characters_to_binary(Stack)};
+               _ -> Reply
+           end,
+    Frame = term_to_binary({callback_reply, Pid, N, Term}),
+    _ = write(Port, [Frame]),
+    ok.
+
+%% A frame of a stream, tagged with the stream's number: to its stream, or
+%% dropped if the stream was cancelled; a number that is no stream's is a
+%% misalignment like a reply with a wrong number.
+-spec stream_data(poolport_wire:seq(), binary(), state()) -> {ok, state()} | {misaligned, poolport_wire:misalignment()}.
+stream_data(Id, <<_:64, Etf/binary>>, #state{stream_ids = Ids} = State) ->
+    Event = try binary_to_term(Etf) of
+                {stream_item, Id, Item} -> {item, Item};
+                {stream_end, Id} -> done;
+                {stream_error, Id, Error} -> {error, Error};
+                _ -> bad
+            catch
+                error:badarg -> bad
+            end,
+    Last = case Event of
+               done -> true;
+               {error, _} -> true;
+               _ -> false
+           end,
+    case {maps:find(Id, Ids), Event} of
+        {_, bad} ->
+            {misaligned, #{why => bad_term, expected => Id, got => Id}};
+        {error, _} ->
+            {misaligned, #{why => unknown_stream, expected => none, got => Id}};
+        {{ok, cancelled}, _} when Last ->
+            {ok, State#state{stream_ids = maps:remove(Id, Ids)}};
+        {{ok, cancelled}, _} ->
+            {ok, State};
+        {{ok, Ref}, _} ->
+            State1 = case Last of
+                         true -> State#state{stream_ids = maps:remove(Id, Ids)};
+                         false -> State
+                     end,
+            case maps:find(Ref, State1#state.streams) of
+                {ok, Stream} ->
+                    {Effects, Stream1} = poolport_stream:event(Event, Stream),
+                    {ok, stream_effects(Ref, Effects, Stream1, State1)};
+                error ->
+                    {ok, State1}
+            end
+    end.
+
+%% Apply what poolport_stream asked for: answer the waiting consumer, hand
+%% credit back to Python, forget a stream whose last result was taken.
+-spec stream_effects(reference(), map(), poolport_stream:stream(), state()) -> state().
+stream_effects(Ref, Effects, Stream, State) ->
+    case Effects of
+        #{reply := {{From, TRef}, Result}} ->
+            cancel_timer(TRef),
+            gen_server:reply(From, Result);
+        #{} ->
+            ok
+    end,
+    case Effects of
+        #{credit := N} -> write_control({stream_credit, poolport_stream:id(Stream), N}, State);
+        #{} -> ok
+    end,
+    case Effects of
+        #{finished := true} ->
+            erlang:demonitor(Ref, [flush]),
+            State#state{streams = maps:remove(Ref, State#state.streams)};
+        #{} ->
+            State#state{streams = maps:put(Ref, Stream, State#state.streams)}
+    end.
+
+%% Close a stream for its consumer (cancel/1, or the consumer died): Python
+%% closes the generator; its frames until the last one are dropped.
+-spec cancel_stream(reference(), state()) -> state().
+cancel_stream(Ref, #state{streams = Streams, stream_ids = Ids} = State) ->
+    case maps:take(Ref, Streams) of
+        {Stream, Rest} ->
+            erlang:demonitor(Ref, [flush]),
+            Id = poolport_stream:id(Stream),
+            case poolport_stream:timed_out(Stream) of  % a next/2 waiting in another process
+                {#{reply := {{From, _}, _}}, _} -> gen_server:reply(From, {error, cancelled});
+                {#{}, _} -> ok
+            end,
+            case maps:find(Id, Ids) of
+                {ok, Ref} ->
+                    write_control({stream_cancel, Id}, State),
+                    State#state{streams = Rest, stream_ids = maps:put(Id, cancelled, Ids)};
+                _ ->
+                    State#state{streams = Rest}  % ended already, or on a previous port
+            end;
+        error ->
+            State
+    end.
+
+%% A stream control frame: no reply comes for it, so it takes no number.
+-spec write_control(tuple(), state()) -> ok.
+write_control(_Control, #state{port = undefined}) ->
+    ok;
+write_control(Control, #state{port = Port}) ->
+    _ = write(Port, [term_to_binary(Control)]),
+    ok.
+
+%% The port is gone: every open stream ends with `{error, Error}' after the
+%% items it holds.
+-spec fail_streams(port_closed | misaligned, state()) -> state().
+fail_streams(Error, #state{streams = Streams} = State0) ->
+    maps:fold(fun(Ref, Stream, State) ->
+                      {Effects, Stream1} = poolport_stream:fail(Error, Stream),
+                      stream_effects(Ref, maps:remove(credit, Effects), Stream1, State)
+              end, State0#state{stream_ids = #{}}, Streams).
 
 %% Python answered: join the pool's group, if it has one.
 -spec join_group(state()) -> state().
@@ -737,11 +1101,18 @@ fail_pending(State) ->
 
 %% Reply {error, Error} to every waiting caller (not to those that gave up).
 -spec fail_pending(port_closed | misaligned, state()) -> state().
-fail_pending(Error, #state{queue = Queue, gave_up = GaveUp} = State) ->
+fail_pending(Error, #state{queue = Queue, gave_up = GaveUp, pending = Pending} = State) ->
     Waiting = [Alias || {_, {call, Alias, _}} <- queue:to_list(Queue), not maps:is_key(Alias, GaveUp)],
     _ = [Alias ! {Alias, {error, Error}} || Alias <- Waiting],
-    State#state{calls_queued = 0, gave_up = #{}, gave_up_at = queue:new(),
-                errors = State#state.errors + length(Waiting)}.
+    %% Callers waiting for a stream to start.
+    maps:foreach(
+        fun(MRef, {From, TRef}) ->
+            cancel_timer(TRef),
+            erlang:demonitor(MRef, [flush]),
+            gen_server:reply(From, {error, Error})
+        end, Pending),
+    State#state{calls_queued = 0, gave_up = #{}, gave_up_at = queue:new(), pending = #{},
+                errors = State#state.errors + length(Waiting) + map_size(Pending)}.
 
 %% Reply {error, Error} to the operations still waiting in the queue.
 -spec fail_sys_calls(port_closed | misaligned, queue:queue({poolport_wire:seq(), entry()})) -> ok.
@@ -785,6 +1156,7 @@ info_map(#state{cfg = Cfg} = State) ->
       python => maps:get(python, Cfg),
       config => maps:get(config, Cfg),
       group => maps:get(group, Cfg),
+      streams => map_size(State#state.streams),
       server => State#state.server,
       functions => maps:get(functions, State#state.stats, #{}),
       queue_depth => maps:get(queue_depth, State#state.stats, 0),
@@ -996,6 +1368,38 @@ frames_test_() ->
      ?_assertEqual({[Packet(300), R], S3}, frames(300, R, S3)),
      ?_assertEqual([Packet(0), R], element(1, frames(0, R, #state{cfg = (cfg(#{}))#{caller_timeout => 0}}))),
      ?_assertEqual([Packet(5000), R], element(1, frames(5000, R, Without)))].
+
+%% Stream frames go to the stream their tag names: a start naming another
+%% number, a tag that is no open stream's, or a frame whose stream number is
+%% not its tag, is a misalignment.
+stream_frames_test() ->
+    Tag = make_ref(),
+    MRef = erlang:monitor(process, self()),
+    State = #state{cfg = cfg(#{}), queue = queue:from_list([{3, {stream, MRef, 4}}]), seq = 4,
+                   pending = #{MRef => {{self(), Tag}, undefined}}},
+    ?assertMatch({misaligned, #{why := seq_mismatch, expected := 3, got := 2}},
+                 handle_data(tagged(3, {stream, 2}), State)),
+    {ok, S1} = handle_data(tagged(3, {stream, 3}), State),
+    Self = self(),
+    receive {Tag, R} -> ?assertEqual({ok, {poolport_stream, Self, MRef}}, R) after 0 -> ?assert(false) end,
+    {ok, S2} = handle_data(tagged(3, {stream_item, 3, a}), S1),
+    ?assertMatch({misaligned, #{why := unknown_stream, got := 9}},
+                 handle_data(tagged(9, {stream_item, 9, a}), S2)),
+    ?assertMatch({misaligned, #{why := bad_term}}, handle_data(tagged(3, {stream_item, 4, a}), S2)),
+    %% A reply frame still goes to the head of the queue (empty here).
+    ?assertMatch({misaligned, #{why := empty_queue}}, handle_data(tagged(3, {reply, a}), S2)),
+    {ok, S3} = handle_data(tagged(3, {stream_end, 3}), S2),
+    ?assertEqual(#{}, S3#state.stream_ids),
+    Next = fun(St) ->
+               T = make_ref(),
+               {noreply, St1} = handle_call({next, MRef, infinity}, {self(), T}, St),
+               receive {T, Reply} -> {Reply, St1} after 0 -> {none, St1} end
+           end,
+    {{ok, a}, S4} = Next(S3),
+    {done, S5} = Next(S4),
+    ?assertEqual(#{}, S5#state.streams),
+    ?assertEqual({reply, {error, no_stream}, S5},
+                 handle_call({next, MRef, infinity}, {self(), make_ref()}, S5)).
 
 flush_replies() ->
     receive {A, _} when is_reference(A) -> flush_replies() after 0 -> ok end.

@@ -18,7 +18,7 @@
 
 -type seq() :: 0..16#FFFFFFFFFFFFFFFF.
 %% Number of a request on the current port, as in Python's reply tags.
--type misalignment() :: #{why := seq_mismatch | empty_queue | short_frame | bad_term,
+-type misalignment() :: #{why := seq_mismatch | empty_queue | short_frame | bad_term | unknown_stream,
                           expected := seq() | none,
                           got := seq() | none}.
 %% What was wrong with a reply frame: `expected' is the head entry's number
