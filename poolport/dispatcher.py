@@ -810,7 +810,7 @@ class Dispatcher:
             if name is not None:
                 self.table.failed(name, timeout=timed_out)
         requeued = self.ledger.lost(slot.index, running, blame)
-        if slot.retiring is None:
+        if slot.retiring is None and not (slot.strict and not served):  # (a reload's failed start: not a restart)
             cause = "timeout" if timed_out else "memory" if "MemoryError" in reason else "crash"
             self.restarts[cause] += 1
         self.counters.add("worker_deaths")
@@ -830,7 +830,8 @@ class Dispatcher:
             self._remove(slot)
             return
         if slot.strict and not served:
-            self._reload_failed(slot, f"a new worker died before serving: {reason}")
+            # (its failed hello, if it sent one, may not have been read before its end was seen)
+            self._reload_failed(slot, f"a new worker could not start: it ended before serving ({reason})")
             return
         if slot.failures >= MAX_STARTUP_FAILURES:
             raise SystemExit(f"worker {slot.index} died {slot.failures} times before serving: {reason}")
