@@ -511,7 +511,7 @@ class Dispatcher:
             run = ledger.take_run(index, size, PIPELINE_BYTES if busy else MAX_RUN_BYTES, now, strict=busy)
             if run is not None:
                 if run.waited:
-                    self.table.queue_wait.add(run.waited * 1e6, run.count)
+                    self.table.waited(run.waited, run.count)
                 self._send_run(self.by_id[index], run)
 
     def _send_run(self, slot: Slot, run: Run) -> None:
@@ -667,8 +667,8 @@ class Dispatcher:
     def _on_chunk(self, slot: Slot, count: int, data: Buffer) -> None:
         self.stats["chunks"] += 1
         try:
-            if count == 0:  # the statistics of the calls the next chunk answers
-                self.table.merge(bytes(data))
+            if count == 0:  # the statistics of the calls the next chunk answers (read later)
+                self.table.receive(bytes(data))
                 return
             run = self.ledger.answered(slot.index, count, data)
         except ValueError as exc:  # a worker that breaks the link protocol is replaced
@@ -893,6 +893,10 @@ class Dispatcher:
         return bert.noreply() if request.kind == "cast" else bert.reply(result)
 
     def _stats_term(self) -> dict[Atom, Any]:
+        self.table.settle()
+        if self.table.bad_reports:
+            log.error("%d statistics report(s) from workers could not be read", self.table.bad_reports)
+            self.table.bad_reports = 0
         return {
             Atom("workers"): self.target,
             Atom("processes"): len(self.slots),
