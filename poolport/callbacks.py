@@ -73,7 +73,9 @@ def reply_target(data: bytes, start: int, end: int) -> tuple[int, int] | None:
     return out[0], out[1]
 
 
-def request(pid: int, counter: int, kind: Atom, module: str, function: str, args: list[Any], timeout_ms: int) -> tuple:
+def request(
+    pid: int, counter: int, kind: Atom, module: str, function: str, args: list[Any], timeout_ms: int
+) -> tuple[Any, ...]:
     """The ``{callback, ...}`` term a worker sends."""
     if not isinstance(module, str) or not isinstance(function, str):
         raise TypeError("module and function must be str (or poolport.Atom)")

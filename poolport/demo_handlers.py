@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import os
 import time
 
@@ -24,7 +26,7 @@ def echo(x: object) -> object:
     return x
 
 
-def chunks(count: int, size: int):  # noqa: ANN201 - a generator: the benchmark's stream
+def chunks(count: int, size: int) -> Iterator[bytes]:  # a generator: the benchmark's stream
     """``count`` binaries of ``size`` bytes, as a stream."""
     blob = bytes(size)
     for _ in range(count):

@@ -66,7 +66,7 @@ from .control import Tickets
 from .errors import ConfigError
 from .framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
 from .ledger import Ledger, Run
-from .link import HEADER, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
+from .link import HEADER, REPORT_COUNT, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
 from .outbox import Outbox
 from .progress import Counters, Progress
 from .spin import spin
@@ -589,7 +589,7 @@ class Dispatcher:
             )
             if run is not None:
                 if run.waited:
-                    self.table.queue_wait.add(run.waited * 1e6, run.count)
+                    self.table.waited(run.waited, run.count)
                 slot = self.by_id[index]
                 if run.stream:
                     slot.stream = run.start
@@ -754,10 +754,10 @@ class Dispatcher:
         if count == CALLBACK_COUNT:  # a frame for the Erlang side, outside the reply order
             self._emit([data])
             return
+        if count == REPORT_COUNT:  # the statistics of the calls the next chunk answers (read later)
+            self.table.receive(bytes(data))
+            return
         try:
-            if count == 0:  # the statistics of the calls the next chunk answers
-                self.table.merge(bytes(data))
-                return
             run = self.ledger.answered(slot.index, count, data)
         except ValueError as exc:  # a worker that breaks the link protocol is replaced
             log.error("worker %d (pid %d): %s", slot.index, slot.pid, exc)
@@ -947,7 +947,7 @@ class Dispatcher:
             if name is not None:
                 self.table.failed(name, timeout=timed_out)
         requeued = self.ledger.lost(slot.index, running, blame)
-        if slot.retiring is None:
+        if slot.retiring is None and not (slot.strict and not served):  # (a reload's failed start: not a restart)
             cause = "timeout" if timed_out else "memory" if "MemoryError" in reason else "crash"
             self.restarts[cause] += 1
         if slot.stream_open:  # its consumer learns it from the stream's last frame
@@ -973,7 +973,8 @@ class Dispatcher:
             self._remove(slot)
             return
         if slot.strict and not served:
-            self._reload_failed(slot, f"a new worker died before serving: {reason}")
+            # (its failed hello, if it sent one, may not have been read before its end was seen)
+            self._reload_failed(slot, f"a new worker could not start: it ended before serving ({reason})")
             return
         if slot.failures >= MAX_STARTUP_FAILURES:
             raise SystemExit(f"worker {slot.index} died {slot.failures} times before serving: {reason}")
@@ -1036,6 +1037,10 @@ class Dispatcher:
         return bert.noreply() if request.kind == "cast" else bert.reply(result)
 
     def _stats_term(self) -> dict[Atom, Any]:
+        self.table.settle()
+        if self.table.bad_reports:
+            log.error("%d statistics report(s) from workers could not be read", self.table.bad_reports)
+            self.table.bad_reports = 0
         return {
             Atom("workers"): self.target,
             Atom("processes"): len(self.slots),

@@ -9,7 +9,7 @@ bytes of ``{packet,N}`` frames, exactly as they travel on the Erlang port:
   requests of the runs it was given, in order (a run may be answered in
   several chunks so slow calls report progress); an *empty* chunk means the
   worker wrote those ``count`` replies to the port itself (its turn had come);
-* worker -> dispatcher: a message with a count of 0 is a statistics report
+* worker -> dispatcher: a message with the count REPORT_COUNT is a statistics report
   (``poolport.stats``), sent just before the chunk whose calls it counts;
 * worker -> dispatcher, once on connect: ``HEADER(slot, pid)`` as a hello
   (pid 0: the worker cannot serve, its handlers did not import or ``worker_init`` failed).
@@ -22,6 +22,7 @@ import struct
 from collections.abc import Sequence
 
 HEADER = struct.Struct(">II")
+REPORT_COUNT = 0xFFFFFFFE  # a worker's statistics report (0: stream messages, 0xFFFFFFFF: callbacks)
 SEQ = struct.Struct(">Q")
 SMALL_MESSAGE = 64 * 1024  # below this, header and payload are joined into one send
 BIG_MESSAGE = 256 << 10  # from this size on, a payload is received in place, not re-assembled
@@ -44,11 +45,12 @@ def send_message(
     sock: socket.socket, count: int, payload: Buffer | Sequence[Buffer], report: bytes | None = None
 ) -> None:
     """Send one message; ``payload`` may be a list of parts, sent without joining big ones.
-    A ``report`` goes first, as a message of its own with a count of 0 (in the same send)."""
+    A ``report`` goes first, as a message of its own with the count ``REPORT_COUNT`` (in the
+    same send)."""
     parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
     size = sum(len(p) for p in parts)
     header = HEADER.pack(size, count)
-    lead = [HEADER.pack(len(report), 0), report] if report else []
+    lead = [HEADER.pack(len(report), REPORT_COUNT), report] if report else []
     if size < SMALL_MESSAGE:
         sock.sendall(b"".join([*lead, header, *parts]))  # one syscall; the copy is cheap
         return

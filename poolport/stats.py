@@ -148,12 +148,50 @@ class FunctionStats:
         self.latency = Histogram()
 
 
+SETTLE_AFTER = 1024  # reports (or queue waits) kept unread at most; reading them waits until then
+
+
 class StatsTable:
-    """Pool-wide statistics per function, summed from the workers' reports."""
+    """Pool-wide statistics per function, summed from the workers' reports.
+
+    Reports and queue waits are only kept when they arrive (:meth:`receive`, :meth:`waited`):
+    the dispatcher takes them on its way from a worker's reply to the port, so reading them
+    waits until statistics are asked for (:meth:`settle`) or ``SETTLE_AFTER`` of them wait.
+    """
 
     def __init__(self) -> None:
         self.functions: dict[tuple[str, str], FunctionStats] = {}
         self.queue_wait = Histogram()  # from admission to being sent to a worker
+        self._reports: list[bytes] = []
+        self._waits: list[tuple[float, int]] = []
+
+    def receive(self, report: bytes) -> None:
+        """Keep a worker's report, to be read by :meth:`settle`."""
+        self._reports.append(report)
+        if len(self._reports) >= SETTLE_AFTER:
+            self.settle()
+
+    def waited(self, seconds: float, count: int) -> None:
+        """``count`` requests waited ``seconds`` between admission and a worker."""
+        self._waits.append((seconds, count))
+        if len(self._waits) >= SETTLE_AFTER:
+            self.settle()
+
+    def settle(self) -> None:
+        """Read everything received so far; a report that cannot be read is counted in
+        ``bad_reports`` (for the dispatcher to log) and dropped."""
+        reports, self._reports = self._reports, []
+        waits, self._waits = self._waits, []
+        for report in reports:
+            try:
+                self.merge(report)
+            except ValueError:
+                self.bad_reports += 1
+        add = self.queue_wait.add
+        for seconds, count in waits:
+            add(seconds * 1e6, count)
+
+    bad_reports = 0  # reports that could not be read (a worker breaking the link protocol)
 
     def _entry(self, key: tuple[str, str]) -> FunctionStats:
         entry = self.functions.get(key)

@@ -63,7 +63,8 @@ def pump(worker: Any, stream: OpenStream, sid: int, packet: int, tags: bool, sen
 
     def framed(term: Any) -> bytes:
         payload = worker.encode_term(term)
-        return header.pack(len(payload) + len(tag)) + tag + payload
+        framed_term: bytes = header.pack(len(payload) + len(tag)) + tag + payload
+        return framed_term
 
     def flush() -> None:
         if out:
@@ -148,6 +149,6 @@ def _close(stream: OpenStream) -> None:
         log.warning("closing stream %s.%s raised %s: %s", stream.module, stream.function, type(exc).__name__, exc)
 
 
-def start_reply(sid: int, atom_encoding: str) -> bytes:
+def start_reply(sid: int, atom_encoding: etf.AtomEncoding) -> bytes:
     """The payload of a stream's start reply, ``{stream, Sid}``: also how the dispatcher knows it."""
     return etf.encode((STREAM, sid), atom_encoding=atom_encoding)

@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from . import bert, etf
@@ -31,7 +32,7 @@ from .handler import aliases, exposed_name, is_handler, run_worker_init, setting
 from .config import Config, smallest_timeout
 from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
 from .framing import HEADERS
-from .link import HEADER, SEQ, MessageReader, send_message, tune
+from .link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
 from .memory import keep_freed_memory
 from .progress import Counters, Progress
 from .spin import spin
@@ -329,7 +330,7 @@ class Worker:
             return self._error(bert.PROTOCOL, bert.BAD_REQUEST, "BadRequest", str(exc))
         module, function = request.module, request.function
         fn = self.handlers.resolve(module, function)
-        if type(fn) is tuple:
+        if isinstance(fn, tuple):
             return self._error(bert.SERVER, *fn)
         item_ms = smallest_timeout(timeout, self._timeout_for(module, function))
         self.progress.set_timeout(item_ms)
@@ -370,7 +371,8 @@ class Worker:
             payload = self._encode((ITEM, sid, typed.to_term(item)))  # Structs, dataclasses, Enums
         if len(payload) >= limit:
             raise EncodeError(f"a stream item of {len(payload)} bytes is too big for its {{packet, N}} frame")
-        return header.pack(len(payload) + len(tag)) + tag + payload
+        framed_item: bytes = header.pack(len(payload) + len(tag)) + tag + payload
+        return framed_item
 
     def _timeout_for(self, module: str, function: str) -> int:
         """The config's entry, then the decorator's, then the global one."""
@@ -461,7 +463,7 @@ def serve_run(
     worker: Worker,
     run: bytes,
     packet: int,
-    send: Callable[[int, list[bytes]], None],
+    send: Callable[[int, Sequence[Buffer]], None],
     start: int = 0,
     first: int | None = None,
     base: int | None = None,
@@ -678,7 +680,7 @@ def worker_main(
         sock.sendall(HEADER.pack(slot, os.getpid()))
         recorder = worker.recorder
 
-        def send(count: int, replies: list[bytes]) -> None:
+        def send(count: int, replies: Sequence[Buffer]) -> None:
             """The replies, after the report counting their calls (so a reply is never out
             before its call is counted)."""
             send_message(sock, count, replies, recorder.take() if recorder else None)

@@ -30,10 +30,10 @@ def handler(tmp_path, version: int) -> None:
     )
 
 
-def serve(tmp_path, *flags: str, yaml: str = "") -> PortClient:
+def serve(tmp_path, *flags: str, yaml: str = "", modules: str = "pp_live") -> PortClient:
     handler(tmp_path, 1)
     config = tmp_path / "pool.yaml"
-    config.write_text(f"modules: [pp_live]\npython_path: [{str(tmp_path)!r}]\n{yaml}")
+    config.write_text(f"modules: [{modules}]\npython_path: [{str(tmp_path)!r}]\n{yaml}")
     client = PortClient(*flags, config=str(config))
     wait_for(lambda: stats(client)["ready"] == stats(client)["workers"])
     return client
@@ -158,3 +158,30 @@ def test_operations_answer_in_their_turn_among_pipelined_calls(tmp_path):
         assert bad[0] == ERROR and bad[1][2] == b"BadRequest"
         assert nonsense[0] == ERROR  # not an operation: a worker says no such module
         assert nonsense[1][:2] == (A("server"), 1)
+
+
+def test_a_new_worker_that_fails_after_the_probe_passed_fails_the_reload_and_the_old_ones_serve(tmp_path):
+    # worker_init fails on its 4th run only: 2 workers at start, the probe (3rd), the first new worker
+    counter = tmp_path / "inits"
+    (tmp_path / "pp_init.py").write_text(
+        "import os\n"
+        f"COUNTER = {str(counter)!r}\n"
+        "def init():\n"
+        "    fd = os.open(COUNTER, os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
+        "    os.write(fd, b'x')\n"
+        "    os.close(fd)\n"
+        "    if os.path.getsize(COUNTER) == 4:\n"
+        "        raise RuntimeError('the 4th init fails')\n"
+    )
+    with serve(tmp_path, "--workers", "2", yaml="worker_init: 'pp_init:init'\n", modules="pp_live, pp_init") as client:
+        assert counter.read_bytes() == b"xx"
+        old = worker_pids(client)
+        status = reload(client)
+        assert status[0] == A("error") and b"a new worker could not start" in status[1], status
+        assert counter.read_bytes() == b"xxxx"
+        assert worker_pids(client) == old  # the old workers serve on
+        wait_for(lambda: stats(client)["processes"] == 2, "the failed worker gone")
+        restarts = stats(client)["worker_restarts"]
+        assert (restarts[A("reload")], restarts[A("crash")]) == (0, 0)
+        assert reload(client) == A("ok")  # the 5th and 6th inits pass
+        assert not set(worker_pids(client)) & set(old)

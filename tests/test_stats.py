@@ -10,6 +10,7 @@ from poolport import etf
 from poolport.framing import frame
 from poolport.stats import (
     BUCKETS,
+    SETTLE_AFTER,
     MAX_FUNCTIONS,
     OTHER,
     CallRecorder,
@@ -118,3 +119,24 @@ def test_the_recorder_puts_a_call_in_the_bucket_the_table_reads(us):
     table.merge(rec.take())
     counts = table.functions[("m", "f")].latency.counts
     assert counts[bucket(int(us / 1e6 * 1e6))] == 1  # what the worker measured, in µs
+
+
+def test_reports_received_are_read_when_settled_or_when_too_many_wait():
+    table = StatsTable()
+    rec = CallRecorder()
+    rec.record("m", "f", 0.001, error=False)
+    table.receive(rec.take())
+    table.receive(b"\xc1not a report")
+    table.waited(0.002, 3)
+    assert not table.functions and table.queue_wait.total == 0  # kept, not read yet
+    table.settle()
+    assert table.functions[("m", "f")].calls == 1 and table.bad_reports == 1
+    assert table.queue_wait.total == 3 and table.queue_wait.max_us == 2000
+    for _ in range(SETTLE_AFTER):
+        rec.record("m", "f", 0.001, error=False)
+        table.receive(rec.take())
+        table.waited(0.001, 1)
+    assert table.functions[("m", "f")].calls == 1 + SETTLE_AFTER  # read on the way: bounded memory
+    assert len(table._reports) < SETTLE_AFTER and len(table._waits) < SETTLE_AFTER
+    table.settle()
+    assert table.queue_wait.total == 3 + SETTLE_AFTER
