@@ -333,6 +333,21 @@ def _best(values: list[float | None], low: bool = False) -> float | None:
 # --------------------------------------------------------------------------- workloads
 
 
+def _scaling_row(workload: str, workers: int, one: float, many: float) -> Row:
+    """The bar of CPU-bound work: N workers give at least 0.9 × N × what 1 worker gives."""
+    scaling = many / (workers * one)
+    return Row(
+        workload,
+        f"scaling: {workers}-worker ÷ ({workers} × 1-worker)",
+        scaling,
+        None,
+        None,
+        "≥ 0.90",
+        scaling >= 0.9,
+        fmt="{:.2f}",
+    )
+
+
 def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     spec1 = f"callers:burn:{BURN_STEPS}:{CALLERS}:{plan.cpu_calls}"
     specn = f"callers:burn:{BURN_STEPS}:{CALLERS}:{plan.cpu_calls * workers}"
@@ -355,19 +370,7 @@ def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     fmt = "{:,.1f}"
     report.add(Row(w, "1 worker, calls/s", one, ref, _ratio(one, ref), fmt=fmt))
     report.add(Row(w, f"{workers} workers, calls/s", many, ref, _ratio(many, ref), fmt=fmt))
-    scaling = many / (workers * one)
-    report.add(
-        Row(
-            w,
-            f"scaling: {workers}-worker ÷ ({workers} × 1-worker)",
-            scaling,
-            None,
-            None,
-            "≥ 0.90",
-            scaling >= 0.9,
-            fmt="{:.2f}",
-        )
-    )
+    report.add(_scaling_row(w, workers, one, many))
     burst = f"burst:burn:{BURN_STEPS}:{BURST_CALLS}"
     b1: list[float] = []
     bn: list[float] = []
@@ -383,19 +386,7 @@ def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     one, many = max(b1), max(bn)
     w = f"cold burst: {BURST_CALLS} x burn({BURN_STEPS}) sent at once to a fresh pool"
     report.add(Row(w, f"{workers} workers, calls/s (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt))
-    scaling = many / (workers * one)
-    report.add(
-        Row(
-            w,
-            f"scaling: {workers}-worker ÷ ({workers} × 1-worker)",
-            scaling,
-            None,
-            None,
-            "≥ 0.90",
-            scaling >= 0.9,
-            fmt="{:.2f}",
-        )
-    )
+    report.add(_scaling_row(w, workers, one, many))
 
 
 def run_client(plan: Plan, workers: int, report: Report) -> None:

@@ -124,7 +124,7 @@ scope() ->
 -spec call(group(), binary(), timeout(), non_neg_integer()) ->
           {ok, term()} | {error, poolport:reason() | no_members}.
 call(Group, Request, Timeout, Retry) ->
-    attempt(Group, Request, deadline(Timeout), Retry, []).
+    attempt(Group, Request, poolport_server:deadline(Timeout), Retry, []).
 
 %% @doc Cast an encoded request to a member of `Group' (chosen as for a
 %% call). Fire and forget: with no member the request is lost.
@@ -154,8 +154,8 @@ members(Group) ->
 info(Group) ->
     Pids = lists:sort(fun(A, B) -> {node(A), A} =< {node(B), B} end, members(Group)),
     Requests = [{Pid, gen_server:send_request(Pid, info)} || Pid <- Pids],
-    Deadline = deadline(?INFO_TIMEOUT),
-    Members = [member_info(Pid, gen_server:wait_response(Req, remaining(Deadline)))
+    Deadline = poolport_server:deadline(?INFO_TIMEOUT),
+    Members = [member_info(Pid, gen_server:wait_response(Req, poolport_server:remaining(Deadline)))
                || {Pid, Req} <- Requests],
     #{group => Group,
       members => Members,
@@ -299,7 +299,7 @@ attempt(Group, Request, Deadline, Retry, Gone, Last) ->
         none ->
             Last;
         Pid ->
-            Result = call_member(Pid, Request, remaining(Deadline)),
+            Result = call_member(Pid, Request, poolport_server:remaining(Deadline)),
             case next_step(Result, Pid, Retry) of
                 {done, Done} -> Done;
                 {failover, G} -> attempt(Group, Request, Deadline, Retry, [G | Gone], Last);
@@ -366,14 +366,6 @@ lighter({_, _, I1, W1} = A, {_, _, I2, W2} = B) ->
 -spec lightest([candidate(K), ...]) -> candidate(K).
 lightest([First | Rest]) ->
     lists:foldl(fun(C, Best) -> lighter(Best, C) end, First, Rest).
-
--spec deadline(timeout()) -> integer() | infinity.
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
-
--spec remaining(integer() | infinity) -> timeout().
-remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 -spec member_info(pid(), term()) -> member_info().
 member_info(Pid, {reply, #{} = Info}) ->

@@ -31,7 +31,7 @@
 %% @doc See {@link poolport:reload/2}.
 -spec reload(poolport:pool(), timeout()) -> ok | {error, failure()}.
 reload(Pool, Timeout) ->
-    Deadline = deadline(Timeout),
+    Deadline = poolport_server:deadline(Timeout),
     case op(Pool, reload, [], Deadline) of
         {ok, Ticket} when is_integer(Ticket) -> await(Pool, Ticket, Deadline);
         {ok, Other} -> {error, {unexpected_reply, Other}};
@@ -41,7 +41,7 @@ reload(Pool, Timeout) ->
 %% @doc See {@link poolport:resize/2}.
 -spec resize(poolport:pool(), pos_integer()) -> ok | {error, failure()}.
 resize(Pool, Workers) ->
-    case op(Pool, resize, [Workers], deadline(?RESIZE_TIMEOUT)) of
+    case op(Pool, resize, [Workers], poolport_server:deadline(?RESIZE_TIMEOUT)) of
         {ok, ok} ->
             gen_server:cast(Pool, {workers, Workers}),
             ok;
@@ -53,7 +53,7 @@ resize(Pool, Workers) ->
 -spec reload_config(poolport:pool(), timeout()) ->
           {ok, #{applied := [atom()], needs_restart := [atom()]}} | {error, failure()}.
 reload_config(Pool, Timeout) ->
-    Deadline = deadline(Timeout),
+    Deadline = poolport_server:deadline(Timeout),
     case op(Pool, reload_config, [], Deadline) of
         {ok, #{applied := Applied, needs_restart := Restart, reload := Ticket}} ->
             Done = case Ticket of
@@ -63,7 +63,7 @@ reload_config(Pool, Timeout) ->
             case Done of
                 ok ->
                     %% `workers' may have changed: the pool learns it at once.
-                    _ = poolport_server:sys_call(Pool, stats, [], remaining(Deadline)),
+                    _ = poolport_server:sys_call(Pool, stats, [], poolport_server:remaining(Deadline)),
                     {ok, #{applied => Applied, needs_restart => Restart}};
                 {error, _} = Error ->
                     Error
@@ -79,7 +79,7 @@ reload_config(Pool, Timeout) ->
 await(Pool, Ticket, Deadline) ->
     case op(Pool, reload_status, [Ticket], Deadline) of
         {ok, running} ->
-            receive after min(?POLL, remaining(Deadline)) -> ok end,
+            receive after min(?POLL, poolport_server:remaining(Deadline)) -> ok end,
             await(Pool, Ticket, Deadline);
         {ok, ok} -> ok;
         {ok, {error, Text}} -> {error, {reload_failed, Text}};
@@ -91,15 +91,8 @@ await(Pool, Ticket, Deadline) ->
 
 -spec op(poolport:pool(), atom(), list(), integer() | infinity) -> {ok, term()} | {error, term()}.
 op(Pool, Function, Args, Deadline) ->
-    case remaining(Deadline) of
+    case poolport_server:remaining(Deadline) of
         0 -> {error, timeout};
         Left -> poolport_server:sys_call(Pool, Function, Args, Left)
     end.
 
--spec deadline(timeout()) -> integer() | infinity.
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
-
--spec remaining(integer() | infinity) -> timeout().
-remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).

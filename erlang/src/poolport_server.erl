@@ -69,6 +69,8 @@
 -export([info/1]).
 -export([sys_call/4]).
 -export([clamp_timeout/1]).
+-export([deadline/1]).
+-export([remaining/1]).
 -export([stream/4]).
 -export([next/3]).
 -export([cancel/2]).
@@ -332,6 +334,17 @@ clamp_timeout(Timeout) when is_integer(Timeout), Timeout >= 0 ->
     min(Timeout, ?MAX_TIMEOUT);
 clamp_timeout(Timeout) ->
     erlang:error(badarg, [Timeout]).
+
+%% @doc When a wait of `Timeout' ms that starts now ends (monotonic ms), for
+%% waits made of several steps ({@link remaining/1}).
+-spec deadline(timeout()) -> integer() | infinity.
+deadline(infinity) -> infinity;
+deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+%% @doc The ms left until `Deadline' (0 once it has passed).
+-spec remaining(integer() | infinity) -> timeout().
+remaining(infinity) -> infinity;
+remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 %% gen_server.
 
