@@ -7,11 +7,12 @@
 %% '''
 %%
 %% The pool process only moves bytes; everything per call that can run in
-%% the caller does. A caller encodes its request and its timeout packet
-%% ({@link poolport_wire}), sends them with a process alias that is also a
-%% monitor of the pool (`monitor(process, Pool, [{alias, demonitor}])'),
-%% and waits for the reply with its own timeout. The server writes the
-%% frames to the port at once and appends an entry to a FIFO queue. Python
+%% the caller does. A caller encodes its request ({@link poolport_wire}),
+%% sends it and its timeout with a process alias that is also a monitor of
+%% the pool (`monitor(process, Pool, [{alias, demonitor}])'), and waits for
+%% the reply with its own timer. The server writes the request to the port
+%% at once, after a timeout packet unless Python already applies that
+%% timeout (frames/3), and appends an entry to a FIFO queue. Python
 %% answers every call and cast frame exactly once, in request order, so
 %% each reply frame belongs to the entry at the head of the queue. Entries:
 %% <ul>
@@ -24,6 +25,10 @@
 %%   pool, which counts the timeout and drops the reply when it comes;
 %%   Python stops the call at the same timeout (the timeout packet). A
 %%   caller that died has its reply dropped as well.</li>
+%% <li>`{stream, MRef, Window}': a stream's start (see {@link poolport_stream});
+%%   its consumer is monitored and kept in `pending' until the start comes.
+%%   The stream's items then arrive outside the queue, tagged with the
+%%   stream's number.</li>
 %% <li>`cast': the reply is `{noreply}' (or an error, which is logged).</li>
 %% <li>`sys_info': the pool's own `'$poolport':info()' call, sent after
 %%   each (re)opening of the port.</li>
@@ -42,7 +47,9 @@
 %% before calls do not. Each queue entry carries its number, and a reply is
 %% delivered only if its number is the head entry's. Anything else (another
 %% number, a frame shorter than 8 bytes, a reply with no request pending, an
-%% `Etf' part that does not decode) is a misalignment: it is logged, counted
+%% `Etf' part the pool decodes that is no term) is a misalignment (a
+%% `{reply, _}' whose rest is no term reaches its own caller, by its number,
+%% as a `protocol' error): it is logged, counted
 %% (`misaligned' in {@link info/1}), every waiting caller gets
 %% `{error, misaligned}', the port is closed, the Python process is killed
 %% (SIGTERM, then SIGKILL to it and its children, by a helper process so
