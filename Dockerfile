@@ -33,7 +33,7 @@ RUN python3 -m venv /opt/venv \
  && if [ -s pip-ca-bundle.pem ]; then export PIP_CERT="$PWD/pip-ca-bundle.pem"; fi \
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check . \
  && rm -rf build poolport poolport.egg-info pip-ca-bundle.pem pyproject.toml \
- && cd / && /opt/venv/bin/python -c "import poolport, loky, msgspec, yaml, poolport.etf as e; assert e.ACCELERATED, 'C codec not built'"
+ && cd / && /opt/venv/bin/python -c "import poolport, loky, msgspec, yaml, poolport.codec.etf as e; assert e.ACCELERATED, 'C codec not built'"
 
 # Erlang side: the poolport OTP application. It has no dependencies, so
 # rebar3 never talks to a package registry.

@@ -1,9 +1,13 @@
-"""Build the optional C accelerator poolport._cetf; all other metadata is in pyproject.toml.
+"""Build the optional C accelerator poolport.codec._cetf; all other metadata is in pyproject.toml.
 
 ``optional=True``: without a working compiler the install still succeeds and
-poolport.etf runs on its pure-Python codec.
+poolport.codec.etf runs on its pure-Python codec.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("poolport._cetf", ["poolport/_cetf.c"], optional=True, extra_compile_args=["-O2"])])
+setup(
+    ext_modules=[
+        Extension("poolport.codec._cetf", ["poolport/codec/_cetf.c"], optional=True, extra_compile_args=["-O2"])
+    ]
+)

@@ -1,6 +1,6 @@
 """poolport: call CPU-heavy Python from Erlang/Elixir in parallel through one port."""
 
-from .errors import (
+from poolport.errors import (
     ArgumentError,
     ConfigError,
     DecodeError,
@@ -9,11 +9,11 @@ from .errors import (
     PoolportError,
     ProtocolError,
 )
-from . import etf  # noqa: F401 - the codec; importing it registers how MapKey compares keys
-from . import erlang  # noqa: F401 - poolport.erlang.call/cast: callbacks from a handler
-from .callbacks import ErlangError
-from .handler import handler, worker_state  # `poolport.handler` is the decorator, not the module
-from .terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Ref, Reference
+from poolport.codec import etf  # noqa: F401 - the codec; importing it registers how MapKey compares keys
+from poolport import erlang  # noqa: F401 - poolport.erlang.call/cast: callbacks from a handler
+from poolport.protocol.callbacks import ErlangError
+from poolport.handlers.handler import handler, worker_state  # `poolport.handler`: the decorator
+from poolport.codec.terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Ref, Reference
 
 __version__ = "0.1.0"
 

@@ -13,9 +13,9 @@ import loky
 import msgspec
 import yaml
 
-from .config_errors import explain
-from .errors import ConfigError
-from .etf import AtomEncoding
+from poolport.config_errors import explain
+from poolport.errors import ConfigError
+from poolport.codec.etf import AtomEncoding
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]

@@ -6,9 +6,9 @@
         return poolport.erlang.call("ets", "lookup", [poolport.Atom("prices"), key])
 
 The pool runs ``Module:Function(Args...)`` in a process of its own, on the pool's node,
-if its ``callbacks`` option allows it (see :mod:`poolport.callbacks` for the frames).
+if its ``callbacks`` option allows it (see :mod:`poolport.protocol.callbacks` for the frames).
 Outside a worker of ``poolport serve`` (a plain Python process, a test) there is no
-Erlang node to call: :class:`~poolport.callbacks.ErlangError` is raised.
+Erlang node to call: :class:`~poolport.protocol.callbacks.ErlangError` is raised.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import callbacks, etf
-from .callbacks import CALL, CAST, ErlangError
-from .framing import HEADERS
-from .link import SEQ
+from poolport.protocol import callbacks
+from poolport.codec import etf
+from poolport.protocol.callbacks import CALL, CAST, ErlangError
+from poolport.protocol.framing import HEADERS
+from poolport.server.link import SEQ
 
 __all__ = ["call", "cast", "ErlangError"]
 

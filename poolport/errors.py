@@ -28,7 +28,7 @@ class ConfigError(PoolportError):
 
 
 class ArgumentError(PoolportError, TypeError):
-    """Raised when a typed handler's argument does not fit its annotation (see poolport.typed).
+    """Raised when a typed handler's argument does not fit its annotation (see poolport.handlers.typed).
 
     The message names the argument and what was expected, msgspec-style:
     ``Expected int, got binary - at age``; ``argument`` is the parameter's name.

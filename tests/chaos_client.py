@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from poolport import etf
-from poolport.framing import frame
-from poolport.terms import ImproperList
+from poolport.codec import etf
+from poolport.protocol.framing import frame
+from poolport.codec.terms import ImproperList
 from portclient import A, PortClient, call
 
 OK, ERROR = A("reply"), A("error")

@@ -13,7 +13,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from poolport.terms import Atom, BitString, ImproperList, MapKey
+from poolport.codec.terms import Atom, BitString, ImproperList, MapKey
 
 RESERVED_ATOMS = {"true", "false", "undefined", "nil", "none"}  # True/False/None (none_atom)
 
@@ -184,7 +184,7 @@ def mutated(draw: st.DrawFn, soup: st.SearchStrategy[bytes] | None = None) -> by
     ``soup``: more encodings (version byte first) to start from, whose bodies
     may also be spliced in at random places.
     """
-    from poolport.etf import encode
+    from poolport.codec.etf import encode
 
     sources = [terms(max_leaves=12).map(encode), opaque_blobs()] + ([soup] if soup is not None else [])
     actions = ["set", "delete", "insert", "cut"] + (["splice"] if soup is not None else [])

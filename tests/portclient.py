@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from poolport import etf
-from poolport.framing import FrameBuffer, frame
-from poolport.terms import Atom
+from poolport.codec import etf
+from poolport.protocol.framing import FrameBuffer, frame
+from poolport.codec.terms import Atom
 
 HANDLERS = str(Path(__file__).parent / "handlers")
 ROOT = Path(__file__).resolve().parent.parent

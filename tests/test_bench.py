@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from poolport import bench_reference as ref
-from poolport import etf
-from poolport.terms import Atom
+from poolport.tools import bench_reference as ref
+from poolport.codec import etf
+from poolport.codec.terms import Atom
 
 pytestmark = [pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def test_reference_server_over_pipes():
     reqs.append((Atom("call"), Atom("poolport.demo_handlers"), Atom("burn"), [Atom("x")]))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "poolport.bench_reference"],
+        [sys.executable, "-m", "poolport.tools.bench_reference"],
         input=b"".join(_frame(r) for r in reqs),
         capture_output=True,
         timeout=120,
@@ -110,7 +110,7 @@ def test_bench_quick_prints_every_row(tmp_path):
     out = tmp_path / "bench.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "poolport.bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "poolport.tools.bench", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -212,7 +212,7 @@ def test_bench_quick_prints_every_row(tmp_path):
 
 
 def test_bench_rejects_unknown_workload(capsys):
-    from poolport import bench
+    from poolport.tools import bench
 
     with pytest.raises(SystemExit):
         bench.main(["--only", "nope"])

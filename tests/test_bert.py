@@ -1,8 +1,9 @@
 import pytest
 
-from poolport import bert, etf
+from poolport.protocol import bert
+from poolport.codec import etf
 from poolport.errors import ProtocolError
-from poolport.terms import Atom as A
+from poolport.codec.terms import Atom as A
 
 
 def test_call_and_cast_parse():

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from poolport import ErlangError, callbacks, erlang, etf
+from poolport import ErlangError, erlang
+from poolport.protocol import callbacks
+from poolport.codec import etf
 from portclient import ROOT, A, PortClient, call
 
 FIXTURES = str(ROOT / "erlang" / "test" / "fixtures")

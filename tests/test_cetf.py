@@ -1,6 +1,6 @@
-"""Differential tests: the C accelerator (poolport._cetf) against the pure-Python codec.
+"""Differential tests: the C accelerator (poolport.codec._cetf) against the pure-Python codec.
 
-The Python codec in poolport/etf.py is the reference. For every input both
+The Python codec in poolport/codec/etf.py is the reference. For every input both
 backends must give the same bytes, or equal terms of exactly the same types, or
 the same exception type and message. Both backends are driven through etf's own
 entry points (``term_codec``, ``decode``, ``encode``) with the module switched
@@ -27,17 +27,17 @@ from etf_strategies import huge_ints, mutated, opaque_blobs, terms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolport import etf
-from poolport.terms import Atom, BitString, ImproperList, MapKey, Pid
+from poolport.codec import etf
+from poolport.codec.terms import Atom, BitString, ImproperList, MapKey, Pid
 
 try:
-    from poolport import _cetf
+    from poolport.codec import _cetf
 except ImportError:  # no C compiler when the package was installed
     _cetf = None
 
 A = Atom
 NOT_BUILT = (
-    "poolport._cetf is not built (no C compiler when poolport was installed); "
+    "poolport.codec._cetf is not built (no C compiler when poolport was installed); "
     "the pure-Python codec is in use. CI installs gcc, so there it must be built"
 )
 needs_c = pytest.mark.skipif(_cetf is None, reason=NOT_BUILT)

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 import pytest
 
-from poolport import etf
-from poolport.framing import frame
+from poolport.codec import etf
+from poolport.protocol.framing import frame
 from chaos_client import HANG_S, OK, PROTOCOL, USER, Server, error_head, is_crashed, is_timeout, mismatch, short
 from portclient import A, call
 

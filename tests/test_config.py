@@ -6,7 +6,7 @@ import loky
 import pytest
 import yaml
 
-from poolport.cli import main
+from poolport.tools.cli import main
 from poolport.config import Config, load_config
 from poolport.errors import ConfigError
 
@@ -130,7 +130,7 @@ def test_cli_flags_override_the_file(tmp_path, capsys):
     out = captured.out
     assert '"workers": 3' in out and '"packet": 2' in out and '"atom_encoding": "utf8"' in out
     assert '"a"' in out and '"b"' in out
-    from poolport import etf
+    from poolport.codec import etf
 
     assert ("C-accelerated codec" if etf.ACCELERATED else "pure-Python codec") in captured.err
 

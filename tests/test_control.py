@@ -1,10 +1,10 @@
 """The reserved '$poolport' operations: found in a segment without decoding it, cut out in order,
 read; reload tickets."""
 
-from poolport import etf
-from poolport.control import Control, Tickets, find, parse, split
-from poolport.framing import FrameBuffer, Segment, frame
-from poolport.terms import Atom
+from poolport.codec import etf
+from poolport.protocol.control import Control, Tickets, find, parse, split
+from poolport.protocol.framing import FrameBuffer, Segment, frame
+from poolport.codec.terms import Atom
 
 
 def request(module, function, *args, kind="call"):

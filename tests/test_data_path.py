@@ -16,9 +16,9 @@ import zlib
 
 import pytest
 
-from poolport import etf
-from poolport.framing import frame
-from poolport.terms import ImproperList
+from poolport.codec import etf
+from poolport.protocol.framing import frame
+from poolport.codec.terms import ImproperList
 from chaos_client import ERROR, OK, PROTOCOL, SERVER, USER, Server, encode_frames, error_head, is_crashed, short
 from portclient import A, PortClient, call
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from poolport import etf
-from poolport.framing import frame
+from poolport.codec import etf
+from poolport.protocol.framing import frame
 from portclient import HANDLERS, call
 
 pytestmark = [pytest.mark.e2e]

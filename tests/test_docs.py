@@ -398,13 +398,14 @@ def test_layout_names_every_module_and_top_level_entry() -> None:
     layout = readme.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     words = set(re.findall(r"[\w.-]+", layout))
     package = ROOT / "poolport"
-    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
-    others = {p.name for p in package.iterdir() if p.suffix in {".c", ".escript"}}
+    modules = {p.stem for p in package.rglob("*.py")} - {"__init__", "__main__"}
+    modules |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()}  # subpackages
+    others = {p.name for p in package.rglob("*") if p.suffix in {".c", ".escript"}}
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     top = {name.split("/")[0] for name in tracked.split()}
     top = {name for name in top if not name.startswith(".")} - {"README.md"}
     scripts = {p.name for p in (ROOT / "scripts").iterdir()}
-    missing = sorted((modules | others | scripts) - words) + sorted(
+    missing = sorted(n for n in modules | others | scripts if n not in words and n not in layout) + sorted(
         n for n in top if n.rstrip("/") not in words and f"{n}/" not in layout
     )
     assert not missing, f"README.md Layout does not name: {missing}"

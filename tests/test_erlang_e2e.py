@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 
-from poolport.demo import drive
-from portclient import HANDLERS, ROOT, SEED_DIR
+from poolport.tools.demo import drive
+from portclient import ROOT, SEED_DIR
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -29,7 +29,7 @@ def test_thousands_of_pipelined_calls_come_back_in_order_with_their_own_answer()
         "echo",
         5000,
         0,
-        ["--workers", "2", "--module", "pp_handlers", "--module", "poolport.demo_handlers", "--python-path", HANDLERS],
+        ["--workers", "2", "--module", "poolport.demo_handlers"],
     )
     assert calls == 5000
     assert pids == 2

@@ -1,4 +1,4 @@
-"""One table of error types and codes (poolport.bert.ERRORS): the Erlang client and the README
+"""One table of error types and codes (poolport.protocol.bert.ERRORS): the Erlang client and the README
 must say the same, or a user matching on a code gets it wrong on one side."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poolport import bert
+from poolport.protocol import bert
 
 ROOT = Path(__file__).resolve().parent.parent
 ERLANG_SOURCES = sorted((ROOT / "erlang" / "src").glob("*.erl"))
@@ -30,7 +30,7 @@ def test_the_erlang_client_uses_the_table():
     assert found, "no error tuples found: the pattern or the sources moved"
     for where, typ, code, cls in found:
         if cls not in bert.ERRORS:  # an exception's name: only a handler's error (docs' examples)
-            assert (typ, code) == ("user", bert.USER_ERROR), f"{where}: {cls} is not in poolport.bert.ERRORS"
+            assert (typ, code) == ("user", bert.USER_ERROR), f"{where}: {cls} is not in poolport.protocol.bert.ERRORS"
             continue
         assert bert.ERRORS[cls] == (typ, code), (
             f"{where}: {{{typ}, {code}, {cls}}} but the table says {bert.ERRORS[cls]}"

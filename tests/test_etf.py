@@ -1,4 +1,4 @@
-"""Unit and property tests for poolport.etf (the oracle test against a real erl is separate)."""
+"""Unit and property tests for poolport.codec.etf (the oracle test against a real erl is separate)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poolport.errors import DecodeError, EncodeError
-from poolport.etf import canonical, decode, encode, term_writer
-from poolport.terms import (
+from poolport.codec.etf import canonical, decode, encode, term_writer
+from poolport.codec.terms import (
     Atom,
     BitString,
     Fun,

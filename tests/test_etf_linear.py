@@ -26,12 +26,12 @@ import pytest
 from test_cetf import backend, check_decode, same
 from test_etf_oracle import _escript, _read_blobs
 
-from poolport import etf
+from poolport.codec import etf
 from poolport.errors import DecodeError
-from poolport.terms import Atom, Fun, ImproperList, MapKey
+from poolport.codec.terms import Atom, Fun, ImproperList, MapKey
 
 try:
-    from poolport import _cetf
+    from poolport.codec import _cetf
 except ImportError:  # no C compiler when the package was installed
     _cetf = None
 
@@ -40,7 +40,7 @@ LEVELS = (190, 2000)  # the issue's request, and deeper than the C decoder's own
 PER_LEVEL = 16  # Python calls allowed per nesting level (2 to 13 are made); the old code's grew with depth
 ACCELERATED = [False, True] if _cetf is not None else [False]
 BACKENDS = [pytest.param(accelerated, id="c" if accelerated else "python") for accelerated in ACCELERATED]
-needs_c = pytest.mark.skipif(_cetf is None, reason="poolport._cetf is not built")
+needs_c = pytest.mark.skipif(_cetf is None, reason="poolport.codec._cetf is not built")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Oracle test: a real Erlang/OTP node is the judge of what poolport.etf reads and writes.
+"""Oracle test: a real Erlang/OTP node is the judge of what poolport.codec.etf reads and writes.
 
 1. An escript builds thousands of seeded random terms (bignums, floats, UTF-8 atoms,
    binaries, bitstrings, improper lists, maps with complex keys, pids, refs, ports,
@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from poolport.etf import decode, encode
-from poolport.terms import Atom, BitString, ImproperList, MapKey, Opaque
+from poolport.codec.etf import decode, encode
+from poolport.codec.terms import Atom, BitString, ImproperList, MapKey, Opaque
 
 pytestmark = [pytest.mark.slow]
 

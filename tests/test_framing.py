@@ -3,8 +3,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolport.errors import FrameError
-from poolport.bert import is_info
-from poolport.framing import MAX_ATTACHED, FrameBuffer, Oversized, frame
+from poolport.protocol.bert import is_info
+from poolport.protocol.framing import MAX_ATTACHED, FrameBuffer, Oversized, frame
 
 PAYLOADS = [b"", b"a", b"hello world", bytes(range(256)) * 3]
 
@@ -139,3 +139,16 @@ def test_info_frames_are_scanned_once_and_a_flood_keeps_only_the_latest():
     item = segment.items()[0]
     assert item.endswith(call) and item.startswith(info) and len(item) <= MAX_ATTACHED + len(info) + len(call)
     assert fb.held == 0 and len(fb) == 0
+
+
+def test_last_frame_is_the_request_after_the_frames_that_travel_with_it():
+    from poolport.protocol.framing import last_frame
+
+    for packet in (1, 2, 4):
+        info, call = b"\x83h\x03info...", b"\x83h\x04call..."
+        item = frame(info, packet) + frame(info, packet) + frame(call, packet)
+        start, end = last_frame(item, packet)
+        assert item[start:end] == call
+        padded = b"xx" + item + b"yy"
+        assert padded[slice(*last_frame(padded, packet, 2, len(padded) - 2))] == call
+        assert last_frame(frame(call, packet), packet) == (packet, packet + len(call))

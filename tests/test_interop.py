@@ -25,8 +25,8 @@ import erlang  # erlang_py
 import erlastic
 import pytest
 
-from poolport import etf
-from poolport.terms import Atom
+from poolport.codec import etf
+from poolport.codec.terms import Atom
 from portclient import HANDLERS, PortClient
 
 import sys

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from poolport.framing import Segment, frame
-from poolport.ledger import MAX_STRIKES, Ledger
+from poolport.protocol.framing import Segment, frame
+from poolport.server.ledger import MAX_STRIKES, Ledger
 
 SLOTS = 3
 

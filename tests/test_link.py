@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from poolport.link import BIG_MESSAGE, MessageReader, send_message
-from poolport.progress import LOOK_AGAIN_S, MAX_TIMEOUT_MS, Counters, Progress
+from poolport.server.link import BIG_MESSAGE, MessageReader, send_message
+from poolport.server.progress import LOOK_AGAIN_S, MAX_TIMEOUT_MS, Counters, Progress
 
 
 def _read_all(reader: MessageReader, sock: socket.socket, want: int) -> list:

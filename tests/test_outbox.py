@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolport.outbox import Outbox
+from poolport.server.outbox import Outbox
 
 
 class Peer:

@@ -4,8 +4,8 @@ from collections import deque
 
 from hypothesis import given, strategies as st
 
-from poolport.framing import FrameBuffer, Segment, frame
-from poolport.pending import Pending, take_head
+from poolport.protocol.framing import FrameBuffer, Segment, frame
+from poolport.server.pending import Pending, take_head
 
 
 def segment(*payloads: bytes, skip: bytes = b"") -> Segment:

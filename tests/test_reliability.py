@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from poolport import bert, etf
-from poolport.framing import frame
+from poolport.protocol import bert
+from poolport.codec import etf
+from poolport.protocol.framing import frame
 from portclient import HANDLERS, ROOT, A, PortClient, call
 from test_serve import gone
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolport.reorder import ReorderBuffer
+from poolport.server.reorder import ReorderBuffer
 
 
 def test_releases_only_contiguous_prefix():

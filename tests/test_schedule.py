@@ -2,10 +2,10 @@
 
 import pytest
 
-from poolport.dispatcher import Slot, _load
-from poolport.framing import Segment, frame
-from poolport.ledger import Ledger
-from poolport.progress import Progress
+from poolport.server.dispatcher import Slot, _load
+from poolport.protocol.framing import Segment, frame
+from poolport.server.ledger import Ledger
+from poolport.server.progress import Progress
 
 LEDGER = Ledger(3)
 

@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from poolport import etf
-from poolport.framing import frame
+from poolport.codec import etf
+from poolport.protocol.framing import frame
 from portclient import SEED_CONFIG, A, PortClient, call
 
 pytestmark = [pytest.mark.e2e]

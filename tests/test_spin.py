@@ -1,6 +1,6 @@
 """spin(): poll until something turns up or the time is over (no timing asserted)."""
 
-from poolport.spin import spin
+from poolport.server.spin import spin
 
 
 def test_returns_the_first_truthy_result_without_polling_again():

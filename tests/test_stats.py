@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolport import etf
-from poolport.framing import frame
-from poolport.stats import (
+from poolport.codec import etf
+from poolport.protocol.framing import frame
+from poolport.server.stats import (
     BUCKETS,
     SETTLE_AFTER,
     MAX_FUNCTIONS,
@@ -17,10 +17,10 @@ from poolport.stats import (
     Histogram,
     StatsTable,
     bucket,
-    request_name,
     upper_us,
 )
-from poolport.terms import Atom
+from poolport.protocol.bert import request_name
+from poolport.codec.terms import Atom
 
 
 def test_buckets_are_four_per_doubling_and_bounded():

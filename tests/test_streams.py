@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from poolport import etf, streams
-from poolport.framing import frame
+from poolport.codec import etf
+from poolport.protocol import streams
+from poolport.protocol.framing import frame
 from portclient import ROOT, A, PortClient, call
 
 pytestmark = [pytest.mark.e2e]

@@ -35,12 +35,12 @@ from poolport import (
     Pid,
     PoolportError,
     Ref,
-    etf,
-    typed,
 )
+from poolport.codec import etf
+from poolport.handlers import typed
 from poolport.config import Config, load_config
 from poolport.errors import ConfigError
-from poolport.handler import (
+from poolport.handlers.handler import (
     HandlerSettings,
     aliases,
     clear_worker_state,
@@ -49,8 +49,8 @@ from poolport.handler import (
     set_worker_state,
     settings_of,
 )
-from poolport.terms import MapKey
-from poolport.worker import Worker
+from poolport.codec.terms import MapKey
+from poolport.server.worker import Worker
 from portclient import HANDLERS, ROOT, A, PortClient, call
 
 OK = A("reply")
@@ -447,7 +447,7 @@ def test_unsupported_annotation_is_passed_unconverted_with_a_warning(caplog):
     def odd(a: Union[int, Person, dict[str, int]], b: int) -> int:  # msgspec refuses this union
         return b
 
-    with caplog.at_level(logging.WARNING, logger="poolport.typed"):
+    with caplog.at_level(logging.WARNING, logger="poolport.handlers.typed"):
         w = typed.wrap(odd)
     assert "passed unconverted" in caplog.text
     assert w(object(), 3) == 3
@@ -458,7 +458,7 @@ def test_unsupported_annotation_is_passed_unconverted_with_a_warning(caplog):
 def test_unresolvable_annotation_leaves_the_function_unwrapped(caplog):
     namespace: dict[str, Any] = {}
     exec("def f(x: 'NoSuchType'): return x", namespace)
-    with caplog.at_level(logging.WARNING, logger="poolport.typed"):
+    with caplog.at_level(logging.WARNING, logger="poolport.handlers.typed"):
         assert typed.wrap(namespace["f"]) is namespace["f"]
     assert "unconverted" in caplog.text
 

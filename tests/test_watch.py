@@ -2,7 +2,7 @@
 
 import os
 
-from poolport.watch import Settled, fingerprint, module_roots
+from poolport.server.watch import Settled, fingerprint, module_roots
 
 
 def test_roots_are_found_without_importing(tmp_path):

@@ -10,11 +10,11 @@ import pytest
 
 from hypothesis import given, settings, strategies as st
 
-from poolport import etf
+from poolport.codec import etf
 from poolport.config import Config
-from poolport.framing import frame
-from poolport.terms import Atom
-from poolport.worker import Worker, serve_run
+from poolport.protocol.framing import frame
+from poolport.codec.terms import Atom
+from poolport.server.worker import Worker, serve_run
 
 
 def request(kind: str, module: str, function: str, args: list) -> bytes:

@@ -311,7 +311,7 @@ summary(Other) ->
 %% Only worker processes that callers saw answering a call (whoami) are
 %% candidates. A slot whose new process dies five times in a row before it
 %% is sent any request ends the whole Python server (its guard against a
-%% worker that cannot start, see poolport/dispatcher.py); on a loaded
+%% worker that cannot start, see poolport/server/dispatcher.py); on a loaded
 %% machine a new process can take a second to be ready, so killing any
 %% young process could end the server rather than test worker deaths.
 

@@ -14,12 +14,13 @@ import logging
 import time
 from typing import Any, Callable
 
-from . import bert, etf
-from .framing import HEADERS
-from .link import SEQ, Buffer
-from .streams import CANCEL_CREDIT, END, FAIL, IDLE_MARGIN_MS, STREAM, STREAM_HEAD
+from poolport.protocol import bert
+from poolport.codec import etf
+from poolport.protocol.framing import HEADERS
+from poolport.server.link import SEQ, Buffer
+from poolport.protocol.streams import CANCEL_CREDIT, END, FAIL, IDLE_MARGIN_MS, STREAM, STREAM_HEAD
 
-log = logging.getLogger("poolport.worker")
+log = logging.getLogger("poolport.server.worker")
 
 FLUSH_AFTER_S = 0.001  # send items on at least this often
 FLUSH_BYTES = 1 << 20  # ... or once this many bytes wait
@@ -47,7 +48,7 @@ class OpenStream:
 def pump(worker: Any, stream: OpenStream, sid: int, packet: int, tags: bool, send: Send, receive: Receive) -> None:
     """Send the stream's items as credit allows, then its end (or error); always one last message.
 
-    ``worker`` is the :class:`~poolport.worker.Worker` (its encoder and progress record).
+    ``worker`` is the :class:`~poolport.server.worker.Worker` (its encoder and progress record).
     """
     progress = worker.progress
     header = HEADERS[packet]

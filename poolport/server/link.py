@@ -10,7 +10,7 @@ bytes of ``{packet,N}`` frames, exactly as they travel on the Erlang port:
   several chunks so slow calls report progress); an *empty* chunk means the
   worker wrote those ``count`` replies to the port itself (its turn had come);
 * worker -> dispatcher: a message with the count REPORT_COUNT is a statistics report
-  (``poolport.stats``), sent just before the chunk whose calls it counts;
+  (``poolport.server.stats``), sent just before the chunk whose calls it counts;
 * worker -> dispatcher, once on connect: ``HEADER(slot, pid)`` as a hello
   (pid 0: the worker cannot serve, its handlers did not import or ``worker_init`` failed).
 """

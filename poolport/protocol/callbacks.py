@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import PoolportError
-from .terms import Atom
+from poolport.errors import PoolportError
+from poolport.codec import peek
+from poolport.codec.terms import Atom
 
 CALLBACK_COUNT = 0xFFFFFFFF  # link messages of callbacks carry this count (runs and chunks: 1 or more)
 CALLBACK, CALLBACK_REPLY = Atom("callback"), Atom("callback_reply")
@@ -41,10 +42,7 @@ class ErlangError(PoolportError):
         self.erlang_class, self.reason, self.stacktrace = erlang_class, reason, stacktrace
 
 
-_REPLY_HEADS = tuple(
-    b"\x83h\x04" + form
-    for form in (b"w\x0ecallback_reply", b"s\x0ecallback_reply", b"d\x00\x0ecallback_reply", b"v\x00\x0ecallback_reply")
-)
+_REPLY_HEADS = peek.tuple_heads(4, "callback_reply")
 HINT = b"callback_reply"
 
 
@@ -55,22 +53,9 @@ def is_reply(data: bytes, start: int, end: int) -> bool:
 
 def reply_target(data: bytes, start: int, end: int) -> tuple[int, int] | None:
     """``(Pid, N)`` of a callback reply payload, read without decoding its result."""
-    pos = start + 3
-    pos += 2 + data[pos + 1] if data[pos] in (115, 119) else 3 + data[pos + 2]  # the atom
-    out = []
-    for _ in range(2):
-        if pos >= end:
-            return None
-        tag = data[pos]
-        if tag == 97 and pos + 2 <= end:  # SMALL_INTEGER_EXT
-            out.append(data[pos + 1])
-            pos += 2
-        elif tag == 98 and pos + 5 <= end:  # INTEGER_EXT
-            out.append(int.from_bytes(data[pos + 1 : pos + 5], "big", signed=True))
-            pos += 5
-        else:
-            return None
-    return out[0], out[1]
+    pos = peek.atom_end(data, start + 3, end)
+    ints = peek.small_ints(data, pos, end, 2) if pos else None
+    return (ints[0], ints[1]) if ints else None
 
 
 def request(

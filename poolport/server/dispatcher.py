@@ -11,7 +11,7 @@
 
 * The dispatcher is the only writer of stdout. Workers decode, call and
   encode, and send their framed replies back in chunks; the
-  :class:`~poolport.ledger.Ledger` releases them strictly in request order.
+  :class:`~poolport.server.ledger.Ledger` releases them strictly in request order.
   A worker killed at any instant can lose only a message the dispatcher
   never took in whole, so the port never sees a partial frame, a duplicate
   or a gap.
@@ -21,7 +21,7 @@
   link message per run, not per call), heavy calls one at a time so they
   spread over every worker.
 * Every descriptor is non-blocking; what a peer does not take waits in an
-  :class:`~poolport.outbox.Outbox`. A worker stuck sending a huge reply, or
+  :class:`~poolport.server.outbox.Outbox`. A worker stuck sending a huge reply, or
   an Erlang VM that stops reading, never stops the loop: it still reads
   every worker, checks timeouts, and notices stdin EOF and SIGTERM.
 * Memory is bounded in bytes: beyond ``max_in_flight_bytes`` held (requests
@@ -36,7 +36,7 @@
   error (the ledger's poison-pill rule).
 * A call past its timeout has its worker killed and replaced the same way.
 * The pool changes while it serves (``'$poolport'`` requests, see
-  :mod:`poolport.control`): ``resize`` adds slots or *retires* some (no new
+  :mod:`poolport.protocol.control`): ``resize`` adds slots or *retires* some (no new
   runs; removed once they owe nothing), and a reload first imports the
   handlers in a probe process (a failure leaves every worker as it was), then
   replaces the slots one at a time: a new slot starts, and once it serves an
@@ -60,19 +60,20 @@ from typing import Any, Callable
 
 import loky
 
-from . import bert, control, etf
-from .config import WORKER_KEYS, Config, apply_live
-from .control import Tickets
-from .errors import ConfigError
-from .framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
-from .ledger import Ledger, Run
-from .link import HEADER, REPORT_COUNT, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
-from .outbox import Outbox
-from .progress import Counters, Progress
-from .spin import spin
-from .callbacks import CALLBACK_COUNT, HINT, is_reply, reply_target
-from .stream_worker import start_reply
-from .streams import (
+from poolport.protocol import bert, control
+from poolport.codec import etf
+from poolport.config import WORKER_KEYS, Config, apply_live
+from poolport.protocol.control import Tickets
+from poolport.errors import ConfigError
+from poolport.protocol.framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
+from poolport.server.ledger import Ledger, Run
+from poolport.server.link import HEADER, REPORT_COUNT, SEQ, SMALL_MESSAGE, Buffer, MessageReader, tune
+from poolport.server.outbox import Outbox
+from poolport.server.progress import Counters, Progress
+from poolport.server.spin import spin
+from poolport.protocol.callbacks import CALLBACK_COUNT, HINT, is_reply, reply_target
+from poolport.server.stream_worker import start_reply
+from poolport.protocol.streams import (
     CONTROL,
     FAIL,
     STREAM_HEAD,
@@ -83,10 +84,11 @@ from .streams import (
     may_hold_streams,
     parse_control,
 )
-from .stats import StatsTable, request_name
-from .terms import Atom
-from .watch import Watcher
-from .worker import probe_handlers, worker_main
+from poolport.protocol.bert import request_name
+from poolport.server.stats import StatsTable
+from poolport.codec.terms import Atom
+from poolport.server.watch import Watcher
+from poolport.server.worker import probe_handlers, worker_main
 
 log = logging.getLogger("poolport")
 POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
@@ -1012,7 +1014,7 @@ class Dispatcher:
     # ------------------------------------------------------------------ operations ('$poolport')
 
     def _operation(self, item: bytes) -> Any:
-        """The reply term to a ``'$poolport'`` operation (see poolport.control)."""
+        """The reply term to a ``'$poolport'`` operation (see poolport.protocol.control)."""
         request = control.parse(item, self.packet)
         args, name = request.args, request.function
         if args is None:

@@ -12,11 +12,11 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .config import Config, load_config
-from .errors import ConfigError
-from .etf import ATOM_ENCODINGS, codec_name
-from .memory import keep_freed_memory
+from poolport import __version__
+from poolport.config import Config, load_config
+from poolport.errors import ConfigError
+from poolport.codec.etf import ATOM_ENCODINGS, codec_name
+from poolport.server.memory import keep_freed_memory
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -132,7 +132,7 @@ def _int_flag(flag: str, value: str) -> int:
 def serve(config: Config, reread: Callable[[], Config] | None = None) -> int:
     """Run the dispatcher on this process's stdin/stdout (the Erlang port); ``reread`` reads
     the configuration again (for ``'$poolport':reload_config()``)."""
-    from .dispatcher import Dispatcher
+    from poolport.server.dispatcher import Dispatcher
 
     # Keep the port's pipes on private descriptors; fd 0 becomes /dev/null and
     # fd 1 a copy of stderr, so nothing else (a print(), a child process, a C
@@ -184,8 +184,8 @@ def check(config: Config, imports: bool, init: bool) -> int:
     handler modules (and with ``init`` run ``worker_init``) as a worker would. 1 on a problem."""
     import msgspec
 
-    from .handler import run_worker_init
-    from .worker import import_handlers
+    from poolport.handlers.handler import run_worker_init
+    from poolport.server.worker import import_handlers
 
     print(msgspec.json.format(msgspec.json.encode(config)).decode(), flush=True)  # before any problem:
     if not imports:  # one reading stdout and stderr together (a pool's start-up diagnosis) sees them last
@@ -233,13 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("bench", help="the benchmark: poolport vs a single-process port, from a real erl", add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
+        from poolport.tools.bench import main as bench_main
 
         return bench_main(argv[1:], prog="poolport bench")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from .demo import run_demo
+        from poolport.tools.demo import run_demo
 
         return run_demo(calls=args.calls, steps=args.steps, workers=args.workers)
     try:

@@ -18,20 +18,16 @@ integer operations (no logarithm) in the worker.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any
 
 import msgspec
 
-from . import bert
-from .framing import HEADERS
-from .terms import Atom
+from poolport.codec.terms import Atom
 
 PER_OCTAVE = 4  # buckets per doubling of the latency
 BUCKETS = PER_OCTAVE * 42 + 1  # bucket 0 is < 1 µs; the last one holds everything from ~50 days on
 MAX_FUNCTIONS = 10_000  # functions tracked; calls to more are counted under OTHER
 OTHER = ("$poolport", "other")
-HEAD_BYTES = 1024  # read of a request to find its module and function (atoms are at most 1020 bytes)
 
 
 def bucket(us: float) -> int:
@@ -239,57 +235,3 @@ class StatsTable:
                 **s.latency.summary(),
             }
         return out
-
-
-# -- which function a request calls (for a call the worker could not report)
-
-
-def request_name(data: bytes, packet: int, begin: int = 0, stop: int | None = None) -> tuple[str, str] | None:
-    """``(module, function)`` of the ``{call|cast, M, F, Args}`` in the item ``data[begin:stop]``
-    (its frames with their headers; ``{info, ...}`` frames first), read from the head bytes
-    only (nothing big is copied); ``None`` if it is not such a request."""
-    header = HEADERS[packet]
-    stop = len(data) if stop is None else stop
-    pos, last = begin, None
-    while pos + packet <= stop:
-        start = pos + packet
-        pos = start + header.unpack_from(data, pos)[0]
-        if not bert.is_info(data, start, pos):
-            last = (start, min(pos, stop))
-    if last is None:
-        return None
-    start, end = last
-    head = data[start : min(end, start + HEAD_BYTES)]
-    if head[:2] == b"\x83P" and len(head) > 6:  # compressed: inflate just the head
-        try:
-            stream = data[start + 6 : min(end, start + 6 + 64 * HEAD_BYTES)]
-            head = b"\x83" + zlib.decompressobj().decompress(stream, HEAD_BYTES)
-        except zlib.error:
-            return None
-    if head[1:3] != b"h\x04":
-        return None
-    atoms = _atoms(head, 3, 3)
-    if atoms is None or atoms[0] not in ("call", "cast"):
-        return None
-    return atoms[1], atoms[2]
-
-
-def _atoms(data: bytes, pos: int, count: int) -> list[str] | None:
-    """``count`` atoms in a row from ``pos``, or ``None`` if something else is there."""
-    out = []
-    for _ in range(count):
-        if pos + 2 > len(data):
-            return None
-        tag = data[pos]
-        if tag in (115, 119):  # SMALL_ATOM, SMALL_ATOM_UTF8
-            size, pos = data[pos + 1], pos + 2
-        elif tag in (100, 118) and pos + 3 <= len(data):  # ATOM, ATOM_UTF8
-            size, pos = data[pos + 1] << 8 | data[pos + 2], pos + 3
-        else:
-            return None
-        if pos + size > len(data):
-            return None
-        raw = data[pos : pos + size]
-        out.append(raw.decode("utf-8" if tag in (118, 119) else "latin-1", errors="replace"))
-        pos += size
-    return out

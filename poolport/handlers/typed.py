@@ -54,13 +54,13 @@ from typing import Any
 import msgspec
 from msgspec import inspect as mi
 
-from .errors import ArgumentError, EncodeError
-from .handler import exposed_name
-from .terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Reference
+from poolport.errors import ArgumentError, EncodeError
+from poolport.handlers.handler import exposed_name
+from poolport.codec.terms import Atom, BitString, Fun, ImproperList, MapKey, Opaque, Pid, Port, Reference
 
 __all__ = ["ArgumentError", "Plan", "erlang_kind", "plan_of", "to_term", "type_name", "wrap"]
 
-log = logging.getLogger("poolport.typed")
+log = logging.getLogger("poolport.handlers.typed")
 
 _NOT_COERCED = (bytes, bytearray, memoryview)  # never base64-decode a str into these
 _MISSING = object()

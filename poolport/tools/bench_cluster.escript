@@ -1,7 +1,7 @@
 #!/usr/bin/env escript
 %% -*- erlang -*-
 %%! -noshell
-%% The scale-out load generator of `python -m poolport.bench' (workload
+%% The scale-out load generator of `poolport bench' (workload
 %% `cluster'): groups of pools on several Erlang nodes of this host, through
 %% the poolport OTP application (erlang/ in the repository, compiled into
 %% Ebin by the bench).

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-# How MapKey compares keys: the codec's canonical encoding (Erlang's =:=). poolport.etf
+# How MapKey compares keys: the codec's canonical encoding (Erlang's =:=). poolport.codec.etf
 # registers it when it is imported (the package imports it), so this module needs no codec.
 _canonical_of: Callable[[Any], bytes] | None = None
 
 
 def use_canonical(fn: Callable[[Any], bytes]) -> None:
-    """Called once by poolport.etf: the function MapKey hashes and compares with."""
+    """Called once by poolport.codec.etf: the function MapKey hashes and compares with."""
     global _canonical_of
     _canonical_of = fn
 
@@ -134,7 +134,7 @@ class MapKey:
     def _key(self) -> bytes:
         key = self._canonical
         if key is None:
-            assert _canonical_of is not None, "poolport.etf registers it on import"
+            assert _canonical_of is not None, "poolport.codec.etf registers it on import"
             key = self._canonical = _canonical_of(self.term)
         return key
 

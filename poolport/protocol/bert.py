@@ -10,12 +10,13 @@ Errors are ``{error, {Type, Code, Class, Detail, Backtrace}}`` (bare mode:
 from __future__ import annotations
 
 import reprlib
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ProtocolError
-from .terms import Atom
+from poolport.errors import ProtocolError
+from poolport.codec.terms import Atom
+from poolport.codec import peek
+from poolport.protocol.framing import last_frame
 
 PROTOCOL, SERVER, USER = Atom("protocol"), Atom("server"), Atom("user")
 CALL, CAST, INFO, REPLY, NOREPLY, ERROR = (Atom(a) for a in ("call", "cast", "info", "reply", "noreply", "error"))
@@ -103,7 +104,8 @@ def info_timeout(term: Any) -> int | None:
     return None
 
 
-_INFO_ATOMS = (b"w\x04info", b"s\x04info", b"d\x00\x04info", b"v\x00\x04info")
+_INFO_HEADS = peek.tuple_heads(3, "info")
+_INFO_TUPLES = peek.tuple_heads(3, "info", version=False)
 
 
 def is_info(data: bytes, start: int = 0, end: int | None = None) -> bool:
@@ -116,18 +118,12 @@ def is_info(data: bytes, start: int = 0, end: int | None = None) -> bool:
     """
     if len(data) <= start + 8:
         return False
-    if data[start + 1] == 104:
-        return data[start + 2] == 3 and data.startswith(_INFO_ATOMS, start + 3)
-    return data[start + 1] == 80 and _compressed_info(data[start + 6 : len(data) if end is None else end])
-
-
-def _compressed_info(stream: bytes) -> bool:
-    """True if the zlib ``stream`` inflates to the head of an ``{info, ...}`` tuple."""
-    try:
-        head = zlib.decompressobj().decompress(stream[:64], 12)
-    except zlib.error:
+    if data[start + 1] == peek.SMALL_TUPLE:
+        return data.startswith(_INFO_TUPLES, start + 1)
+    if data[start + 1] != peek.COMPRESSED:
         return False
-    return head[:2] == b"h\x03" and head.startswith(_INFO_ATOMS, 2)
+    head = peek.head(data, start, len(data) if end is None else end, 16)
+    return head is not None and head.startswith(_INFO_HEADS)
 
 
 def reply(result: Any) -> tuple[Any, ...]:
@@ -160,3 +156,25 @@ def _show(term: Any, limit: int = 120) -> str:
     except Exception:  # noqa: BLE001
         return f"a {type(term).__name__}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- which function a request calls, read from its first bytes (statistics, control requests)
+
+HEAD_BYTES = 1024  # read of a request to find its module and function (atoms are at most 1020 bytes)
+
+
+def request_name(data: bytes, packet: int, begin: int = 0, stop: int | None = None) -> tuple[str, str] | None:
+    """``(module, function)`` of the ``{call|cast, M, F, Args}`` in the item ``data[begin:stop]``
+    (its frames with their headers; ``{info, ...}`` frames first), read from the head bytes
+    only (nothing big is copied); ``None`` if it is not such a request."""
+    stop = len(data) if stop is None else stop
+    if begin + packet > stop:
+        return None
+    start, end = last_frame(data, packet, begin, stop)
+    head = peek.head(data, start, end, HEAD_BYTES)
+    if head is None or head[1:3] != b"h\x04":
+        return None
+    atoms = peek.read_atoms(head, 3, 3)
+    if atoms is None or atoms[0] not in ("call", "cast"):
+        return None
+    return atoms[1], atoms[2]

@@ -22,8 +22,10 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from .errors import ProtocolError
-from .terms import Atom
+from poolport.errors import ProtocolError
+from poolport.codec import peek
+from poolport.protocol.framing import last_frame
+from poolport.codec.terms import Atom
 
 STREAM, ITEM, END, FAIL = (Atom(a) for a in ("stream", "stream_item", "stream_end", "stream_error"))
 CREDIT, CANCEL = Atom("stream_credit"), Atom("stream_cancel")
@@ -39,16 +41,9 @@ CONTROL = struct.Struct(">QI")  # dispatcher -> worker: stream id, credit to add
 CANCEL_CREDIT = 0xFFFFFFFF
 
 
-def _atom_forms(name: str) -> tuple[bytes, ...]:
-    """The four ways an atom of ``name`` can be written (SMALL_ATOM_UTF8, SMALL_ATOM, ATOM, ATOM_UTF8)."""
-    raw = name.encode()
-    n = len(raw)
-    return (bytes([119, n]) + raw, bytes([115, n]) + raw, bytes([100, 0, n]) + raw, bytes([118, 0, n]) + raw)
-
-
-_STREAM_HEADS = tuple(b"\x83h" + bytes([arity]) + form for arity in (4, 5) for form in _atom_forms("stream"))
-_CREDIT_HEADS = tuple(b"\x83h\x03" + form for form in _atom_forms("stream_credit"))
-_CANCEL_HEADS = tuple(b"\x83h\x02" + form for form in _atom_forms("stream_cancel"))
+_STREAM_HEADS = peek.tuple_heads((4, 5), "stream")
+_CREDIT_HEADS = peek.tuple_heads(3, "stream_credit")
+_CANCEL_HEADS = peek.tuple_heads(2, "stream_cancel")
 _CONTROL_HEADS = _CREDIT_HEADS + _CANCEL_HEADS
 _HINT = b"stream"  # in every stream request and control frame: rules out most runs in one find()
 
@@ -79,13 +74,7 @@ def item_kinds(data: bytes, bounds: list[int], i: int, j: int, packet: int, test
     """
     found = []
     for k in range(i, j):
-        pos, end = bounds[k], bounds[k + 1]
-        while True:  # the item's last frame
-            size = int.from_bytes(data[pos : pos + packet], "big")
-            if pos + packet + size >= end:
-                break
-            pos += packet + size
-        if test(data, pos + packet, end):
+        if test(data, *last_frame(data, packet, bounds[k], bounds[k + 1])):
             found.append(k)
     return found
 

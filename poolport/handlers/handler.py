@@ -29,7 +29,7 @@ import types
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar, overload
 
-from .errors import PoolportError
+from poolport.errors import PoolportError
 
 __all__ = ["HandlerSettings", "aliases", "handler", "is_handler", "run_worker_init", "settings_of", "worker_state"]
 

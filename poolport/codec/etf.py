@@ -89,7 +89,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
 from poolport.errors import DecodeError, EncodeError
-from poolport.terms import (
+from poolport.codec.terms import (
     Atom,
     BitString,
     Fun,
@@ -104,13 +104,13 @@ from poolport.terms import (
 
 _cetf: Any
 try:  # the optional C accelerator (setup.py builds it when a compiler is there)
-    from poolport import _cetf  # type: ignore[attr-defined,no-redef]  # built in place, no stub
+    from poolport.codec import _cetf  # type: ignore[attr-defined,no-redef]  # built in place, no stub
 except ImportError:  # pragma: no cover - depends on the build
     _cetf = None
 
 __all__ = ["ACCELERATED", "ATOM_ENCODINGS", "AtomEncoding", "canonical", "decode", "encode"]
 
-# True when decode/encode/term_codec use poolport._cetf: it is built and
+# True when decode/encode/term_codec use poolport.codec._cetf: it is built and
 # POOLPORT_PURE_PYTHON is unset, empty or "0". The C codec handles the common
 # tags and types itself and hands everything else to the Python one below,
 # which stays the reference (same bytes, terms, types and errors).
@@ -1186,4 +1186,4 @@ def term_codec(none_atom: str = "undefined", atom_encoding: AtomEncoding = "lati
     return _decoder(none_atom), _active_encoder(none_atom, atom_encoding)
 
 
-use_canonical(canonical)  # MapKey (poolport.terms) compares keys with it
+use_canonical(canonical)  # MapKey (poolport.codec.terms) compares keys with it

@@ -26,22 +26,23 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from . import bert, etf
-from . import typed  # typed handlers, @poolport.handler, worker_init:
-from .handler import aliases, exposed_name, is_handler, run_worker_init, settings_of
-from .config import Config, smallest_timeout
-from .errors import ArgumentError, DecodeError, EncodeError, ProtocolError
-from .framing import HEADERS
-from .link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
-from .memory import keep_freed_memory
-from .progress import Counters, Progress
-from .spin import spin
-from .stats import CallRecorder
-from .stream_worker import OpenStream, Receive, pump, start_reply
-from .streams import CONTROL, ITEM, STREAM, parse_stream_request
-from .callbacks import CALLBACK_COUNT, reply_target
-from . import erlang
-from .terms import Atom
+from poolport.protocol import bert
+from poolport.codec import etf, peek
+from poolport.handlers import typed  # typed handlers, @poolport.handler, worker_init:
+from poolport.handlers.handler import aliases, exposed_name, is_handler, run_worker_init, settings_of
+from poolport.config import Config, smallest_timeout
+from poolport.errors import ArgumentError, DecodeError, EncodeError, ProtocolError
+from poolport.protocol.framing import HEADERS
+from poolport.server.link import HEADER, SEQ, Buffer, MessageReader, send_message, tune
+from poolport.server.memory import keep_freed_memory
+from poolport.server.progress import Counters, Progress
+from poolport.server.spin import spin
+from poolport.server.stats import CallRecorder
+from poolport.server.stream_worker import OpenStream, Receive, pump, start_reply
+from poolport.protocol.streams import CONTROL, ITEM, STREAM, parse_stream_request
+from poolport.protocol.callbacks import CALLBACK_COUNT, reply_target
+from poolport import erlang
+from poolport.codec.terms import Atom
 
 FLUSH_AFTER_S = 0.001  # report progress at least this often while a run is being served
 FLUSH_BYTES = 1 << 20  # ... and send replies on once this many bytes wait (bounds a chunk's size)
@@ -52,7 +53,7 @@ BUILTIN_MODULE = "$poolport"  # introspection calls answered by the worker itsel
 # b"\x83h\x02w\x05reply" (utf8)
 _REPLY_PREFIX = {e: etf.encode((bert.REPLY, 0), atom_encoding=e)[:-2] for e in etf.ATOM_ENCODINGS}
 
-log = logging.getLogger("poolport.worker")
+log = logging.getLogger("poolport.server.worker")
 _clock = time.perf_counter
 
 
@@ -124,7 +125,7 @@ class Handlers:
                 "NoSuchFunction",
                 f"{module}.{function} is defined in {owner!r}, which is not allowlisted",
             )
-        # -- typed arguments (poolport.typed): fn itself when it has no annotated parameters
+        # -- typed arguments (poolport.handlers.typed): fn itself when it has no annotated parameters
         settings = settings_of(fn)
         if settings is not None and settings.timeout_ms is not None:
             self.timeouts[key] = settings.timeout_ms
@@ -158,7 +159,7 @@ class Worker:
         self._caller_ms: int | None = config.caller_timeout_ms or None
         self._next_timeout = self._caller_ms
         self.handlers = Handlers(config)
-        self.recorder = CallRecorder()  # per-function counts and handler times (poolport.stats)
+        self.recorder = CallRecorder()  # per-function counts and handler times (poolport.server.stats)
         self.bare = config.protocol == "bare"
         info = dict(info or {}, worker_pid=os.getpid())
         self.info = {Atom(k): Atom(v) if isinstance(v, str) else v for k, v in info.items()}
@@ -195,7 +196,7 @@ class Worker:
             if not self.bare and end - start > 3 and data[start + 1] == 104:
                 arity = data[start + 2]
                 if arity == 4 and data[start] == 131:
-                    head = _head_end(data, start + 3, end)
+                    head = peek.atoms_end(data, start + 3, end, 3)  # call, M, F
                     entry = (self._fast.get(data[start:head]) or self._learn(data, start, head)) if head else None
                     if entry:
                         self._last = (data[start:head], entry)
@@ -381,7 +382,7 @@ class Worker:
         return self.config.timeout_for(module, function, handler_ms)
 
     def _invoke(self, fn: Callable[..., Any], cast: bool, module: str, function: str, args: list[Any]) -> bytes:
-        """Call the handler (timed, for poolport.stats) and encode what comes of it."""
+        """Call the handler (timed, for poolport.server.stats) and encode what comes of it."""
         began = _clock()
         try:
             result = fn(*args)
@@ -419,7 +420,7 @@ class Worker:
                 return self._encode(result if self.bare else bert.reply(result))
             except EncodeError as exc:
                 error: Exception = exc
-            try:  # -- Structs, dataclasses, Enums (poolport.typed.to_term), if plain encoding failed
+            try:  # -- Structs, dataclasses, Enums (poolport.handlers.typed.to_term), if plain encoding failed
                 term = typed.to_term(result)
                 return self._encode(term if self.bare else bert.reply(term))
             except EncodeError as exc:
@@ -472,7 +473,7 @@ def serve_run(
     """Answer every frame of ``run[start:]``; ``send(count, framed_replies)`` is called as
     progress is made. With ``first`` (the sequence number of the run's first request) every
     reply frame is tagged with its request's sequence number (``reply_tags``). ``base`` is
-    that number when replies are not tagged; a stream (see :mod:`poolport.streams`) is named
+    that number when replies are not tagged; a stream (see :mod:`poolport.protocol.streams`) is named
     by it. A stream's items are sent after its start reply, taking credit from ``receive``
     (without it, a stream is closed once started)."""
     out: list[bytes] = []
@@ -559,21 +560,6 @@ def _safe_str(obj: Any) -> str:
         return str(obj)
     except BaseException:  # noqa: BLE001
         return f"<{type(obj).__name__} object: str() failed>"
-
-
-def _head_end(data: bytes, pos: int, end: int) -> int:
-    """Offset after three atoms at ``pos`` (``call, M, F``), or 0 if they are not three atoms."""
-    for _ in range(3):
-        if pos + 2 >= end:
-            return 0
-        tag = data[pos]
-        if tag == 119 or tag == 115:  # SMALL_ATOM_UTF8 / SMALL_ATOM: 1-byte length
-            pos += 2 + data[pos + 1]
-        elif tag == 100 or tag == 118:  # ATOM / ATOM_UTF8: 2-byte length
-            pos += 3 + (data[pos + 1] << 8 | data[pos + 2])
-        else:
-            return 0
-    return pos if pos < end else 0
 
 
 def _limit_memory(megabytes: int) -> None:

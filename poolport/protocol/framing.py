@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import FrameError
+from poolport.errors import FrameError
 
 PACKET_SIZES = (1, 2, 4)
 
@@ -38,6 +38,19 @@ HEADERS = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"
 
 Attach = Callable[[bytes, int, int], bool]
 """``attach(data, payload_start, payload_end)``: True if this frame belongs with the frame after it."""
+
+
+def last_frame(data: bytes, packet: int, begin: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Payload bounds of the last frame of the item at ``data[begin:end]``: its request, after
+    the ``{info, ...}`` frames that travel with it (the end is clipped to ``end``)."""
+    unpack = HEADERS[packet].unpack_from
+    end = len(data) if end is None else end
+    pos = begin
+    while True:
+        start = pos + packet
+        pos = start + unpack(data, pos)[0]
+        if pos >= end or pos + packet > end:
+            return start, min(pos, end)
 
 
 class Segment:

@@ -1,6 +1,6 @@
 """Sans-IO queue of request items waiting for a worker.
 
-Each stdin read yields one :class:`~poolport.framing.Segment`, often only a
+Each stdin read yields one :class:`~poolport.protocol.framing.Segment`, often only a
 few frames when the Erlang side writes one request at a time. A run sent to a
 worker must not be capped by how the bytes happened to arrive, so
 :func:`take_head` merges consecutive entries into one before a run is cut.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .framing import Segment
+from poolport.protocol.framing import Segment
 
 
 class Pending:

@@ -24,9 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import bert, etf
-from .framing import HEADERS, Segment
-from .stats import request_name
+from poolport.protocol import bert
+from poolport.codec import etf
+from poolport.protocol.framing import Segment, last_frame
+from poolport.protocol.bert import request_name
 
 MODULE = "$poolport"
 MARKER = MODULE.encode()
@@ -75,14 +76,8 @@ def split(segment: Segment, hits: list[int]) -> Iterator[Segment | bytes]:
 
 def parse(item: bytes, packet: int) -> Control:
     """The control request in an item found by :func:`find` (its last frame)."""
-    header = HEADERS[packet]
-    pos, last = 0, (0, 0)
-    while pos + packet <= len(item):
-        start = pos + packet
-        pos = start + header.unpack_from(item, pos)[0]
-        if not bert.is_info(item, start, pos):
-            last = (start, pos)
-    payload = item[last[0] : last[1]]
+    start, end = last_frame(item, packet)
+    payload = item[start:end]
     name = request_name(item, packet)
     function = name[1] if name else ""
     kind = "call"

@@ -1,6 +1,6 @@
 """The benchmark's reference: the single-process port a user would otherwise write.
 
-``python -m poolport.bench_reference`` serves BERT-RPC over ``{packet, 4}`` on
+``python -m poolport.tools.bench_reference`` serves BERT-RPC over ``{packet, 4}`` on
 stdin/stdout in ONE process, the 2017 seed's architecture (read a frame,
 decode, call, encode, write; all in one loop), written as well as such a loop
 can be in modern Python so that it is a strong baseline:
@@ -10,7 +10,7 @@ can be in modern Python so that it is a strong baseline:
   in a chunk is served before the next read; a big frame is read straight
   into a buffer of its exact size (no repeated concatenation);
 * the replies of one chunk are written with one ``os.writev`` call;
-* its own minimal ETF codec, independent of ``poolport.etf``, covering what the
+* its own minimal ETF codec, independent of ``poolport.codec.etf``, covering what the
   benchmark sends and receives (integers, floats, atoms, tuples, lists,
   charlists, binaries, maps), with the hot paths inline;
 * module/function lookups are cached.

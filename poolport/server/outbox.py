@@ -14,7 +14,7 @@ from collections import deque
 from itertools import islice
 from typing import Callable, Sequence
 
-from .reorder import Buffer
+from poolport.server.reorder import Buffer
 
 IOV_MAX = 512  # parts per gather-write (Linux allows 1024)
 

@@ -31,9 +31,9 @@ from bisect import bisect_right
 from collections import deque
 from typing import Callable
 
-from .framing import Segment
-from .pending import Pending, take_head
-from .reorder import Buffer, ReorderBuffer
+from poolport.protocol.framing import Segment
+from poolport.server.pending import Pending, take_head
+from poolport.server.reorder import Buffer, ReorderBuffer
 
 MAX_STRIKES = 4  # a request with this many is answered with an error, not re-run again
 SUSPECT = 2  # strikes for each request a worker held when it died and no call could be blamed

@@ -1,8 +1,8 @@
-"""``python -m poolport.bench``: poolport against the port a user would otherwise write.
+"""``python -m poolport.tools.bench``: poolport against the port a user would otherwise write.
 
 Every end-to-end figure is measured from a real Erlang VM through a real port
 (``bench_driver.escript``), for ``poolport serve`` and for the single-process
-reference ``python -m poolport.bench_reference`` (the 2017 seed's loop: read,
+reference ``python -m poolport.tools.bench_reference`` (the 2017 seed's loop: read,
 decode, call, encode, write) driven identically, in the same run and
 interleaved (reference, poolport, reference, poolport, ...; the best figure of
 each side is kept), because the machines are shared and noisy. The codec is
@@ -19,7 +19,7 @@ Workloads (``--only`` names):
 * ``big``: echo of a 1 MB and a 10 MB binary, one caller in lock-step; MB/s is
   payload bytes (10^6) per second, counted once per round trip (bar: 10 MB at
   ≥ 200 MB/s).
-* ``codec``: ``poolport.etf`` encode/decode of a realistic nested term and of a
+* ``codec``: ``poolport.codec.etf`` encode/decode of a realistic nested term and of a
   1 MB binary, best of several timeit-style loops, against erlang-py
   (bar: ≥ 1.0× on each) and erlpack (C; shown, no bar).
 * ``cluster``: groups through the poolport OTP application
@@ -68,10 +68,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .etf import codec_name
-from .config import Config
+from poolport.codec.etf import codec_name
+from poolport.config import Config
 
 DRIVER = Path(__file__).with_name("bench_driver.escript")
+CHECKOUT = Path(__file__).resolve().parents[2]  # the source tree this package sits in (erlang/ beside it)
 WORKLOADS = ("cpu", "tiny", "big", "stream", "codec", "cluster", "client")
 CLUSTER_DRIVER = Path(__file__).with_name("bench_cluster.escript")
 CLIENT_DRIVER = Path(__file__).with_name("bench_client.escript")
@@ -158,7 +159,7 @@ class Phase:
 def _server_env() -> dict[str, str]:
     """The environment of the servers: this poolport package importable first."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(CHECKOUT)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -179,7 +180,7 @@ def poolport_cmd(workers: int) -> list[str]:
 
 
 def reference_cmd() -> list[str]:
-    return [sys.executable, "-m", "poolport.bench_reference"]
+    return [sys.executable, "-m", "poolport.tools.bench_reference"]
 
 
 def drive(phases: list[str], server: list[str], timeout: float = 600) -> dict[str, Phase]:
@@ -591,7 +592,7 @@ def run_stream(plan: Plan, workers: int, report: Report) -> None:
 
 def compile_otp_app(dest: Path) -> Path:
     """Compile the poolport OTP application (``erlang/src``) into ``dest``; its ebin."""
-    src = Path(__file__).resolve().parent.parent / "erlang" / "src"
+    src = CHECKOUT / "erlang" / "src"
     erlc = shutil.which("erlc")
     if not src.is_dir():
         raise RuntimeError(f"{src} is missing: the cluster workload needs a source checkout")
@@ -674,7 +675,7 @@ def run_cluster(plan: Plan, report: Report) -> None:
 
 def realistic_term() -> Any:
     """A nested term like an API's reply: maps with atom keys, lists, binaries, ints, floats."""
-    from poolport.terms import Atom as A
+    from poolport.codec.terms import Atom as A
 
     rng = random.Random(7)
     items = []
@@ -732,7 +733,7 @@ def _time_best(fn: Callable[[], Any], min_time: float) -> Callable[[], float]:
 
 
 def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]] | str]:
-    from poolport import etf
+    from poolport.codec import etf
 
     libs: dict[str, Any] = {"poolport": (etf.encode, etf.decode)}
     try:
@@ -751,7 +752,7 @@ def _codec_libs() -> dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], A
 
 
 def run_codec(plan: Plan, report: Report) -> None:
-    from poolport import etf
+    from poolport.codec import etf
 
     libs = _codec_libs()
     cases = [("nested term", realistic_term()), ("1 MB binary", random.Random(1).randbytes(1_000_000))]
@@ -841,7 +842,7 @@ def render(report: Report, header: str, notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m poolport.tools.bench") -> int:
     """``prog`` is how the user started it, for ``--help`` (``poolport bench`` from the CLI)."""
     ap = argparse.ArgumentParser(
         prog=prog,
@@ -905,9 +906,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
     rounds = f"best of {plan.rounds} interleaved rounds" if plan.rounds > 1 else "1 round"
     notes = [
         "poolport = `python -m poolport serve --workers N`; reference = `python -m "
-        "poolport.bench_reference`, a single-process port (read, decode, call, encode, write in "
+        "poolport.tools.bench_reference`, a single-process port (read, decode, call, encode, write in "
         "one loop; buffered reads, batched writes), same handlers (`poolport.demo_handlers`). "
-        "Both driven by the same Erlang VM load generator (`poolport/bench_driver.escript`) "
+        "Both driven by the same Erlang VM load generator (`poolport/tools/bench_driver.escript`) "
         f"through a real `{{packet, 4}}` port; tiny/big: {rounds} "
         "(reference, poolport, ...), best figure of each side; cpu: reference, 1 worker and N "
         f"workers in {plan.cpu_rounds} round(s), best of each. stream rows: poolport only "
@@ -916,14 +917,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m poolport.bench") 
         "ratio = poolport ÷ reference (for latency lower is better, elsewhere higher is "
         "better); codec rows: the reference is the library named in the workload, "
         f"best of {plan.codec_repeats} timeit-style loops each.",
-        "cluster rows (the poolport OTP application, `poolport/bench_cluster.escript`): "
+        "cluster rows (the poolport OTP application, `poolport/tools/bench_cluster.escript`): "
         f"pool nodes are Erlang nodes on this host, {CLUSTER_NODES} at most, 1 worker each, "
         "called through `{group, G}` from a node without a pool; scale-out: best of "
         f"{plan.cluster_rounds} run(s) per node count, reference = 1 node, so the ratio is "
         f"the speed-up (at most the {os.cpu_count() or 1} cores of this host); tiny: "
         f"best of {plan.cluster_rounds} interleaved runs (the first of each pair alternates), "
         "reference = the same calls to the pool's pid.",
-        "client rows (`poolport/bench_client.escript`): one VM, a raw port and a pool, each with "
+        "client rows (`poolport/tools/bench_client.escript`): one VM, a raw port and a pool, each with "
         "its own `poolport serve` started with the same arguments; best of "
         f"{plan.client_rounds} round(s); the raw port is the ceiling a client on this server can reach.",
         f"Load average at the end: {_load()} (1, 5, 15 min; above {cores} means other work shared the cores).",

@@ -1,9 +1,9 @@
 #!/usr/bin/env escript
 %% -*- erlang -*-
 %%! -noshell
-%% The load generator of `python -m poolport.bench`: one Erlang VM opens ONE
+%% The load generator of `poolport bench`: one Erlang VM opens ONE
 %% port to a server (`poolport serve` or the single-process reference
-%% `python -m poolport.bench_reference`), exactly as an application would
+%% `python -m poolport.tools.bench_reference`), exactly as an application would
 %% (spawn_executable, {packet, 4}, binary, exit_status), warms it up and runs
 %% the phases given on the command line, in order, on the same port.
 %%

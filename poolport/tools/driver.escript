@@ -7,7 +7,7 @@
 %%
 %% escript driver.escript Mode Python Calls Arg -- ServeArg...
 %%   Mode burn: {call, poolport.demo_handlers, burn, [Arg]}      (CPU-heavy)
-%%   Mode echo: {call, pp_handlers, echo, [{I, <<...>>}]}         (unique payloads)
+%%   Mode echo: {call, poolport.demo_handlers, echo, [{I, <<...>>}]} (unique payloads)
 %% Prints one line: "ok Calls Microseconds DistinctWorkerPids" or "error ...".
 -mode(compile).
 
@@ -36,7 +36,7 @@ main(_) ->
     halt(2).
 
 request("burn", _I, Steps) -> {call, 'poolport.demo_handlers', burn, [Steps]};
-request("echo", I, _) -> {call, pp_handlers, echo, [{I, integer_to_binary(I * 7919)}]}.
+request("echo", I, _) -> {call, 'poolport.demo_handlers', echo, [{I, integer_to_binary(I * 7919)}]}.
 
 %% Wait until every worker has answered once, so the timing excludes start-up.
 warm_up(Port, Tries) when Tries < 200 ->

@@ -1,7 +1,7 @@
 #!/usr/bin/env escript
 %% -*- erlang -*-
 %%! -noshell
-%% The OTP-client load generator of `python -m poolport.bench' (workload
+%% The OTP-client load generator of `poolport bench' (workload
 %% `client'): the same tiny calls through a raw port and through the poolport
 %% OTP application (erlang/ in the repository, compiled into Ebin by the
 %% bench), in one VM, on two servers started with the same arguments.
