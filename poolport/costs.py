@@ -1,0 +1,186 @@
+"""Sans-IO: what one call of each function costs, learned from runs, and where to cut a run.
+
+::
+
+    pending: … tiny tiny tiny HEAVY tiny tiny unknown …
+             └──── run A ────┘└ B ┘└─ run C ─┘└─ D ─┘   (cut by what each call is expected to cost)
+    run answered after `elapsed` s ─▶ CostTable.learn(run's mix, elapsed) ─▶ cost per (module, function)
+
+A run is a stretch of consecutive requests sent to one worker in one link
+message. Long runs amortise the IPC of tiny calls; a heavy call must go alone,
+to an idle worker, or the calls behind it wait and the pool's cores idle.
+
+* :class:`CostTable` keeps a smoothed seconds-per-call for each
+  ``(module, function)`` (``None`` is the key of requests that name no
+  function, e.g. ``protocol: bare``). A function never measured is *unknown*
+  and treated as heavy: it goes alone to an idle worker, so a cold pool
+  spreads its first burst from the first call, and a cheap function learns
+  that it is cheap from its first run or two. The table holds at most
+  ``MAX_FUNCTIONS`` names; the least recently measured is forgotten first (it
+  becomes unknown again and re-learns in one run), so requests naming many
+  functions cannot grow memory.
+* :func:`cut` says where a run starts and ends. A *heavy* call (unknown, or
+  ``PIPELINE_COST_S`` or more) is a run of its own, for an idle worker only:
+  it never waits behind other calls, nor they behind it. *Cheap* calls share
+  a run while their expected costs add up to at most ``RUN_TARGET_S``, and
+  only they are queued to a busy worker (pipelining).
+* Attribution: a run's measured time is shared among its functions in
+  proportion to what each was expected to cost when it was cut (``count ×
+  estimate``); a run of one function gives ``elapsed / count`` exactly. Only
+  functions already known to be cheap share a run, so a mixed run corrects
+  their estimates together, and any run of a function alone measures it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+from .stats import request_name
+
+Key = Union[tuple[str, str], None]  # (module, function); None: a request naming no function
+Mix = list[tuple[Key, int, float]]  # what a run holds: (function, calls, expected seconds per call)
+NameOf = Callable[[bytes, int, int], Key]  # name_of(data, begin, stop): the function of one item
+
+RUN_TARGET_S = 0.002  # aim for runs of about this much work: long enough to amortise IPC
+PIPELINE_COST_S = 0.001  # a run is queued to a busy worker only if every call in it is cheaper
+SMOOTHING = 0.2  # weight of the newest measurement in a function's average
+MAX_FUNCTIONS = 1024  # functions whose cost is remembered; the least recently measured goes first
+MAX_PREFIXES = 4096  # request heads remembered by NameReader (cleared when full)
+
+
+class CostTable:
+    """Smoothed seconds per call for each function, at most ``limit`` of them."""
+
+    __slots__ = ("_costs", "limit")
+
+    def __init__(self, limit: int = MAX_FUNCTIONS) -> None:
+        self._costs: dict[Key, float] = {}
+        self.limit = limit
+
+    def __len__(self) -> int:
+        return len(self._costs)
+
+    def cost(self, key: Key) -> float | None:
+        """Expected seconds per call; ``None`` if the function was never measured (or forgotten)."""
+        return self._costs.get(key)
+
+    def learn(self, mix: Mix, elapsed: float) -> None:
+        """A run holding ``mix`` took ``elapsed`` seconds from send to its last reply."""
+        if not mix or elapsed < 0:
+            return
+        if len(mix) == 1:
+            key, count, _ = mix[0]
+            self._update(key, elapsed / max(1, count))
+            return
+        calls = sum(count for _, count, _ in mix)
+        expected = sum(count * guess for _, count, guess in mix)
+        guesses = {key: guess for key, _, guess in mix}  # one measurement per function and run
+        for key, guess in guesses.items():
+            self._update(key, guess * elapsed / expected if expected > 0 else elapsed / calls)
+
+    def _update(self, key: Key, per_call: float) -> None:
+        costs = self._costs
+        old = costs.pop(key, None)  # re-inserted last: the dict's order is the order of measurement
+        if old is None and len(costs) >= self.limit:
+            del costs[next(iter(costs))]  # forget the least recently measured
+        costs[key] = per_call if old is None else SMOOTHING * per_call + (1 - SMOOTHING) * old
+
+
+class NameReader:
+    """The function each request item calls, read from its head bytes.
+
+    ``{call|cast, M, F, Args}`` terms of the same function start with the same
+    bytes up to ``F``; those heads are remembered (at most ``MAX_PREFIXES``), so
+    a name is parsed once per function, not once per call. Anything else
+    (``{info, …}`` first, compressed, not a call) is read by
+    :func:`poolport.stats.request_name`.
+    """
+
+    __slots__ = ("packet", "bare", "_names")
+
+    def __init__(self, packet: int, bare: bool = False) -> None:
+        self.packet = packet
+        self.bare = bare  # protocol: bare: no request names a function (one shared estimate)
+        self._names: dict[bytes, Key] = {}
+
+    def head(self, data: bytes, begin: int, stop: int) -> bytes | None:
+        """The bytes of the item's term up to its function's name, if it is a plain call."""
+        s = begin + self.packet
+        if data[s : s + 3] != b"\x83h\x04":
+            return None
+        pos = s + 3
+        for _ in range(3):
+            if pos + 2 > stop:
+                return None
+            tag = data[pos]
+            if tag == 119 or tag == 115:  # SMALL_ATOM_UTF8, SMALL_ATOM
+                pos += 2 + data[pos + 1]
+            elif (tag == 118 or tag == 100) and pos + 3 <= stop:  # ATOM_UTF8, ATOM
+                pos += 3 + (data[pos + 1] << 8 | data[pos + 2])
+            else:
+                return None
+        return data[s:pos] if pos < stop else None
+
+    def __call__(self, data: bytes, begin: int, stop: int) -> Key:
+        if self.bare:
+            return None
+        head = self.head(data, begin, stop)
+        if head is None:
+            return request_name(data, self.packet, begin, stop)
+        try:
+            return self._names[head]
+        except KeyError:
+            pass
+        if len(self._names) >= MAX_PREFIXES:
+            self._names.clear()
+        name = self._names[head] = request_name(data, self.packet, begin, stop)
+        return name
+
+
+def cut(
+    table: CostTable,
+    name_of: NameReader,
+    data: bytes,
+    bounds: list[int],
+    i: int,
+    j: int,
+    busy: bool = False,
+) -> tuple[int, Mix]:
+    """Where the run of items ``i .. j - 1`` should end (``Ledger.take_run``'s ``cut``), and its mix.
+
+    Returns ``i`` (no run) only for a ``busy`` worker whose first call is not known to be
+    cheap; otherwise at least one item. A heavy or unknown call goes alone; cheap calls are
+    added while their expected costs sum to at most ``RUN_TARGET_S``."""
+    packet = name_of.packet
+    mix: Mix = []
+    total = 0.0
+    k = i
+    head: bytes | None = None  # the head of the function being counted: same head, same function
+    key: Key = None
+    guess = 0.0
+    count = 0
+    while k < j:
+        begin, stop = bounds[k], bounds[k + 1]
+        s = begin + packet
+        if head is None or not (s + len(head) < stop and data.startswith(head, s)):
+            new = name_of(data, begin, stop)
+            if count and new == key:  # same function, another head (call and cast, info first)
+                head = None if name_of.bare else name_of.head(data, begin, stop)
+            else:
+                price = table.cost(new)
+                if price is None or price >= PIPELINE_COST_S or (k > i and total + price > RUN_TARGET_S):
+                    if k == i and not busy and (price is None or price >= PIPELINE_COST_S):
+                        return i + 1, [(new, 1, price or 0.0)]  # unknown or heavy: a run of its own
+                    break
+                if count:
+                    mix.append((key, count, guess))
+                key, guess, count = new, price, 0
+                head = None if name_of.bare else name_of.head(data, begin, stop)
+        if k > i and total + guess > RUN_TARGET_S:
+            break
+        total += guess
+        count += 1
+        k += 1
+    if count:
+        mix.append((key, count, guess))
+    return k, mix
