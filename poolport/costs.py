@@ -29,10 +29,18 @@ to an idle worker, or the calls behind it wait and the pool's cores idle.
   estimate``); a run of one function gives ``elapsed / count`` exactly. Only
   functions already known to be cheap share a run, so a mixed run corrects
   their estimates together, and any run of a function alone measures it.
+* Speed: a stretch of calls of one function is found by counting its head
+  bytes in the stretch (one C scan); only if the count differs from the
+  number of calls is each call's start compared. A call whose arguments hold
+  those bytes while another call in the stretch is of another function can
+  fool the count: that call then rides in the run. That changes only where
+  a call runs, never its reply or its order.
 """
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import add
 from typing import Callable, Union
 
 from .stats import request_name
@@ -155,32 +163,32 @@ def cut(
     mix: Mix = []
     total = 0.0
     k = i
-    head: bytes | None = None  # the head of the function being counted: same head, same function
-    key: Key = None
-    guess = 0.0
-    count = 0
     while k < j:
-        begin, stop = bounds[k], bounds[k + 1]
-        s = begin + packet
-        if head is None or not (s + len(head) < stop and data.startswith(head, s)):
-            new = name_of(data, begin, stop)
-            if count and new == key:  # same function, another head (call and cast, info first)
-                head = None if name_of.bare else name_of.head(data, begin, stop)
-            else:
-                price = table.cost(new)
-                if price is None or price >= PIPELINE_COST_S or (k > i and total + price > RUN_TARGET_S):
-                    if k == i and not busy and (price is None or price >= PIPELINE_COST_S):
-                        return i + 1, [(new, 1, price or 0.0)]  # unknown or heavy: a run of its own
-                    break
-                if count:
-                    mix.append((key, count, guess))
-                key, guess, count = new, price, 0
-                head = None if name_of.bare else name_of.head(data, begin, stop)
-        if k > i and total + guess > RUN_TARGET_S:
+        key = name_of(data, bounds[k], bounds[k + 1])
+        price = table.cost(key)
+        if price is None or price >= PIPELINE_COST_S:
+            if k == i and not busy:
+                return i + 1, [(key, 1, price or 0.0)]  # unknown or heavy: a run of its own
             break
-        total += guess
-        count += 1
+        if k > i and total + price > RUN_TARGET_S:
+            break
+        start = k
         k += 1
-    if count:
-        mix.append((key, count, guess))
+        # the calls after it with the same head bytes call the same function: compared, not parsed
+        end = j if price <= 0 else min(j, k + max(0, int((RUN_TARGET_S - total - price) / price)))
+        head = None if name_of.bare else name_of.head(data, bounds[start], bounds[k])
+        if head is not None and k < end:
+            if data.count(head, bounds[k] + packet, bounds[end]) == end - k:
+                k = end  # as many heads as calls: taken as one per call (see the module's notes)
+            else:  # which call differs: startswith(head, its start, its end), in one C loop
+                starts = map(add, bounds[k:end], repeat(packet))
+                same = list(map(data.startswith, repeat(head), starts, bounds[k + 1 : end + 1]))
+                k = end if all(same) else k + same.index(False)
+        elif name_of.bare:
+            k = end  # every bare request is the same "function"
+        total += price * (k - start)
+        if mix and mix[-1][0] == key:  # the same function under another head (call and cast)
+            mix[-1] = (key, mix[-1][1] + k - start, price)
+        else:
+            mix.append((key, k - start, price))
     return k, mix

@@ -232,3 +232,13 @@ def test_the_ledger_takes_what_cut_says_and_nothing_when_it_says_none():
     with pytest.raises(ValueError, match="past the run's limit"):
         ledger.take_run(1, 1, 1 << 20, 0.0, cut=lambda d, b, i, j: (j + 1, None))
     assert ledger.queued == 1
+
+
+def test_a_head_inside_the_arguments_neither_splits_a_run_nor_hides_another_function():
+    table = known(tiny=1e-6, heavy=0.02)
+    head = NameReader(4).head(call(TINY), 0, len(call(TINY)))
+    assert head is not None
+    data, bounds = items(call(TINY, head), call(TINY), call(TINY, head * 3), call(TINY))
+    assert runs(table, data, bounds) == [4]  # more heads than calls: each call checked
+    data, bounds = items(call(TINY), call(TINY, head), call(HEAVY), call(TINY, head), call(TINY))
+    assert runs(table, data, bounds) == [2, 1, 2]
