@@ -39,15 +39,15 @@ to an idle worker, or the calls behind it wait and the pool's cores idle.
 
 from __future__ import annotations
 
+import math
 from itertools import repeat
 from operator import add
-from typing import Callable, Union
+from typing import Union
 
 from .stats import request_name
 
 Key = Union[tuple[str, str], None]  # (module, function); None: a request naming no function
 Mix = list[tuple[Key, int, float]]  # what a run holds: (function, calls, expected seconds per call)
-NameOf = Callable[[bytes, int, int], Key]  # name_of(data, begin, stop): the function of one item
 
 RUN_TARGET_S = 0.002  # aim for runs of about this much work: long enough to amortise IPC
 PIPELINE_COST_S = 0.001  # a run is queued to a busy worker only if every call in it is cheaper
@@ -175,7 +175,8 @@ def cut(
         start = k
         k += 1
         # the calls after it with the same head bytes call the same function: compared, not parsed
-        end = j if price <= 0 else min(j, k + max(0, int((RUN_TARGET_S - total - price) / price)))
+        more = (RUN_TARGET_S - total - price) / price if price > 0 else math.inf  # calls that still fit
+        end = j if more >= j - k else k + max(0, int(more))
         head = None if name_of.bare else name_of.head(data, bounds[start], bounds[k])
         if head is not None and k < end:
             if data.count(head, bounds[k] + packet, bounds[end]) == end - k:

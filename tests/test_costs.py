@@ -5,6 +5,8 @@ behind others in a run, busy workers are sent cheap calls only, and the table st
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poolport import etf
 from poolport.costs import (
@@ -242,3 +244,42 @@ def test_a_head_inside_the_arguments_neither_splits_a_run_nor_hides_another_func
     assert runs(table, data, bounds) == [4]  # more heads than calls: each call checked
     data, bounds = items(call(TINY), call(TINY, head), call(HEAVY), call(TINY, head), call(TINY))
     assert runs(table, data, bounds) == [2, 1, 2]
+
+
+FUNCTIONS = [("m", f"f{k}") for k in range(5)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(st.integers(0, 4), st.sampled_from(["call", "cast"]), st.binary(max_size=60)), max_size=40
+    ),
+    costs=st.lists(st.none() | st.floats(0.0, 0.01), min_size=5, max_size=5),
+    size=st.integers(1, 50),
+    busy=st.booleans(),
+)
+def test_every_run_holds_what_its_mix_says_and_keeps_heavy_calls_alone(calls, costs, size, busy):
+    table = CostTable()
+    for fn, seconds in zip(FUNCTIONS, costs):
+        if seconds is not None:
+            table.learn([(fn, 1, 0.0)], seconds)
+    data, bounds = items(*[call(FUNCTIONS[f], arg, kind) for f, kind, arg in calls])
+    truth = [FUNCTIONS[f] for f, _, _ in calls]
+    reader = NameReader(4)
+    i = 0
+    while i < len(calls):
+        j = min(i + size, len(calls))
+        end, mix = cut(table, reader, data, bounds, i, j, busy=busy)
+        assert i <= end <= j
+        if end == i:  # only a busy worker is refused, and only a call not known to be cheap
+            assert busy and (table.cost(truth[i]) is None or table.cost(truth[i]) >= PIPELINE_COST_S)
+            i += 1
+            continue
+        held = truth[i:end]
+        assert [fn for fn, n, _ in mix for _ in range(n)] == held  # the mix is the run, in order
+        prices = [table.cost(fn) for fn in held]
+        if len(held) > 1 or busy:
+            assert all(p is not None and p < PIPELINE_COST_S for p in prices)  # cheap calls only
+        if len(held) > 1:
+            assert sum(prices) <= RUN_TARGET_S * (1 + 1e-9)
+        i = end
