@@ -29,6 +29,9 @@ to an idle worker, or the calls behind it wait and the pool's cores idle.
   estimate``); a run of one function gives ``elapsed / count`` exactly. Only
   functions already known to be cheap share a run, so a mixed run corrects
   their estimates together, and any run of a function alone measures it.
+  Each call of a run counts as one smoothing step (a run of 20 calls weighs
+  almost fully); a lone call faster than its function's estimate is believed
+  at once, because what else a lone call measures (wake-ups) only ever adds.
 * Speed: a stretch of calls of one function is found by counting its head
   bytes in the stretch (one C scan); only if the count differs from the
   number of calls is each call's start compared. A call whose arguments hold
@@ -51,7 +54,7 @@ Mix = list[tuple[Key, int, float]]  # what a run holds: (function, calls, expect
 
 RUN_TARGET_S = 0.002  # aim for runs of about this much work: long enough to amortise IPC
 PIPELINE_COST_S = 0.001  # a run is queued to a busy worker only if every call in it is cheaper
-SMOOTHING = 0.2  # weight of the newest measurement in a function's average
+SMOOTHING = 0.2  # weight of one call's newest measurement in its function's average
 MAX_FUNCTIONS = 1024  # functions whose cost is remembered; the least recently measured goes first
 MAX_PREFIXES = 4096  # request heads remembered by NameReader (cleared when full)
 
@@ -78,20 +81,36 @@ class CostTable:
             return
         if len(mix) == 1:
             key, count, _ = mix[0]
-            self._update(key, elapsed / max(1, count))
+            self._update(key, elapsed / max(1, count), count, lone=count == 1)
             return
         calls = sum(count for _, count, _ in mix)
         expected = sum(count * guess for _, count, guess in mix)
-        guesses = {key: guess for key, _, guess in mix}  # one measurement per function and run
-        for key, guess in guesses.items():
-            self._update(key, guess * elapsed / expected if expected > 0 else elapsed / calls)
+        counts: dict[Key, int] = {}  # one update per function, however many stretches it had
+        guesses: dict[Key, float] = {}
+        for key, count, guess in mix:
+            counts[key] = counts.get(key, 0) + count
+            guesses[key] = guess
+        for key, count in counts.items():
+            guess = guesses[key]
+            self._update(key, guess * elapsed / expected if expected > 0 else elapsed / calls, count)
 
-    def _update(self, key: Key, per_call: float) -> None:
+    def _update(self, key: Key, per_call: float, calls: int, lone: bool = False) -> None:
+        """Smoothed as if each of the ``calls`` measured ``per_call``: a run of many calls
+        weighs more than a lone call (a cheap function learns in a run or two).
+
+        A ``lone`` call's time is mostly waiting when the call is tiny (the worker's and the
+        dispatcher's wake-ups: milliseconds on busy cores), and waiting only ever adds: so a
+        lone call faster than the estimate is believed at once, or a tiny function could
+        stay "heavy" (alone, never batched) for as long as the cores stay busy."""
         costs = self._costs
         old = costs.pop(key, None)  # re-inserted last: the dict's order is the order of measurement
         if old is None and len(costs) >= self.limit:
             del costs[next(iter(costs))]  # forget the least recently measured
-        costs[key] = per_call if old is None else SMOOTHING * per_call + (1 - SMOOTHING) * old
+        if old is None or (lone and per_call < old):
+            costs[key] = per_call
+        else:
+            weight = 1 - (1 - SMOOTHING) ** max(1, calls)
+            costs[key] = weight * per_call + (1 - weight) * old
 
 
 class NameReader:
