@@ -585,6 +585,8 @@ class Dispatcher:
                 find_stream=self._find_stream,
                 cut=self._cut_busy if busy else self._cut_idle,  # busy: only cheap calls, pipelined
             )
+            if run is None and busy:
+                break  # what a busy worker may not take now, no busier one may either
             if run is not None:
                 if run.waited:
                     self.table.waited(run.waited, run.count)
