@@ -32,6 +32,10 @@ to an idle worker, or the calls behind it wait and the pool's cores idle.
   Each call of a run counts as one smoothing step (a run of 20 calls weighs
   almost fully); a lone call faster than its function's estimate is believed
   at once, because what else a lone call measures (wake-ups) only ever adds.
+  The price: a function whose cost depends on its arguments is known by its
+  recent calls; after a cheap one, its next run may hold several expensive
+  calls (as many as ``RUN_TARGET_S`` of the cheap estimate allows), and that
+  run's measurement makes it heavy again.
 * Speed: a stretch of calls of one function is found by counting its head
   bytes in the stretch (one C scan); only if the count differs from the
   number of calls is each call's start compared. A call whose arguments hold
