@@ -129,6 +129,7 @@ def test_bench_quick_prints_every_row(tmp_path):
     cpu = "CPU burn(200000), 50 callers"
     tiny = 'tiny echo({I, <<"abc">>})'
     burst = "cold burst: 16 x burn(200000) sent at once to a fresh pool"
+    mix = "mix: 16 x burn(200000), each after 100 tiny echo, at once"
     client = 'tiny echo({I, <<"abc">>}) through poolport:call/4'
     expected = [
         (cpu, "1 worker, calls/s"),
@@ -136,6 +137,8 @@ def test_bench_quick_prints_every_row(tmp_path):
         (cpu, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)"),
         (burst, f"{workers} workers, calls/s (reference: 1 worker)"),
         (burst, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)"),
+        (mix, f"{workers} workers, burn calls/s (reference: 1 worker)"),
+        (mix, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)"),
         (tiny, "pipelined, 512 in flight, calls/s"),
         (tiny, "1 caller lock-step, calls/s"),
         (tiny, "1 caller lock-step, latency p50 µs"),
@@ -191,6 +194,7 @@ def test_bench_quick_prints_every_row(tmp_path):
     bars = {k: by_key[k][5] for k in by_key}
     assert bars[(cpu, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)")] == "≥ 0.90"
     assert bars[(burst, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)")] == "≥ 0.90"
+    assert bars[(mix, f"scaling: {workers}-worker ÷ ({workers} × 1-worker)")] == "≥ 0.90"
     assert bars[(client, "50 callers, calls/s (reference: raw port, 512 pipelined)")] == "ratio ≥ 0.50"
     assert bars[(client, "1 caller lock-step, latency p50 µs (reference: raw port)")] == "ratio ≤ 1.30"
     assert bars[(tiny, "pipelined, 512 in flight, calls/s")] == "ratio ≥ 1.00"

@@ -75,17 +75,33 @@ class LedgerMachine(RuleBasedStateMachine):
         seq = self.ledger.next_seq
         assert self.ledger.answer_now(b"o%d;" % seq) == seq
 
-    @rule(pick=st.integers(0, 99), size=st.integers(1, 8), max_bytes=st.integers(1, 64), strict=st.booleans())
-    def take_run(self, pick: int, size: int, max_bytes: int, strict: bool) -> None:
+    @rule(
+        pick=st.integers(0, 99),
+        size=st.integers(1, 8),
+        max_bytes=st.integers(1, 64),
+        strict=st.booleans(),
+        cut_after=st.none() | st.integers(0, 8),
+    )
+    def take_run(self, pick: int, size: int, max_bytes: int, strict: bool, cut_after: int | None) -> None:
+        """``cut_after``: a scheduler that ends the run after that many requests (0: none now)."""
         slot = self.slot(pick)
         if len(self.ledger.runs[slot]) >= 2:
             return
-        run = self.ledger.take_run(slot, size, max_bytes, 0.0, strict)
+        limits: list[int] = []
+
+        def cut(data: bytes, bounds: list[int], i: int, j: int) -> tuple[int, str]:
+            assert cut_after is not None
+            limits.append(j - i)
+            return min(i + cut_after, j), "note"
+
+        run = self.ledger.take_run(slot, size, max_bytes, 0.0, strict, cut=None if cut_after is None else cut)
         if run is None:
             return
         got = requests_of(run)
         assert got == list(range(run.start, run.start + run.count))  # a run is consecutive requests
         assert 1 <= run.count <= size
+        if cut_after is not None:
+            assert run.count == min(cut_after, limits[0]) and run.note == "note"
         for seq in got:
             self.handed[seq] += 1
             assert self.handed[seq] <= MAX_STRIKES, f"request {seq} handed out {self.handed[seq]} times"

@@ -6,6 +6,7 @@ from poolport.server.dispatcher import Slot, _load
 from poolport.protocol.framing import Segment, frame
 from poolport.server.ledger import Ledger
 from poolport.server.progress import Progress
+from portclient import PortClient, call
 
 LEDGER = Ledger(3)
 
@@ -61,3 +62,27 @@ def test_a_worker_that_answered_everything_counts_as_idle_and_hottest(tmp_path):
     answer(done, 1)
     assert load(done) == (0, -10.0)
     assert sorted([idle, done], key=load) == [done, idle]
+
+
+def test_heavy_calls_among_many_tiny_ones_go_to_different_workers(tmp_path):
+    """Two heavy calls sent between hundreds of tiny ones, on 2 workers: each goes alone to an
+    idle worker, cold (never measured) and once both functions are known. ``meet`` returns only
+    when both heavy calls have started, so two on one worker would report ``met`` False."""
+    with PortClient("--workers", "2", "-m", "pp_handlers") as c:
+        for r in range(3):
+            folder = tmp_path / f"round-{r}"
+            folder.mkdir()
+            requests, expected = [], []
+            for k in range(300):
+                if k in (10, 20):
+                    requests.append(call("pp_handlers", "meet", str(folder), 2, k))
+                else:
+                    requests.append(call("pp_handlers", "echo", [r, k]))
+                    expected.append([r, k])
+            c.send(*requests)
+            replies = [c.recv(timeout=60) for _ in requests]
+            heavy = [replies[10][1], replies[20][1]]
+            assert [tag for tag, _, _ in heavy] == [10, 20]  # in order, each its own
+            assert all(met for _, _, met in heavy), f"round {r}: heavy calls did not run at once: {heavy}"
+            assert heavy[0][1] != heavy[1][1]
+            assert [reply[1] for k, reply in enumerate(replies) if k not in (10, 20)] == expected

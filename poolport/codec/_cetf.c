@@ -1,4 +1,4 @@
-/* poolport._cetf: optional C accelerator for the ETF codec in poolport/etf.py.
+/* poolport.codec._cetf: optional C accelerator for the ETF codec in poolport/codec/etf.py.
  *
  * The pure-Python codec stays the reference. This module only handles the common,
  * well-formed cases itself and hands everything else to the Python functions it was
@@ -701,7 +701,7 @@ static PyType_Slot Decoder_slots[] = {
 };
 
 static PyType_Spec Decoder_spec = {
-    "poolport._cetf.Decoder",
+    "poolport.codec._cetf.Decoder",
     sizeof(DecoderObject),
     0,
     Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -1293,7 +1293,7 @@ static PyType_Slot Encoder_slots[] = {
 };
 
 static PyType_Spec Encoder_spec = {
-    "poolport._cetf.Encoder",
+    "poolport.codec._cetf.Encoder",
     sizeof(EncoderObject),
     0,
     Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -1331,8 +1331,8 @@ static PyModuleDef_Slot cetf_slots[] = {
 
 static struct PyModuleDef cetf_module = {
     PyModuleDef_HEAD_INIT,
-    "poolport._cetf",
-    "Optional C accelerator for poolport.etf (the Python codec is the reference).",
+    "poolport.codec._cetf",
+    "Optional C accelerator for poolport.codec.etf (the Python codec is the reference).",
     0,
     NULL,
     cetf_slots,

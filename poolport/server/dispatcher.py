@@ -17,9 +17,9 @@
   or a gap.
 * The dispatcher never decodes a term. It splits stdin into frames, numbers
   them, and hands *runs* of consecutive frames to idle workers. Run length
-  adapts to the measured cost per call: tiny calls travel in big runs (one
-  link message per run, not per call), heavy calls one at a time so they
-  spread over every worker.
+  follows the measured cost of each function (:mod:`poolport.server.costs`): tiny
+  calls travel in big runs (one link message per run, not per call), heavy
+  and never-measured calls one at a time so they spread over every worker.
 * Every descriptor is non-blocking; what a peer does not take waits in an
   :class:`~poolport.server.outbox.Outbox`. A worker stuck sending a huge reply, or
   an Erlang VM that stops reading, never stops the loop: it still reads
@@ -64,6 +64,7 @@ from poolport.protocol import bert, control
 from poolport.codec import etf
 from poolport.config import WORKER_KEYS, Config, apply_live
 from poolport.protocol.control import Tickets
+from poolport.server.costs import CostTable, NameReader, cut
 from poolport.errors import ConfigError
 from poolport.protocol.framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
 from poolport.server.ledger import Ledger, Run
@@ -96,13 +97,10 @@ HANG_UP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 READ_SMALL = 64 << 10  # bytes asked of stdin per read: a bigger request costs a big allocation
 READ_BIG = 1 << 20  # ... unless a frame this big is in progress (the pipe is enlarged to this)
-RUN_TARGET_S = 0.002  # aim for runs of about this much work: long enough to amortise IPC
 MAX_RUN_FRAMES = 2048  # never more calls than this in one run
 MAX_RUN_BYTES = 4 << 20  # nor more bytes (a bigger single frame still goes alone)
 PIPELINE_BYTES = 64 << 10  # a second run is queued to a busy worker only below this size
-PIPELINE_COST_S = 0.001  # ... and only for calls cheaper than this
 MAX_QUEUED_RUNS = 2  # runs a worker may have at once: one running, the next already on its socket
-COST_SMOOTHING = 0.2  # weight of the newest measurement in the cost-per-call average
 MAX_STARTUP_FAILURES = 5  # a slot that dies this many times before serving ends the server
 DEATH_WAIT_S = 2.0  # after a worker's link is lost, how long loky may take to say how it died
 HELLO_WAIT_S = 5.0  # a link connection that has not said hello by then is dropped
@@ -242,7 +240,7 @@ class Dispatcher:
         self.stdout = Outbox()
         self.write_stdout = functools.partial(os.writev, out_fd)
         self.write_stdout_one = functools.partial(os.write, out_fd)
-        self.cost = 0.0  # smoothed seconds per call, measured from chunks
+        self.costs = CostTable()  # seconds per call of each function, measured from runs
         self.closing = False
         self.deadline = math.inf
         self.stall_check_at = 0.0  # when _chores next looks for stalled workers
@@ -287,6 +285,9 @@ class Dispatcher:
         self.held = Held()  # stream frames waiting for their stream's start reply to be released
         self.streaming: dict[int, Slot] = {}  # stream id -> the slot serving it
         self._find_stream = None if self.bare else functools.partial(_find_stream, config.packet)
+        names = NameReader(config.packet, self.bare)
+        self._cut_idle = functools.partial(cut, self.costs, names)
+        self._cut_busy = functools.partial(cut, self.costs, names, busy=True)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -572,15 +573,11 @@ class Dispatcher:
         )
         if not ranked:
             return
-        by_cost = MAX_RUN_FRAMES if self.cost <= 0 else max(1, int(RUN_TARGET_S / self.cost))
         share = -(-ledger.queued // max(1, self.target))  # starting slots get their share later
-        size = min(by_cost, share, MAX_RUN_FRAMES)
-        pipeline = self.cost < PIPELINE_COST_S
+        size = min(share, MAX_RUN_FRAMES)  # the cost of each call shortens it further (cut)
         for (busy, _), index in ranked:
             if not ledger.pending:
                 break
-            if busy and not pipeline:
-                continue
             run = ledger.take_run(
                 index,
                 size,
@@ -588,7 +585,10 @@ class Dispatcher:
                 now,
                 strict=busy > 0,
                 find_stream=self._find_stream,
+                cut=self._cut_busy if busy else self._cut_idle,  # busy: only cheap calls, pipelined
             )
+            if run is None and busy:
+                break  # what a busy worker may not take now, no busier one may either
             if run is not None:
                 if run.waited:
                     self.table.waited(run.waited, run.count)
@@ -780,8 +780,8 @@ class Dispatcher:
             now = time.monotonic()
             elapsed = now - max(run.sent_at, slot.idle_since)  # not the time spent queued behind a run
             slot.idle_since = now
-            per_call = elapsed / run.count
-            self.cost = per_call if self.cost <= 0 else (COST_SMOOTHING * per_call + (1 - COST_SMOOTHING) * self.cost)
+            if run.note:
+                self.costs.learn(run.note, elapsed)
 
     def _on_stream_message(self, slot: Slot, data: Buffer) -> None:
         """Frames of the stream this worker serves: out now if its start has left, else held."""

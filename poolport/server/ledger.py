@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 from poolport.protocol.framing import Segment
 from poolport.server.pending import Pending, take_head
@@ -47,7 +47,20 @@ class Run:
     included); ``base`` is how many requests the slot's process had been sent before.
     """
 
-    __slots__ = ("start", "data", "bounds", "count", "size", "done", "base", "sent_at", "strikes", "waited", "stream")
+    __slots__ = (
+        "start",
+        "data",
+        "bounds",
+        "count",
+        "size",
+        "done",
+        "base",
+        "sent_at",
+        "strikes",
+        "waited",
+        "stream",
+        "note",
+    )
 
     def __init__(
         self, start: int, data: bytes, bounds: list[int], base: int, sent_at: float, strikes: int, waited: float = 0.0
@@ -61,11 +74,16 @@ class Run:
         self.strikes = strikes  # from the worker deaths these requests have been through
         self.waited = waited  # seconds its first request waited between admission and this run
         self.stream = False  # a stream request, alone in its run
+        self.note: Any = None  # what ``cut`` said of it (the scheduler reads it back when answered)
 
 
 FindStream = Callable[[bytes, list[int], int, int], "int | None"]
 """``find_stream(data, bounds, i, j)``: the index of the first stream request among items
 ``i .. j - 1``, or None."""
+
+Cut = Callable[[bytes, list[int], int, int], "tuple[int, Any]"]
+"""``cut(data, bounds, i, j)``: where a run of items ``i .. j - 1`` ends (``i < end <= j``, or
+``i``: no run now), and a note kept as ``Run.note``."""
 
 Blame = Callable[[int, str], bytes]
 """``blame(seq, why)``: the framed error reply for a request lost with its worker;
@@ -143,13 +161,17 @@ class Ledger:
         now: float,
         strict: bool = False,
         find_stream: FindStream | None = None,
+        cut: Cut | None = None,
     ) -> Run | None:
         """Cut a run of up to ``size`` requests (at most ``max_bytes``, but always at least one,
         unless ``strict``: then ``None`` if the first request alone is over ``max_bytes``).
 
         With ``find_stream``, a stream request goes alone in its run (``Run.stream``), and only
         to a slot that holds no run (``strict`` is False): the worker serves nothing else
-        while the stream is open, so nothing may wait behind it."""
+        while the stream is open, so nothing may wait behind it.
+
+        With ``cut``, the run ends where it says within those limits (a stream request
+        still goes alone); if it says ``i``, nothing is taken."""
         if not self.pending:
             return None
         head = take_head(self.pending, size)
@@ -171,6 +193,14 @@ class Ledger:
             j = max(i + 1, bisect_right(bounds, start + max_bytes, i + 1, j) - 1)
             if bounds[j] - start > max_bytes and strict:
                 return None
+        note = None
+        if cut is not None and not stream:
+            end, note = cut(seg.data, bounds, i, j)
+            if end <= i:
+                return None
+            if end > j:
+                raise ValueError(f"cut past the run's limit: item {end} of {i} .. {j}")
+            j = end
         run = Run(
             head.seq,
             seg.data[start : bounds[j]],
@@ -180,7 +210,7 @@ class Ledger:
             head.strikes,
             now - head.since if head.since else 0.0,
         )
-        run.stream = stream
+        run.stream, run.note = stream, note
         head.pos, head.seq = j, head.seq + run.count
         if j == last:
             self.pending.popleft()

@@ -41,7 +41,10 @@ Workloads (``--only`` names):
 
 ``cpu`` also sends a cold burst: 16 ``burn(200000)`` at once to a pool that
 has never run ``burn`` (1 worker, then N), no warm-up; bar: N-worker ≥ 0.9 ×
-N × 1-worker.
+N × 1-worker. And a mix: 16 ``burn(200000)``, each after 100 tiny ``echo``
+calls, all at once (after a warm-up slice, so both functions are known); the
+same bar on the burn calls' rate: heavy calls keep spreading while tiny ones
+flow between them.
 
 Progress goes to stderr; the markdown report to stdout (and ``--out FILE``).
 Exit status 0 when every measurement ran (a bar that fails says FAIL in the
@@ -80,6 +83,7 @@ CLUSTER_NODES = 3
 BURN_STEPS = 200_000
 CALLERS = 50
 BURST_CALLS = 16  # the cold burst: this many burn calls sent at once to a fresh pool
+MIX_TINY = 100  # the mix: this many tiny echo calls before each of BURST_CALLS burn calls
 WINDOW = 512
 BIG_SIZES = (1_000_000, 10_000_000)
 STREAM_SMALL = (16, 256)  # bytes per item, window of the stream of small items
@@ -387,6 +391,22 @@ def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     one, many = max(b1), max(bn)
     w = f"cold burst: {BURST_CALLS} x burn({BURN_STEPS}) sent at once to a fresh pool"
     report.add(Row(w, f"{workers} workers, calls/s (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt))
+    report.add(_scaling_row(w, workers, one, many))
+    mix = f"mix:burn:{BURN_STEPS}:{MIX_TINY}:{BURST_CALLS}"
+    m1: list[float] = []
+    mn: list[float] = []
+    for r in range(plan.cpu_rounds):
+        log(
+            f"mix round {r + 1}/{plan.cpu_rounds}: {BURST_CALLS} x burn({BURN_STEPS}), each after "
+            f"{MIX_TINY} tiny calls, at once, 1 then {workers} workers"
+        )
+        p = drive([mix], poolport_cmd(1))[mix]
+        m1.append(p.calls / p.seconds)
+        p = drive([mix], poolport_cmd(workers))[mix]
+        mn.append(p.calls / p.seconds)
+    one, many = max(m1), max(mn)
+    w = f"mix: {BURST_CALLS} x burn({BURN_STEPS}), each after {MIX_TINY} tiny echo, at once"
+    report.add(Row(w, f"{workers} workers, burn calls/s (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt))
     report.add(_scaling_row(w, workers, one, many))
 
 

@@ -41,6 +41,10 @@
 %%   burst:burn:Steps:Calls      Calls CPU-bound burn(Steps) sent at once to a
 %%                               pool that has never run burn: no warm-up, so
 %%                               how the first burst spreads is measured
+%%   mix:burn:Steps:Tiny:Calls   Calls CPU-bound burn(Steps), each after Tiny
+%%                               tiny echo calls, all sent at once from one
+%%                               process; "calls" counts the burn calls (how
+%%                               heavy calls spread while tiny ones flow)
 %% Each phase but burst first runs an unmeasured warm-up slice of itself (a
 %% tenth of its calls, at most 2000 and at least 1), then the measured calls.
 %%
@@ -123,6 +127,9 @@ phase_fun(Port, ["pipe", "burn", S, W, C]) ->
 phase_fun(Port, ["burst", "burn", S, C]) ->
     {Make, Check} = burn(int(S)),
     {fun(N) -> pipelined(Port, Make, Check, N, N) end, int(C)};
+phase_fun(Port, ["mix", "burn", S, T, C]) ->
+    {Make, Check} = burn(int(S)),
+    {fun(N) -> mixed(Port, Make, Check, int(T), N) end, int(C)};
 phase_fun(Port, ["callers", "burn", S, P, C]) ->
     {Make, Check} = burn(int(S)),
     {fun(N) -> callers(Port, Make, Check, int(P), N) end, int(C)};
@@ -159,6 +166,20 @@ pipe_loop(Port, Make, Check, Next, Send, Calls) ->
                 false -> Send
             end,
     pipe_loop(Port, Make, Check, Next + 1, Send1, Calls).
+
+%% Calls heavy requests, each after Tiny tiny ones, all at once; every reply checked in order.
+mixed(Port, Make, Check, Tiny, Calls) ->
+    [begin
+         [port_command(Port, tiny(Tiny * I + K)) || K <- lists:seq(1, Tiny)],
+         port_command(Port, Make(I))
+     end || I <- lists:seq(1, Calls)],
+    lists:foreach(fun(I) ->
+                          [tiny_check(Tiny * I + K, reply(Port)) || K <- lists:seq(1, Tiny)],
+                          check(Check, I, reply(Port))
+                  end, lists:seq(1, Calls)),
+    [].
+
+tiny_check(I, R) -> check(fun tiny_ok/2, I, R).
 
 %% One caller, lock-step; every round trip timed in microseconds.
 lockstep(Port, Make, Check, Calls) ->

@@ -38,6 +38,20 @@ def getpid():
     return os.getpid()
 
 
+def meet(folder, n, tag, hold_ms=20, give_up_s=20.0):
+    """Wait until ``n`` calls of ``meet`` on ``folder`` have started (each leaves a file there),
+    then hold ``hold_ms``: ``(tag, pid, met)``. Calls on one worker can never meet: the first
+    gives up after ``give_up_s`` with ``met`` False, so placement is observed, never timed."""
+    folder = folder.decode() if isinstance(folder, bytes) else folder
+    open(os.path.join(folder, f"{tag}-{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + give_up_s
+    while len(os.listdir(folder)) < n and time.monotonic() < deadline:
+        time.sleep(0.002)
+    met = len(os.listdir(folder)) >= n
+    time.sleep(hold_ms / 1000)
+    return (tag, os.getpid(), met)
+
+
 def burn(steps):
     acc = 0
     for i in range(steps):
