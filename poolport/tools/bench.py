@@ -376,38 +376,35 @@ def run_cpu(plan: Plan, workers: int, report: Report) -> None:
     report.add(Row(w, "1 worker, calls/s", one, ref, _ratio(one, ref), fmt=fmt))
     report.add(Row(w, f"{workers} workers, calls/s", many, ref, _ratio(many, ref), fmt=fmt))
     report.add(_scaling_row(w, workers, one, many))
-    burst = f"burst:burn:{BURN_STEPS}:{BURST_CALLS}"
-    b1: list[float] = []
-    bn: list[float] = []
-    for r in range(plan.cpu_rounds):
-        log(
-            f"cold burst round {r + 1}/{plan.cpu_rounds}: {BURST_CALLS} x burn({BURN_STEPS}) "
-            f"at once, 1 then {workers} workers"
+
+    def fresh_pools(phase: str, what: str, title: str, metric: str) -> None:
+        """``phase`` on a fresh pool of 1 worker, then of ``workers``, ``cpu_rounds`` times:
+        the N-worker rate against 1 worker's, and the scaling."""
+        ones: list[float] = []
+        manys: list[float] = []
+        for r in range(plan.cpu_rounds):
+            log(f"{what} round {r + 1}/{plan.cpu_rounds}: 1 then {workers} workers")
+            for rates, n in ((ones, 1), (manys, workers)):
+                p = drive([phase], poolport_cmd(n))[phase]
+                rates.append(p.calls / p.seconds)
+        one, many = max(ones), max(manys)
+        report.add(
+            Row(title, f"{workers} workers, {metric} (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt)
         )
-        p = drive([burst], poolport_cmd(1))[burst]
-        b1.append(p.calls / p.seconds)
-        p = drive([burst], poolport_cmd(workers))[burst]
-        bn.append(p.calls / p.seconds)
-    one, many = max(b1), max(bn)
-    w = f"cold burst: {BURST_CALLS} x burn({BURN_STEPS}) sent at once to a fresh pool"
-    report.add(Row(w, f"{workers} workers, calls/s (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt))
-    report.add(_scaling_row(w, workers, one, many))
-    mix = f"mix:burn:{BURN_STEPS}:{MIX_TINY}:{BURST_CALLS}"
-    m1: list[float] = []
-    mn: list[float] = []
-    for r in range(plan.cpu_rounds):
-        log(
-            f"mix round {r + 1}/{plan.cpu_rounds}: {BURST_CALLS} x burn({BURN_STEPS}), each after "
-            f"{MIX_TINY} tiny calls, at once, 1 then {workers} workers"
-        )
-        p = drive([mix], poolport_cmd(1))[mix]
-        m1.append(p.calls / p.seconds)
-        p = drive([mix], poolport_cmd(workers))[mix]
-        mn.append(p.calls / p.seconds)
-    one, many = max(m1), max(mn)
-    w = f"mix: {BURST_CALLS} x burn({BURN_STEPS}), each after {MIX_TINY} tiny echo, at once"
-    report.add(Row(w, f"{workers} workers, burn calls/s (reference: 1 worker)", many, one, _ratio(many, one), fmt=fmt))
-    report.add(_scaling_row(w, workers, one, many))
+        report.add(_scaling_row(title, workers, one, many))
+
+    fresh_pools(
+        f"burst:burn:{BURN_STEPS}:{BURST_CALLS}",
+        f"cold burst: {BURST_CALLS} x burn({BURN_STEPS}) at once",
+        f"cold burst: {BURST_CALLS} x burn({BURN_STEPS}) sent at once to a fresh pool",
+        "calls/s",
+    )
+    fresh_pools(
+        f"mix:burn:{BURN_STEPS}:{MIX_TINY}:{BURST_CALLS}",
+        f"mix: {BURST_CALLS} x burn({BURN_STEPS}), each after {MIX_TINY} tiny calls, at once",
+        f"mix: {BURST_CALLS} x burn({BURN_STEPS}), each after {MIX_TINY} tiny echo, at once",
+        "burn calls/s",
+    )
 
 
 def run_client(plan: Plan, workers: int, report: Report) -> None:
