@@ -82,3 +82,14 @@ def test_the_head_of_a_compressed_term_is_the_head_of_the_term(payload, size):
 def test_a_broken_compressed_stream_has_no_head():
     data = bytes([peek.VERSION, peek.COMPRESSED, 0, 0, 0, 9]) + b"not zlib at all"
     assert peek.head(data, 0, len(data), 8) is None
+
+
+@given(ASCII, ASCII, ASCII, st.binary(max_size=40), ENCODINGS)
+def test_a_request_head_ends_where_its_arguments_begin(kind, module, function, arg, encoding):
+    data = etf.encode((Atom(kind), Atom(module), Atom(function), [arg]), atom_encoding=encoding)
+    end = peek.request_head_end(data, 0, len(data))
+    assert data[end:] == etf.encode([arg])[1:]
+    assert peek.request_head_end(data, 0, end) == 0  # nothing after the head: no request
+    other = etf.encode((Atom(kind), Atom(module), Atom(function)), atom_encoding=encoding)  # a 3-tuple
+    assert peek.request_head_end(other + b"x", 0, len(other) + 1) == 0
+    assert peek.request_head_end(b"\x00" + data[1:], 0, len(data)) == 0  # no version byte

@@ -60,6 +60,15 @@ def atoms_end(data: bytes, pos: int, end: int, count: int) -> int:
     return pos if pos < end else 0
 
 
+def request_head_end(data: bytes, start: int, end: int) -> int:
+    """Offset just after ``{Kind, M, F`` of the 4-tuple term at ``data[start:end]`` (version
+    byte, then three atoms), or 0. Calls of one function share these bytes: the worker and
+    the dispatcher key what they learn of a function on them."""
+    if end - start <= 3 or data[start] != VERSION or data[start + 1] != SMALL_TUPLE or data[start + 2] != 4:
+        return 0
+    return atoms_end(data, start + 3, end, 3)
+
+
 def read_atoms(data: bytes, pos: int, count: int) -> list[str] | None:
     """The names of ``count`` atoms in a row from ``pos`` (undecodable bytes replaced), or
     ``None`` if something else is there."""

@@ -138,9 +138,7 @@ class NameReader:
     def head(self, data: bytes, begin: int, stop: int) -> bytes | None:
         """The bytes of the item's term up to its function's name, if it is a plain call."""
         s = begin + self.packet
-        if data[s : s + 3] != b"\x83h\x04":
-            return None
-        pos = peek.atoms_end(data, s + 3, stop, 3)  # call, M, F
+        pos = peek.request_head_end(data, s, stop)
         return data[s:pos] if pos else None
 
     def __call__(self, data: bytes, begin: int, stop: int) -> Key:

@@ -193,14 +193,13 @@ class Worker:
             head = start + len(prefix)
         else:
             entry = None
-            if not self.bare and end - start > 3 and data[start + 1] == 104:
-                arity = data[start + 2]
-                if arity == 4 and data[start] == 131:
-                    head = peek.atoms_end(data, start + 3, end, 3)  # call, M, F
-                    entry = (self._fast.get(data[start:head]) or self._learn(data, start, head)) if head else None
+            if not self.bare and end - start > 3 and data[start + 1] == peek.SMALL_TUPLE:
+                head = peek.request_head_end(data, start, end)  # {call, M, F
+                if head:
+                    entry = self._fast.get(data[start:head]) or self._learn(data, start, head)
                     if entry:
                         self._last = (data[start:head], entry)
-                elif arity == 3 and bert.is_info(data, start, end):
+                elif data[start + 2] == 3 and bert.is_info(data, start, end):
                     self._take_info(data[start:end])
                     return None
         if not entry:
