@@ -168,6 +168,7 @@ def test_bench_quick_prints_every_row(tmp_path):
         ),
         (client, "50 callers, calls/s (reference: raw port, 512 pipelined)"),
         (client, "500 callers, calls/s (reference: raw port, 512 pipelined)"),
+        (client, "50 callers, calls/s (reference: raw port, 50 in flight)"),
         (client, "1 caller lock-step, calls/s (reference: raw port lock-step)"),
         (client, "1 caller lock-step, latency p50 µs (reference: raw port)"),
         (client, "1 caller lock-step, latency p99 µs (reference: raw port)"),

@@ -4,6 +4,8 @@ behind others in a run, busy workers are sent cheap calls only, and the table st
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,6 +15,7 @@ from poolport.server.costs import (
     MAX_PREFIXES,
     PIPELINE_COST_S,
     RUN_TARGET_S,
+    SHARE_MIN_S,
     SMOOTHING,
     CostTable,
     NameReader,
@@ -41,12 +44,12 @@ def names_of(data: bytes, bounds: list[int]) -> list[object]:
     return [reader(data, bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
 
 
-def runs(table: CostTable, data: bytes, bounds: list[int], size: int = 10_000) -> list[int]:
+def runs(table: CostTable, data: bytes, bounds: list[int], size: int = 10_000, share: int | None = None) -> list[int]:
     """The lengths of the runs an idle pool would be sent, in order."""
     reader = NameReader(4)
     lengths, i = [], 0
     while i < len(bounds) - 1:
-        end, _ = cut(table, reader, data, bounds, i, min(i + size, len(bounds) - 1))
+        end, _ = cut(table, reader, data, bounds, i, min(i + size, len(bounds) - 1), share=share)
         assert i < end
         lengths.append(end - i)
         i = end
@@ -175,6 +178,31 @@ def test_a_cheap_function_travels_in_runs_of_about_the_target_work():
     assert runs(table, data, bounds, size=30) == [30] * 8 + [10]  # the share caps it too
 
 
+def test_a_share_is_not_cut_before_it_holds_share_min_s_of_work():
+    """An even share of the queue per worker, unless that leaves each less work than a wake-up
+    costs: then the run takes on calls until it holds SHARE_MIN_S (one worker keeps them)."""
+    assert SHARE_MIN_S <= PIPELINE_COST_S  # a heavy call is never "done soon": nothing waits behind it
+    assert 1.5 * SHARE_MIN_S <= RUN_TARGET_S
+    data, bounds = items(*[call(TINY, k) for k in range(60)])
+    assert runs(known(tiny=SHARE_MIN_S / 100), data, bounds, share=30) == [60]  # 0.6 × SHARE_MIN_S
+    assert runs(known(tiny=SHARE_MIN_S / 20), data, bounds, share=5) == [20, 20, 20]
+    assert runs(known(tiny=SHARE_MIN_S / 10), data, bounds, share=15) == [15] * 4  # 1.5 × SHARE_MIN_S
+    assert runs(known(tiny=SHARE_MIN_S / 20), data, bounds, share=5, size=8) == [8] * 7 + [4]
+    table = known(tiny=SHARE_MIN_S / 100, heavy=0.02)
+    data, bounds = items(*[call(TINY, k) for k in range(10)], call(HEAVY), call(TINY))
+    assert runs(table, data, bounds, share=2) == [10, 1, 1]  # a heavy call still goes alone
+
+
+def test_expected_seconds_of_a_mix_and_calls_in_a_time():
+    table = known(tiny=1e-5, other=3e-5)
+    assert table.expected([(TINY, 3, 0.0), (OTHER, 2, 0.0)]) == pytest.approx(9e-5)  # today's costs
+    assert table.expected([(TINY, 3, 0.0), (HEAVY, 1, 0.0)]) == math.inf  # heavy: never measured
+    assert table.expected(None) == table.expected([]) == math.inf
+    assert table.calls_in(TINY, 1e-4) == 10
+    assert table.calls_in(TINY, 1.5e-5) == 2
+    assert table.calls_in(OTHER, 1e-5) == table.calls_in(HEAVY, 1.0) == 1
+
+
 def test_a_heavy_call_never_rides_behind_others_nor_others_behind_it():
     table = known(tiny=1e-6, heavy=0.02)
     frames = [call(TINY, k) for k in range(5)] + [call(HEAVY)] + [call(TINY, k) for k in range(5)]
@@ -280,8 +308,9 @@ FUNCTIONS = [("m", f"f{k}") for k in range(5)]
     costs=st.lists(st.none() | st.floats(0.0, 0.01), min_size=5, max_size=5),
     size=st.integers(1, 50),
     busy=st.booleans(),
+    share=st.none() | st.integers(1, 50),
 )
-def test_every_run_holds_what_its_mix_says_and_keeps_heavy_calls_alone(calls, costs, size, busy):
+def test_every_run_holds_what_its_mix_says_and_keeps_heavy_calls_alone(calls, costs, size, busy, share):
     table = CostTable()
     for fn, seconds in zip(FUNCTIONS, costs):
         if seconds is not None:
@@ -292,7 +321,7 @@ def test_every_run_holds_what_its_mix_says_and_keeps_heavy_calls_alone(calls, co
     i = 0
     while i < len(calls):
         j = min(i + size, len(calls))
-        end, mix = cut(table, reader, data, bounds, i, j, busy=busy)
+        end, mix = cut(table, reader, data, bounds, i, j, busy=busy, share=share)
         assert i <= end <= j
         if end == i:  # only a busy worker is refused, and only a call not known to be cheap
             assert busy and (table.cost(truth[i]) is None or table.cost(truth[i]) >= PIPELINE_COST_S)
@@ -305,4 +334,6 @@ def test_every_run_holds_what_its_mix_says_and_keeps_heavy_calls_alone(calls, co
             assert all(p is not None and p < PIPELINE_COST_S for p in prices)  # cheap calls only
         if len(held) > 1:
             assert sum(prices) <= RUN_TARGET_S * (1 + 1e-9)
+        if share is not None and len(held) > share:  # past its share only while short of SHARE_MIN_S
+            assert sum(prices[:-1]) < SHARE_MIN_S
         i = end

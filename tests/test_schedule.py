@@ -1,20 +1,26 @@
-"""Which worker gets the next run: the least loaded, then the one most likely still awake."""
+"""Which worker gets the next run: one that is free, or will be within ``SHARE_MIN_S`` (cheap
+work stays on as few workers as keep up), then the idle one most likely still awake, then the
+least loaded."""
 
 import pytest
 
-from poolport.server.dispatcher import Slot, _load
+from poolport.server.costs import PIPELINE_COST_S, SHARE_MIN_S, CostTable
+from poolport.server.dispatcher import BUSY, FREE, IDLE, SOON, Slot, _load
 from poolport.protocol.framing import Segment, frame
 from poolport.server.ledger import Ledger
 from poolport.server.progress import Progress
 from portclient import PortClient, call
 
 LEDGER = Ledger(3)
+COSTS = CostTable()
+TINY = ("m", "tiny")
 
 
 @pytest.fixture(autouse=True)
 def fresh_ledger():
-    global LEDGER
+    global LEDGER, COSTS
     LEDGER = Ledger(3)
+    COSTS = CostTable()
 
 
 def slot(tmp_path, index: int, idle_since: float = 0.0) -> Slot:
@@ -24,14 +30,17 @@ def slot(tmp_path, index: int, idle_since: float = 0.0) -> Slot:
     return s
 
 
-def give_run(s: Slot, calls: int) -> None:
+def give_run(s: Slot, calls: int, seconds_each: float | None = None, fn: tuple[str, str] = TINY) -> None:
+    """A run of ``calls`` calls of ``fn``, known to cost ``seconds_each`` (None: never measured)."""
     f = frame(b"x")
     LEDGER.admit(Segment(f * calls, [k * len(f) for k in range(calls + 1)]))
-    LEDGER.take_run(s.index, calls, 1 << 20, 0.0)
+    if seconds_each is not None:
+        COSTS.learn([(fn, 1, 0.0)], seconds_each)
+    LEDGER.take_run(s.index, calls, 1 << 20, 0.0, cut=lambda d, b, i, j: (j, [(fn, j - i, seconds_each or 0.0)]))
 
 
 def load(s: Slot, now: float = 10.0) -> tuple[int, float]:
-    return _load(s, LEDGER, now)
+    return _load(s, LEDGER, COSTS, now)
 
 
 def answer(s: Slot, calls: int) -> None:
@@ -58,10 +67,36 @@ def test_a_worker_that_answered_everything_counts_as_idle_and_hottest(tmp_path):
     done, idle = slot(tmp_path, 0), slot(tmp_path, 1, idle_since=9.0)
     give_run(done, 2)
     answer(done, 1)
-    assert load(done)[0] == 1  # one call still running
+    assert load(done)[0] == BUSY  # one call still running (of a function never measured)
     answer(done, 1)
-    assert load(done) == (0, -10.0)
+    assert load(done) == (FREE, -10.0)
     assert sorted([idle, done], key=load) == [done, idle]
+
+
+def test_a_worker_done_within_share_min_s_goes_before_waking_an_idle_one(tmp_path):
+    # 40 calls of 10 µs: 0.4 ms of work left, cheaper than another worker's wake-up and spin
+    idle, soon = slot(tmp_path, 0, idle_since=9.0), slot(tmp_path, 1)
+    give_run(soon, 40, seconds_each=SHARE_MIN_S / 50)
+    assert load(soon) == (SOON, 1)
+    assert load(idle)[0] == IDLE
+    assert sorted([idle, soon], key=load) == [soon, idle]
+
+
+def test_a_worker_with_more_work_than_share_min_s_or_unknown_work_is_busy(tmp_path):
+    longer, unknown, heavy = slot(tmp_path, 0), slot(tmp_path, 1), slot(tmp_path, 2)
+    give_run(longer, 60, seconds_each=SHARE_MIN_S / 50)  # 1.2 × SHARE_MIN_S
+    give_run(unknown, 1, fn=("m", "never_measured"))
+    give_run(heavy, 1, seconds_each=PIPELINE_COST_S, fn=("m", "heavy"))  # nothing waits behind it
+    assert load(longer) == load(unknown) == load(heavy) == (BUSY, 0.0)
+    LEDGER.runs[0][0].done = 20  # what is left counts, not what was sent: 0.8 × SHARE_MIN_S
+    assert load(longer) == (SOON, 0)
+
+
+def test_among_workers_done_soon_the_lowest_index_keeps_the_trickle(tmp_path):
+    a, b = slot(tmp_path, 0), slot(tmp_path, 1)
+    give_run(b, 2, seconds_each=1e-6)
+    give_run(a, 2, seconds_each=1e-6)
+    assert sorted([b, a], key=load) == [a, b]
 
 
 def test_heavy_calls_among_many_tiny_ones_go_to_different_workers(tmp_path):

@@ -64,7 +64,7 @@ from poolport.protocol import bert, control
 from poolport.codec import etf
 from poolport.config import WORKER_KEYS, Config, apply_live
 from poolport.protocol.control import Tickets
-from poolport.server.costs import CostTable, NameReader, cut
+from poolport.server.costs import SHARE_MIN_S, CostTable, NameReader, cut
 from poolport.errors import ConfigError
 from poolport.protocol.framing import MAX_ATTACHED, FrameBuffer, Oversized, Segment, frame
 from poolport.server.ledger import Ledger, Run
@@ -285,7 +285,7 @@ class Dispatcher:
         self.held = Held()  # stream frames waiting for their stream's start reply to be released
         self.streaming: dict[int, Slot] = {}  # stream id -> the slot serving it
         self._find_stream = None if self.bare else functools.partial(_find_stream, config.packet)
-        names = NameReader(config.packet, self.bare)
+        self.names = names = NameReader(config.packet, self.bare)
         self._cut_idle = functools.partial(cut, self.costs, names)
         self._cut_busy = functools.partial(cut, self.costs, names, busy=True)
 
@@ -562,8 +562,9 @@ class Dispatcher:
         if not ledger.queued:
             return
         runs = ledger.runs
+        costs = self.costs
         ranked = sorted(
-            (_load(s, ledger, now), s.index)
+            (_load(s, ledger, costs, now), s.index)
             for s in self.slots
             if s.sock is not None
             and s.killed is None
@@ -574,20 +575,25 @@ class Dispatcher:
         if not ranked:
             return
         share = -(-ledger.queued // max(1, self.target))  # starting slots get their share later
-        size = min(share, MAX_RUN_FRAMES)  # the cost of each call shortens it further (cut)
-        for (busy, _), index in ranked:
+        head = ledger.pending[0]
+        bounds = head.segment.bounds
+        key = self.names(head.segment.data, bounds[head.pos], bounds[head.pos + 1])
+        size = min(max(share, costs.calls_in(key, SHARE_MIN_S)), MAX_RUN_FRAMES)  # cut shortens it
+        for (rank, _), index in ranked:
             if not ledger.pending:
                 break
+            busy = rank not in (FREE, IDLE)
             run = ledger.take_run(
                 index,
                 size,
                 PIPELINE_BYTES if busy else MAX_RUN_BYTES,
                 now,
-                strict=busy > 0,
+                strict=busy,
                 find_stream=self._find_stream,
-                cut=self._cut_busy if busy else self._cut_idle,  # busy: only cheap calls, pipelined
+                # busy: only cheap calls, pipelined; a run is cut at the share once it holds SHARE_MIN_S
+                cut=functools.partial(self._cut_busy if busy else self._cut_idle, share=share),
             )
-            if run is None and busy:
+            if run is None and rank >= BUSY:
                 break  # what a busy worker may not take now, no busier one may either
             if run is not None:
                 if run.waited:
@@ -1268,19 +1274,32 @@ def _find_stream(packet: int, data: bytes, bounds: list[int], i: int, j: int) ->
     return found[0] if found else None
 
 
-def _load(slot: Slot, ledger: Ledger, now: float) -> tuple[int, float]:
-    """Sort key of a slot for the next run: fewest unanswered runs first, then the most recently
-    active, whose process is still polling (``idle_spin_us``) rather than asleep.
+FREE, SOON, IDLE, BUSY = range(4)  # _load's ranks, best first
 
-    A worker that has answered every call it was sent is idle already (or about to be), though
-    its last replies may still be on the way.
+
+def _load(slot: Slot, ledger: Ledger, costs: CostTable, now: float) -> tuple[int, float]:
+    """Sort key of a slot for the next run, best first:
+
+    * ``FREE``: it has answered every call it was sent (its replies may still be on the
+      way): awake and free;
+    * ``SOON``: it runs calls expected to be done within ``SHARE_MIN_S``: cheap work stays on
+      it rather than waking another worker (see :mod:`poolport.server.costs`), the lowest index
+      first, so one worker keeps a trickle. A heavy call is never expected to be done that soon;
+    * ``IDLE``: the most recently active first, whose process is still polling
+      (``idle_spin_us``) rather than asleep;
+    * ``BUSY`` and more: fewest unanswered runs first.
+
+    ``SOON`` and ``BUSY`` slots are sent only cheap calls (pipelined behind what they run).
     """
     runs = ledger.runs[slot.index]
     if not runs:
-        return 0, -slot.idle_since
+        return IDLE, -slot.idle_since
     if slot.progress is not None and slot.progress.finished >= ledger.sent[slot.index]:
-        return 0, -now
-    return len(runs), 0.0
+        return FREE, -now
+    left = sum(costs.expected(run.note) * (run.count - run.done) / run.count for run in runs if run.done < run.count)
+    if left < SHARE_MIN_S:
+        return SOON, slot.index
+    return BUSY + len(runs) - 1, 0.0
 
 
 TMP_PREFIX = "poolport-"  # + the dispatcher's pid + "-" + random: its private directory

@@ -438,7 +438,7 @@ def run_client(plan: Plan, workers: int, report: Report) -> None:
             res[f[1]] = Phase(int(f[3]), int(f[5]) / 1e6, p50_us=p50, p99_us=p99)
         elif f[:2] == ["memory", "pool"] and len(f) == 8:
             memory = (int(f[3]), int(f[5]), int(f[7]))
-    expected = {"raw:pipe", "raw:lock", "pool:lock", "pool:50", "pool:500"}
+    expected = {"raw:pipe", "raw:50", "raw:lock", "pool:lock", "pool:50", "pool:500"}
     if status != 0 or set(res) != expected or memory is None:
         why = "timed out" if status is None else f"exit {status}"
         raise RuntimeError(f"client driver failed ({why}):\n{stdout[-2000:]}{stderr[-3000:]}")
@@ -461,6 +461,15 @@ def run_client(plan: Plan, workers: int, report: Report) -> None:
                 r >= 0.5,
             )
         )
+    report.add(  # no bar: the ceiling 50 lock-step callers face on this server, for reading the row above
+        Row(
+            w,
+            "50 callers, calls/s (reference: raw port, 50 in flight)",
+            rate("pool:50"),
+            rate("raw:50"),
+            _ratio(rate("pool:50"), rate("raw:50")),
+        )
+    )
     report.add(
         Row(
             w,

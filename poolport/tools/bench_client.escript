@@ -12,6 +12,8 @@
 %% raw then pool:
 %%   raw:pipe      one process keeps 512 requests in flight on a raw
 %%                 `{packet, 4}' port to `Python -m poolport serve ServeArg...'
+%%   raw:50        the same with 50 in flight: what 50 lock-step callers could
+%%                 get from this server if the client cost nothing
 %%   raw:lock      one process in lock-step on that port, every round trip timed
 %%   pool:lock     one caller of `poolport:call/4' in lock-step, timed
 %%   pool:P        P = 50 and 500 processes calling `poolport:call/4' in
@@ -51,10 +53,11 @@ run(Ebin, Calls, Rounds, Python, ServeArgs) ->
     {ok, Pool} = poolport:start_link(#{config => undefined, python => Python, args => ServeArgs,
                                        start_timeout => 120000}),
     %% Warm both: every worker answers, the code is hot.
-    _ = raw_pipe(Port, 2000), _ = raw_lock(Port, 500),
+    _ = raw_pipe(Port, 2000, ?WINDOW), _ = raw_lock(Port, 500),
     _ = pool_lock(Pool, 500), _ = pool_callers(Pool, 50, 2000),
     Lock = max(1, Calls div 10),
-    Runs = [[{"raw:pipe", Calls, raw_pipe(Port, Calls)},
+    Runs = [[{"raw:pipe", Calls, raw_pipe(Port, Calls, ?WINDOW)},
+             {"raw:50", Calls, raw_pipe(Port, Calls, 50)},
              {"raw:lock", Lock, raw_lock(Port, Lock)},
              {"pool:lock", Lock, pool_lock(Pool, Lock)},
              {"pool:50", Calls, pool_callers(Pool, 50, Calls)},
@@ -98,9 +101,9 @@ raw_reply(Port) ->
     end.
 
 %% Window requests in flight from one process; refilled as replies come.
-raw_pipe(Port, Calls) ->
+raw_pipe(Port, Calls, Window) ->
     T0 = now_us(),
-    First = min(?WINDOW, Calls),
+    First = min(Window, Calls),
     [port_command(Port, tiny(I)) || I <- lists:seq(1, First)],
     pipe_loop(Port, 1, First + 1, Calls),
     {now_us() - T0, []}.
