@@ -196,11 +196,13 @@ def test_a_share_is_not_cut_before_it_holds_share_min_s_of_work():
 def test_expected_seconds_of_a_mix_and_calls_in_a_time():
     table = known(tiny=1e-5, other=3e-5)
     assert table.expected([(TINY, 3, 0.0), (OTHER, 2, 0.0)]) == pytest.approx(9e-5)  # today's costs
-    assert table.expected([(TINY, 3, 0.0), (HEAVY, 1, 0.0)]) == math.inf  # heavy: never measured
+    assert table.expected([(TINY, 3, 0.0), (HEAVY, 1, 0.0)]) == math.inf  # never measured
+    table.learn([(HEAVY, 1, 0.0)], PIPELINE_COST_S)
+    assert table.expected([(TINY, 3, 0.0), (HEAVY, 1, 0.0)]) == math.inf  # heavy
     assert table.expected(None) == table.expected([]) == math.inf
     assert table.calls_in(TINY, 1e-4) == 10
     assert table.calls_in(TINY, 1.5e-5) == 2
-    assert table.calls_in(OTHER, 1e-5) == table.calls_in(HEAVY, 1.0) == 1
+    assert table.calls_in(OTHER, 1e-5) == table.calls_in(("m", "never"), 1.0) == 1
 
 
 def test_a_heavy_call_never_rides_behind_others_nor_others_behind_it():

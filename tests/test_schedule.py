@@ -30,13 +30,15 @@ def slot(tmp_path, index: int, idle_since: float = 0.0) -> Slot:
     return s
 
 
-def give_run(s: Slot, calls: int, seconds_each: float | None = None, fn: tuple[str, str] = TINY) -> None:
-    """A run of ``calls`` calls of ``fn``, known to cost ``seconds_each`` (None: never measured)."""
+def give_run(
+    s: Slot, calls: int, seconds_each: float | None = None, fn: tuple[str, str] = TINY, at: float = 10.0
+) -> None:
+    """A run of ``calls`` calls of ``fn`` sent ``at``, known to cost ``seconds_each`` (None: never measured)."""
     f = frame(b"x")
     LEDGER.admit(Segment(f * calls, [k * len(f) for k in range(calls + 1)]))
     if seconds_each is not None:
         COSTS.learn([(fn, 1, 0.0)], seconds_each)
-    LEDGER.take_run(s.index, calls, 1 << 20, 0.0, cut=lambda d, b, i, j: (j, [(fn, j - i, seconds_each or 0.0)]))
+    LEDGER.take_run(s.index, calls, 1 << 20, at, cut=lambda d, b, i, j: (j, [(fn, j - i, seconds_each or 0.0)]))
 
 
 def load(s: Slot, now: float = 10.0) -> tuple[int, float]:
@@ -88,8 +90,17 @@ def test_a_worker_with_more_work_than_share_min_s_or_unknown_work_is_busy(tmp_pa
     give_run(unknown, 1, fn=("m", "never_measured"))
     give_run(heavy, 1, seconds_each=PIPELINE_COST_S, fn=("m", "heavy"))  # nothing waits behind it
     assert load(longer) == load(unknown) == load(heavy) == (BUSY, 0.0)
-    LEDGER.runs[0][0].done = 20  # what is left counts, not what was sent: 0.8 × SHARE_MIN_S
-    assert load(longer) == (SOON, 0)
+    assert load(longer, now=10.0 + 0.4 * SHARE_MIN_S) == (SOON, 0)  # what is left counts: 0.8 × SHARE_MIN_S
+
+
+def test_a_worker_late_on_its_estimate_is_not_trusted_to_be_done_soon(tmp_path):
+    # a function known as 10 µs a call, called with arguments that make it slow: nothing more
+    # is queued behind it while another worker idles
+    late, idle = slot(tmp_path, 0), slot(tmp_path, 1, idle_since=9.0)
+    give_run(late, 2, seconds_each=1e-5)
+    assert load(late, now=10.0 + SHARE_MIN_S / 2) == (SOON, 0)  # a little late: estimates are rough
+    assert load(late, now=10.0 + 2 * SHARE_MIN_S) == (BUSY, 0.0)
+    assert sorted([late, idle], key=lambda s: load(s, now=10.1)) == [idle, late]
 
 
 def test_among_workers_done_soon_the_lowest_index_keeps_the_trickle(tmp_path):

@@ -90,13 +90,14 @@ class CostTable:
         return self._costs.get(key)
 
     def expected(self, mix: Mix | None) -> float:
-        """Seconds the calls of ``mix`` are expected to take now (infinite if one is unknown)."""
+        """Seconds the calls of ``mix`` are expected to take now; infinite if one of them is not
+        known to be cheap (unknown, or ``PIPELINE_COST_S`` or more): no estimate of it is trusted."""
         if not mix:
             return math.inf
         total = 0.0
         for key, count, _ in mix:
             price = self._costs.get(key)
-            if price is None:
+            if price is None or price >= PIPELINE_COST_S:
                 return math.inf
             total += count * price
         return total

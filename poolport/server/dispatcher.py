@@ -1284,7 +1284,9 @@ def _load(slot: Slot, ledger: Ledger, costs: CostTable, now: float) -> tuple[int
       way): awake and free;
     * ``SOON``: it runs calls expected to be done within ``SHARE_MIN_S``: cheap work stays on
       it rather than waking another worker (see :mod:`poolport.server.costs`), the lowest index
-      first, so one worker keeps a trickle. A heavy call is never expected to be done that soon;
+      first, so one worker keeps a trickle. A heavy call is never expected to be done that soon,
+      and a worker more than ``SHARE_MIN_S`` late on its estimate (a call slower than its
+      function's record) is not trusted to be: nothing more waits behind it while others idle;
     * ``IDLE``: the most recently active first, whose process is still polling
       (``idle_spin_us``) rather than asleep;
     * ``BUSY`` and more: fewest unanswered runs first.
@@ -1296,8 +1298,9 @@ def _load(slot: Slot, ledger: Ledger, costs: CostTable, now: float) -> tuple[int
         return IDLE, -slot.idle_since
     if slot.progress is not None and slot.progress.finished >= ledger.sent[slot.index]:
         return FREE, -now
-    left = sum(costs.expected(run.note) * (run.count - run.done) / run.count for run in runs if run.done < run.count)
-    if left < SHARE_MIN_S:
+    started = max(runs[0].sent_at, slot.idle_since)  # when the worker got to its first run
+    left = started + sum(costs.expected(run.note) for run in runs) - now
+    if -SHARE_MIN_S < left < SHARE_MIN_S:
         return SOON, slot.index
     return BUSY + len(runs) - 1, 0.0
 
