@@ -31,7 +31,8 @@ to an idle worker, or the calls behind it wait and the pool's cores idle.
   is woken. Waking a worker for a few microseconds of work costs more than
   it saves: on a machine with few cores the extra process spinning and
   waking takes the CPU the busy ones need (on 2 cores, 50 lock-step callers
-  of a tiny function went from ~70k to ~90k calls/s).
+  of a tiny function: 49,000–58,000 calls/s before, 66,000–75,000 after, in
+  alternating benchmark runs; see ``benchmarks/README.md``).
 * Attribution: a run's measured time is shared among its functions in
   proportion to what each was expected to cost when it was cut (``count ×
   estimate``); a run of one function gives ``elapsed / count`` exactly. Only
