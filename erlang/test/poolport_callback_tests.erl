@@ -7,9 +7,9 @@
 
 -define(C, pp_callbacks).
 -define(ALLOWED, [{ets, lookup}, {erlang, error}, {erlang, send}, {erlang, hd}, timer,
-                  {?MODULE, rendezvous}]).
+                  {?MODULE, rendezvous}, {?MODULE, relay}]).
 
--export([rendezvous/1]).
+-export([rendezvous/1, relay/2]).
 
 callback_test_() ->
     {setup, fun start/0, fun stop/1,
@@ -22,6 +22,7 @@ callback_test_() ->
              {"a callback that outlives its timeout", fun timeout/1},
              {"a cast runs on the node; pids and any term round-trip", fun cast/1},
              {"a stream's items from callbacks", fun stream/1},
+             {"a callback that calls its own pool times out, and the pool serves on", fun nested/1},
              {"the pool stays aligned", fun aligned/1}
          ]]
      end}.
@@ -94,6 +95,21 @@ stream(Pool) ->
     ?assertEqual({ok, [{1, 1}]}, poolport:next(S)),
     ?assertEqual({ok, [{2, 4}]}, poolport:next(S)),
     ?assertEqual(done, poolport:next(S)).
+
+%% A callback (allowed in this suite): a call to the same pool, from the callback's process.
+relay(Pool, X) ->
+    {ok, X} = poolport:call(Pool, ?C, plain, [X], 30000),
+    X.
+
+%% A callback must not call its own pool: replies leave in request order, so
+%% the inner call's reply waits for the handler's, which waits for it. The
+%% callback's timeout ends the wait (as documented); the inner call's reply,
+%% once it comes, goes to no one, and the pool serves on, aligned.
+nested(Pool) ->
+    {ok, [<<"exit">>, Reason]} = poolport:call(Pool, ?C, nested, [Pool, 1, 0.5], 30000),
+    ?assertMatch({_, _}, binary:match(Reason, <<"timeout">>)),
+    ?assertEqual({ok, 5}, poolport:call(Pool, ?C, plain, [5])),
+    ?assertMatch(#{misaligned := 0}, poolport:info(Pool)).
 
 aligned(Pool) ->
     ?assertMatch(#{misaligned := 0, restarts := 0}, poolport:info(Pool)).
